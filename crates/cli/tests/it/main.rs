@@ -1,0 +1,94 @@
+//! The `kith` binary as a user runs it: help, model management, errors, a real answer.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kith(args: &[&str], home: Option<&Path>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kith"));
+    command.args(args).env_remove("KITH_LOG").env_remove("KITH_MODEL");
+    if let Some(home) = home {
+        command.env("KITH_HOME", home);
+    }
+    command.output().expect("kith runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let output = kith(&["--help"], None);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    for command in ["ask", "chat", "models", "bench"] {
+        assert!(text.contains(command), "--help lacks {command}:\n{text}");
+    }
+    let ask = stdout(&kith(&["ask", "--help"], None));
+    for flag in ["--model", "--device", "--temperature", "--top-p", "--top-k", "--seed", "--max-tokens", "--system"] {
+        assert!(ask.contains(flag), "ask --help lacks {flag}");
+    }
+}
+
+/// Each bad model file gives one clear line and a failure exit, never a panic.
+#[test]
+fn bad_model_files_fail_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("empty.gguf", b"", "not a GGUF file"),
+        ("html.gguf", b"<html>404 not found</html>", "not a GGUF file"),
+        ("cut.gguf", b"GGUF\x03\x00\x00\x00\x01\x00", "malformed GGUF"),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let output = kith(&["ask", "--model", path.to_str().expect("utf-8 path"), "hi"], Some(dir.path()));
+        assert!(!output.status.success(), "{name}: should fail");
+        let err = stderr(&output);
+        assert!(err.contains(expected), "{name}: stderr lacks {expected:?}:\n{err}");
+        assert!(!err.contains("panicked"), "{name}: panicked:\n{err}");
+    }
+    let output = kith(&["ask", "--model", "/no/such/model.gguf", "hi"], Some(dir.path()));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("does not exist"));
+}
+
+#[test]
+fn unknown_model_and_device_are_explained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = kith(&["ask", "--model", "gpt-17", "hi"], Some(dir.path()));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("known models: smollm2-135m"), "{}", stderr(&output));
+    let output = kith(&["models", "path", "gemma3-270m"], Some(dir.path()));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("kith models pull gemma3-270m"), "{}", stderr(&output));
+    let output = kith(&["ask", "--device", "tpu", "hi"], Some(dir.path()));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("unknown device"), "{}", stderr(&output));
+}
+
+#[test]
+fn models_list_shows_the_catalog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = kith(&["models", "list"], Some(dir.path()));
+    assert!(output.status.success());
+    let text = stdout(&output);
+    for name in ["smollm2-135m", "gemma3-270m", "minilm-l6"] {
+        assert!(text.contains(name), "{text}");
+    }
+    assert!(text.contains("base"), "gemma is labelled a base model:\n{text}");
+}
+
+/// The README's first command on the real default model (pulled by CI beforehand).
+#[test]
+fn ask_streams_a_greedy_answer_from_the_default_model() {
+    let home = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
+    let output = kith(&["ask", "--temperature", "0", "--max-tokens", "12", "What is the capital of France?"], home.as_deref());
+    assert!(output.status.success(), "{}", stderr(&output));
+    // llama.cpp's greedy answer under SmolLM2's default system prompt starts so.
+    assert!(stdout(&output).starts_with("L'Étoile, la Marseillaise"), "{}", stdout(&output));
+}

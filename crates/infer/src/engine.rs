@@ -1,0 +1,394 @@
+//! One thread per loaded model, and the async handle that talks to it.
+//!
+//! ```text
+//!  EngineHandle (Clone) ──Command──▶ engine thread (owns Model + KV cache)
+//!        ▲                                │ prefill, then one forward per token
+//!        └──── TokenStream ◀──StreamEvent─┘ bounded channel; a dropped stream
+//!                                           stops generation at the next token
+//! ```
+//!
+//! The forward pass is CPU-bound, so it never runs on the async runtime. The thread
+//! keeps the token ids its KV cache holds; a request whose prompt starts with them (the
+//! next turn of the same chat) only prefills the new tokens.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kith_types::{ChatMessage, SamplingParams};
+use tokio::sync::mpsc;
+
+use crate::error::GenerateError;
+use crate::loader::{LoadedModel, ModelInfo};
+use crate::model::Model;
+use crate::sampler::Sampler;
+use crate::template::ChatTemplate;
+use crate::text::TextAssembler;
+use crate::tokenizer::Tokenizer;
+
+/// Prompt tokens processed per forward call during prefill; bounds attention memory.
+const PREFILL_CHUNK: usize = 512;
+/// Requests that may wait for the engine thread.
+const QUEUE_DEPTH: usize = 16;
+/// Events buffered between the engine thread and a slow reader.
+const STREAM_DEPTH: usize = 64;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template plus a generation prompt.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, tokenized as llama.cpp's `/completion` does (BOS added if the model wants it,
+    /// special-token spellings parsed).
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GenerateRequest {
+    /// The input.
+    pub prompt: Prompt,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Also report the `n` most likely tokens (with log-probabilities) at each step.
+    pub top_logprobs: usize,
+    /// Keep generating through end-of-generation tokens (for benchmarks).
+    pub ignore_eog: bool,
+}
+
+impl GenerateRequest {
+    /// A request with the given prompt and parameters.
+    pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
+        Self { prompt, params, top_logprobs: 0, ignore_eog: false }
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TokenEvent {
+    /// The token id.
+    pub id: u32,
+    /// Text that became visible with this token (may be empty: a partial character, a
+    /// possible stop string, or an end-of-generation token).
+    pub text: String,
+    /// The most likely tokens at this step and their log-probabilities (full softmax over
+    /// the raw logits), when asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// A stop string appeared (it is not part of the text).
+    StopString,
+    /// The context window is full.
+    ContextFull,
+    /// The reader went away.
+    Cancelled,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Of those, how many were reused from the KV cache instead of recomputed.
+    pub cached_tokens: usize,
+    /// Tokens generated (an end-of-generation token included).
+    pub completion_tokens: usize,
+}
+
+/// Timings of one request.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct Timings {
+    /// Waiting in the queue before the engine started.
+    pub queued: Duration,
+    /// Processing the prompt's new tokens.
+    pub prefill: Duration,
+    /// From the start of processing to the first generated token.
+    pub first_token: Duration,
+    /// Generating after the first token.
+    pub decode: Duration,
+}
+
+/// The end of a stream.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Completion {
+    /// Text still held back when generation ended (an incomplete character, say).
+    pub text: String,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// What a [`TokenStream`] yields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// A token and the text it made visible.
+    Token(TokenEvent),
+    /// Generation ended; always the last event.
+    Done(Completion),
+}
+
+impl StreamEvent {
+    /// The text this event adds to the output.
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Token(token) => &token.text,
+            Self::Done(done) => &done.text,
+        }
+    }
+}
+
+/// The events of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+#[must_use = "dropping the stream cancels the generation"]
+pub struct TokenStream {
+    rx: mpsc::Receiver<Result<StreamEvent, GenerateError>>,
+}
+
+impl TokenStream {
+    /// The next event, or `None` after [`StreamEvent::Done`] or an error.
+    ///
+    /// Cancel-safe: dropping the future loses no event.
+    pub async fn next(&mut self) -> Option<Result<StreamEvent, GenerateError>> {
+        self.rx.recv().await
+    }
+
+    /// The next event, blocking the current thread. Do not call from async code.
+    pub fn blocking_next(&mut self) -> Option<Result<StreamEvent, GenerateError>> {
+        self.rx.blocking_recv()
+    }
+}
+
+enum Command {
+    Generate { request: GenerateRequest, events: mpsc::Sender<Result<StreamEvent, GenerateError>>, queued_at: Instant },
+}
+
+/// A cloneable handle to a model's engine thread.
+#[derive(Clone)]
+#[must_use = "dropping every handle stops the engine thread"]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    info: Arc<ModelInfo>,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("model", &self.info.path).finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread that owns `model`.
+    pub fn spawn(model: LoadedModel) -> std::io::Result<Self> {
+        let (commands, rx) = mpsc::channel(QUEUE_DEPTH);
+        let LoadedModel { model, tokenizer, template, info } = model;
+        let mut engine = Engine { model, tokenizer: tokenizer.clone(), template: template.clone(), cached: Vec::new() };
+        let thread = std::thread::Builder::new()
+            .name(format!("kith-engine-{}", info.architecture))
+            .spawn(move || engine.run(rx))?;
+        Ok(Self { commands, info, tokenizer, template, thread: Arc::new(Mutex::new(Some(thread))) })
+    }
+
+    /// Facts about the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model's chat template.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Queues a request and returns its event stream.
+    ///
+    /// Cancel-safe: if the future is dropped before it resolves, nothing was queued.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, GenerateError> {
+        // Refuse bad parameters here, before the request waits in the queue.
+        Sampler::new(request.params.clone())?;
+        let (events, rx) = mpsc::channel(STREAM_DEPTH);
+        self.commands
+            .send(Command::Generate { request, events, queued_at: Instant::now() })
+            .await
+            .map_err(|_| GenerateError::EngineStopped)?;
+        Ok(TokenStream { rx })
+    }
+
+    /// Stops the engine thread once queued requests are done, and waits for it.
+    /// Other clones of this handle get [`GenerateError::EngineStopped`] afterwards.
+    pub async fn shutdown(self) {
+        let thread = self.thread.lock().ok().and_then(|mut slot| slot.take());
+        drop(self.commands);
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Owned by the engine thread.
+struct Engine {
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    /// Token ids whose keys and values are in the model's KV cache, in order.
+    cached: Vec<u32>,
+}
+
+impl Engine {
+    fn run(&mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(Command::Generate { request, events, queued_at }) = commands.blocking_recv() {
+            let queued = queued_at.elapsed();
+            if let Err(err) = self.generate(request, &events, queued) {
+                if matches!(err, GenerateError::Candle(_)) {
+                    tracing::error!(error = %err, "forward pass failed; KV cache reset");
+                    self.reset_cache();
+                }
+                let _ = events.blocking_send(Err(err));
+            }
+        }
+        tracing::debug!("engine thread exiting");
+    }
+
+    fn reset_cache(&mut self) {
+        self.model.truncate_cache(0);
+        self.cached.clear();
+    }
+
+    fn prompt_ids(&self, prompt: Prompt) -> Result<Vec<u32>, GenerateError> {
+        let ids = match prompt {
+            Prompt::Chat(messages) => {
+                let text = self.template.render(&messages, true)?;
+                self.tokenizer.encode(&text, true, true).map_err(GenerateError::Tokenizer)?
+            }
+            Prompt::Text(text) => self.tokenizer.encode(&text, true, true).map_err(GenerateError::Tokenizer)?,
+            Prompt::Tokens(ids) => ids,
+        };
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::InvalidParams(format!("token id {bad} is outside the {vocab}-token vocabulary")));
+        }
+        Ok(ids)
+    }
+
+    fn generate(
+        &mut self,
+        request: GenerateRequest,
+        events: &mpsc::Sender<Result<StreamEvent, GenerateError>>,
+        queued: Duration,
+    ) -> Result<(), GenerateError> {
+        let started = Instant::now();
+        let mut sampler = Sampler::new(request.params)?;
+        let prompt = self.prompt_ids(request.prompt)?;
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let context_length = self.model.context_length;
+        if prompt.len() >= context_length {
+            return Err(GenerateError::ContextOverflow { prompt_tokens: prompt.len(), context_length });
+        }
+
+        // Reuse the longest cached prefix, but always run at least the last prompt token
+        // to get fresh logits.
+        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        self.model.truncate_cache(common);
+        self.cached.truncate(common);
+        let mut logits = Vec::new();
+        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
+            if events.is_closed() {
+                return Ok(());
+            }
+            logits = self.model.forward(chunk)?;
+            self.cached.extend_from_slice(chunk);
+        }
+        let prefill = started.elapsed();
+        tracing::debug!(prompt_tokens = prompt.len(), cached_tokens = common, prefill_ms = prefill.as_millis() as u64, "prefill done");
+
+        let params = sampler.params().clone();
+        let mut usage = Usage { prompt_tokens: prompt.len(), cached_tokens: common, completion_tokens: 0 };
+        let mut history = prompt;
+        let mut text = TextAssembler::new(&params.stop);
+        let mut first_token = None;
+        let stop_reason = loop {
+            let top_logprobs = top_logprobs(&logits, request.top_logprobs);
+            let id = sampler.sample(&mut logits, &history);
+            first_token.get_or_insert_with(|| started.elapsed());
+            usage.completion_tokens += 1;
+            if !request.ignore_eog && self.tokenizer.is_eog(id) {
+                let event = TokenEvent { id, text: String::new(), top_logprobs };
+                if events.blocking_send(Ok(StreamEvent::Token(event))).is_err() {
+                    break StopReason::Cancelled;
+                }
+                break StopReason::EndOfGeneration;
+            }
+            let step = text.push(self.tokenizer.token_bytes(id));
+            history.push(id);
+            let event = TokenEvent { id, text: step.delta, top_logprobs };
+            if events.blocking_send(Ok(StreamEvent::Token(event))).is_err() {
+                break StopReason::Cancelled;
+            }
+            if step.stopped {
+                break StopReason::StopString;
+            }
+            if usage.completion_tokens >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.model.cache_len() + 1 >= context_length {
+                break StopReason::ContextFull;
+            }
+            logits = self.model.forward(&[id])?;
+            self.cached.push(id);
+        };
+        let first_token = first_token.unwrap_or_default();
+        let timings = Timings { queued, prefill, first_token, decode: started.elapsed().saturating_sub(first_token) };
+        tracing::debug!(
+            completion_tokens = usage.completion_tokens,
+            decode_ms = timings.decode.as_millis() as u64,
+            reason = ?stop_reason,
+            "generation done"
+        );
+        let done = Completion { text: text.finish(), stop_reason, usage, timings };
+        let _ = events.blocking_send(Ok(StreamEvent::Done(done)));
+        Ok(())
+    }
+}
+
+/// The `n` most likely tokens with their log-probabilities under a full softmax.
+fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    ids.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    ids.truncate(n);
+    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    ids.into_iter().map(|id| (id, logits[id as usize] - log_sum)).collect()
+}

@@ -1,0 +1,201 @@
+//! Opening GGUF files defensively.
+//!
+//! candle's reader already caps string and array lengths; on top of that this module
+//! checks the magic bytes first (so a wrong file gets a precise error), checks every
+//! tensor's shape for overflow and that its bytes lie inside the file, before any
+//! tensor data is allocated.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
+use crate::error::LoadError;
+
+/// Largest tensor dimension accepted; real models stay far below (262144-token vocabularies).
+const MAX_DIM: u64 = 1 << 28;
+
+/// A parsed, validated GGUF header with the file it came from.
+pub(crate) struct GgufFile {
+    pub(crate) path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Opens `path`, parses the header and validates every tensor's extent.
+    pub(crate) fn open(path: &Path) -> Result<Self, LoadError> {
+        let io_err = |source| LoadError::Io { path: path.to_owned(), source };
+        let mut file = File::open(path).map_err(io_err)?;
+        let file_size = file.metadata().map_err(io_err)?.len();
+        let mut magic = [0u8; 4];
+        let n_read = read_up_to(&mut file, &mut magic).map_err(io_err)?;
+        if n_read < 4 || &magic != b"GGUF" {
+            return Err(LoadError::NotGguf { path: path.to_owned(), found: magic[..n_read].to_vec() });
+        }
+        let file = File::open(path).map_err(io_err)?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|err| classify_header_error(path, file_size, err))?;
+        let gguf = Self { path: path.to_owned(), content, reader };
+        gguf.validate_tensors(file_size)?;
+        Ok(gguf)
+    }
+
+    fn malformed(&self, reason: impl Into<String>) -> LoadError {
+        LoadError::Malformed { path: self.path.clone(), reason: reason.into() }
+    }
+
+    fn validate_tensors(&self, file_size: u64) -> Result<(), LoadError> {
+        let mut end_of_data = self.content.tensor_data_offset;
+        for (name, info) in &self.content.tensor_infos {
+            let mut n_elems: u64 = 1;
+            for &dim in info.shape.dims() {
+                let dim = dim as u64;
+                if dim == 0 || dim > MAX_DIM {
+                    return Err(self.malformed(format!("tensor {name} has dimension {dim}, outside 1..={MAX_DIM}")));
+                }
+                n_elems = n_elems
+                    .checked_mul(dim)
+                    .ok_or_else(|| self.malformed(format!("tensor {name} shape {:?} overflows", info.shape.dims())))?;
+            }
+            let block = info.ggml_dtype.block_size() as u64;
+            if n_elems % block != 0 {
+                return Err(self.malformed(format!(
+                    "tensor {name} has {n_elems} elements, not a multiple of its {:?} block size {block}",
+                    info.ggml_dtype
+                )));
+            }
+            let n_bytes = n_elems / block * info.ggml_dtype.type_size() as u64;
+            let end = self
+                .content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|start| start.checked_add(n_bytes))
+                .ok_or_else(|| self.malformed(format!("tensor {name} offset {} overflows", info.offset)))?;
+            end_of_data = end_of_data.max(end);
+        }
+        if end_of_data > file_size {
+            return Err(LoadError::Truncated { path: self.path.clone(), expected: end_of_data, actual: file_size });
+        }
+        Ok(())
+    }
+
+    /// Elements in all tensors: the parameter count.
+    pub(crate) fn total_elements(&self) -> u64 {
+        self.content.tensor_infos.values().map(|info| info.shape.elem_count() as u64).sum()
+    }
+
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads tensor `name`, checking that it has the shape the architecture expects.
+    pub(crate) fn tensor(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor, LoadError> {
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| self.malformed(format!("missing tensor {name}")))?;
+        if info.shape.dims() != expected {
+            return Err(self.malformed(format!(
+                "tensor {name} has shape {:?}, the model's metadata implies {expected:?}",
+                info.shape.dims()
+            )));
+        }
+        Ok(self.content.tensor(&mut self.reader, name, device)?)
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub(crate) fn string(&self, key: &str) -> Result<&str, LoadError> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(self.malformed(format!("metadata {key} should be a string, found {:?}", other.value_type()))),
+            None => Err(self.malformed(format!("missing metadata {key}"))),
+        }
+    }
+
+    pub(crate) fn opt_string(&self, key: &str) -> Option<&str> {
+        match self.get(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An unsigned integer of any width, as llama.cpp accepts.
+    pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>, LoadError> {
+        let value = match self.get(key) {
+            None => return Ok(None),
+            Some(value) => value,
+        };
+        let n = match value {
+            Value::U8(v) => Some(u64::from(*v)),
+            Value::U16(v) => Some(u64::from(*v)),
+            Value::U32(v) => Some(u64::from(*v)),
+            Value::U64(v) => Some(*v),
+            Value::I8(v) => u64::try_from(*v).ok(),
+            Value::I16(v) => u64::try_from(*v).ok(),
+            Value::I32(v) => u64::try_from(*v).ok(),
+            Value::I64(v) => u64::try_from(*v).ok(),
+            _ => None,
+        };
+        n.map(Some).ok_or_else(|| self.malformed(format!("metadata {key} should be a non-negative integer")))
+    }
+
+    pub(crate) fn usize(&self, key: &str) -> Result<usize, LoadError> {
+        let n = self.opt_u64(key)?.ok_or_else(|| self.malformed(format!("missing metadata {key}")))?;
+        usize::try_from(n).map_err(|_| self.malformed(format!("metadata {key} = {n} is too large")))
+    }
+
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, LoadError> {
+        match self.opt_u64(key)? {
+            None => Ok(None),
+            Some(n) => usize::try_from(n).map(Some).map_err(|_| self.malformed(format!("metadata {key} = {n} is too large"))),
+        }
+    }
+
+    pub(crate) fn opt_f32(&self, key: &str) -> Option<f32> {
+        match self.get(key) {
+            Some(Value::F32(v)) => Some(*v),
+            Some(Value::F64(v)) => Some(*v as f32),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn opt_bool(&self, key: &str) -> Option<bool> {
+        match self.get(key) {
+            Some(Value::Bool(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn array(&self, key: &str) -> Result<Option<&Vec<Value>>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => Ok(Some(items)),
+            Some(_) => Err(self.malformed(format!("metadata {key} should be an array"))),
+        }
+    }
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// candle reports a short header as an IO "unexpected end of file"; name that truncation.
+fn classify_header_error(path: &Path, file_size: u64, err: candle_core::Error) -> LoadError {
+    let text = err.to_string();
+    if text.contains("failed to fill whole buffer") || text.contains("UnexpectedEof") || text.contains("remaining") {
+        LoadError::Malformed { path: path.to_owned(), reason: format!("header is cut short or claims more than the file's {file_size} bytes ({text})") }
+    } else {
+        LoadError::Malformed { path: path.to_owned(), reason: text }
+    }
+}

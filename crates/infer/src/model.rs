@@ -1,0 +1,608 @@
+//! The transformer, written here rather than taken from candle-transformers so the
+//! engine owns its memory layout and hot paths (one model file for every supported
+//! architecture, a KV cache that can be truncated for prefix reuse, RoPE tables sized
+//! to the context actually used).
+//!
+//! Supported: `llama` (Llama 2/3, SmolLM), `qwen2`, `qwen3`, `phi3` and `gemma3`. The
+//! differences are data, read from GGUF metadata into [`Config`]: RoPE layout
+//! (interleaved for llama, NeoX halves for the rest), attention biases, per-head Q/K
+//! norms, fused QKV and gate/up projections, Gemma's extra norms, embedding scale,
+//! GELU and sliding-window layers.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::attention::{attend, AttentionShape, HostKvCache};
+use crate::quant::Q4_1Matrix;
+use crate::error::LoadError;
+use crate::gguf::GgufFile;
+
+/// Architectures this engine can run.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma3,
+}
+
+/// Hyper-parameters of a loaded model, from its GGUF metadata.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) arch: Arch,
+    pub(crate) n_layer: usize,
+    pub(crate) n_embd: usize,
+    pub(crate) n_head: usize,
+    pub(crate) n_head_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) n_ff: usize,
+    pub(crate) n_vocab: usize,
+    pub(crate) rms_eps: f64,
+    pub(crate) rope_base: f32,
+    pub(crate) rope_scale: f32,
+    /// Gemma 3's local layers use their own base.
+    pub(crate) rope_base_local: f32,
+    /// Context length the model was trained for.
+    pub(crate) train_context: usize,
+    /// Window of the sliding-window layers (Gemma 3), and which layers use it.
+    pub(crate) sliding_window: Option<usize>,
+    pub(crate) swa_pattern: usize,
+}
+
+impl Config {
+    pub(crate) fn from_gguf(gguf: &GgufFile, n_vocab: usize) -> Result<Self, LoadError> {
+        let arch_name = gguf.string("general.architecture")?.to_owned();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
+            "gemma3" => Arch::Gemma3,
+            _ => {
+                return Err(LoadError::UnsupportedArchitecture {
+                    path: gguf.path.clone(),
+                    architecture: arch_name,
+                    supported: SUPPORTED_ARCHITECTURES.join(", "),
+                });
+            }
+        };
+        let key = |suffix: &str| format!("{arch_name}.{suffix}");
+        let malformed = |reason: String| LoadError::Malformed { path: gguf.path.clone(), reason };
+        if gguf.opt_usize(&key("expert_count"))?.unwrap_or(0) > 0 {
+            return Err(LoadError::UnsupportedArchitecture {
+                path: gguf.path.clone(),
+                architecture: format!("{arch_name} (mixture of experts)"),
+                supported: SUPPORTED_ARCHITECTURES.join(", "),
+            });
+        }
+        let n_embd = gguf.usize(&key("embedding_length"))?;
+        let n_head = gguf.usize(&key("attention.head_count"))?;
+        let n_head_kv = gguf.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(malformed(format!("{n_head} attention heads cannot share {n_head_kv} key/value heads")));
+        }
+        let head_dim = match gguf.opt_usize(&key("attention.key_length"))? {
+            Some(head_dim) => head_dim,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => return Err(malformed(format!("embedding length {n_embd} is not a multiple of {n_head} heads"))),
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(malformed(format!("head dimension {head_dim} must be even and non-zero")));
+        }
+        if let Some(rope_dim) = gguf.opt_usize(&key("rope.dimension_count"))? {
+            if rope_dim != head_dim {
+                return Err(malformed(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")));
+            }
+        }
+        let rms_eps = gguf.opt_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64;
+        let default_base = if arch == Arch::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+        let rope_base = gguf.opt_f32(&key("rope.freq_base")).unwrap_or(default_base);
+        let rope_scale = match gguf.opt_string(&key("rope.scaling.type")) {
+            Some("linear") => gguf.opt_f32(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| 1.0 / f).unwrap_or(1.0),
+            _ => 1.0,
+        };
+        let sliding_window = if arch == Arch::Gemma3 { gguf.opt_usize(&key("attention.sliding_window"))? } else { None };
+        let config = Self {
+            arch,
+            n_layer: gguf.usize(&key("block_count"))?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: gguf.usize(&key("feed_forward_length"))?,
+            n_vocab,
+            rms_eps,
+            rope_base,
+            rope_scale,
+            rope_base_local: 10_000.0,
+            train_context: gguf.opt_usize(&key("context_length"))?.unwrap_or(4096),
+            sliding_window,
+            swa_pattern: 6,
+        };
+        for (name, value, max) in [
+            ("block_count", config.n_layer, 1024),
+            ("embedding_length", n_embd, 1 << 16),
+            ("feed_forward_length", config.n_ff, 1 << 18),
+            ("attention.head_count", n_head, 1024),
+        ] {
+            if value == 0 || value > max {
+                return Err(malformed(format!("{arch_name}.{name} = {value} is outside 1..={max}")));
+            }
+        }
+        Ok(config)
+    }
+
+    fn rope_neox(&self) -> bool {
+        self.arch != Arch::Llama
+    }
+
+    fn is_sliding(&self, layer_idx: usize) -> bool {
+        self.sliding_window.is_some() && (layer_idx + 1) % self.swa_pattern != 0
+    }
+}
+
+/// A weight matrix: Kith's own kernel where it has one (Q4_1 on the CPU, whose
+/// activations must be quantized exactly as ggml does), candle's otherwise.
+enum Linear {
+    Candle(QMatMul),
+    Q4_1(Q4_1Matrix),
+}
+
+impl Linear {
+    fn new(tensor: QTensor, device: &Device) -> candle_core::Result<Self> {
+        if device.is_cpu() && tensor.dtype() == candle_core::quantized::GgmlDType::Q4_1 {
+            let (n, k) = tensor.shape().dims2()?;
+            if let Some(matrix) = Q4_1Matrix::from_bytes(&tensor.data()?, n, k) {
+                return Ok(Self::Q4_1(matrix));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(tensor)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(matmul) => matmul.forward(x),
+            Self::Q4_1(matrix) => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(0);
+                let m = x.elem_count() / k.max(1);
+                let data = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = matrix.matmul(&data, m);
+                dims.push(matrix.n());
+                Tensor::from_vec(out, dims, x.device())
+            }
+        }
+    }
+}
+
+/// Precomputed cos/sin rows for positions `0..len`.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: usize, base: f32, scale: f32, freq_factors: Option<&[f32]>, len: usize, device: &Device) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let freq = 1.0 / base.powf(2.0 * i as f32 / head_dim as f32);
+                let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+                freq * scale / factor
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
+        let angles = positions.broadcast_mul(&inv_freq)?;
+        Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
+    }
+
+    fn apply(&self, x: &Tensor, pos: usize, neox: bool) -> candle_core::Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        if neox {
+            candle_nn::rotary_emb::rope(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope_i(x, &cos, &sin)
+        }
+    }
+}
+
+/// Keys and values of one layer: in host memory (f16, llama.cpp's numerics) on the CPU,
+/// as f32 tensors on a GPU.
+enum LayerCache {
+    Host(HostKvCache),
+    Device(DeviceKvCache),
+}
+
+impl LayerCache {
+    fn len(&self) -> usize {
+        match self {
+            Self::Host(cache) => cache.len(),
+            Self::Device(cache) => cache.len,
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Self::Host(cache) => cache.truncate(len),
+            Self::Device(cache) => cache.len = cache.len.min(len),
+        }
+    }
+}
+
+/// Keys and values of one layer on a GPU for the positions processed so far. The buffer
+/// grows in steps and can be cut back, so a conversation can reuse its common prefix.
+struct DeviceKvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+/// Positions the cache grows by at a time.
+const KV_GROWTH: usize = 256;
+
+impl DeviceKvCache {
+    fn new() -> Self {
+        Self { k: None, v: None, len: 0 }
+    }
+
+    /// Appends `k`, `v` (1, n_kv, seq, head_dim) and returns all cached keys and values.
+    fn append(&mut self, k: &Tensor, v: &Tensor, max_len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let needed = self.len + seq;
+        let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+        if needed > capacity {
+            let new_capacity = needed.max(capacity * 2).div_ceil(KV_GROWTH).saturating_mul(KV_GROWTH).min(max_len.max(needed));
+            let (_, n_kv, _, head_dim) = k.dims4()?;
+            let grow = |old: &Option<Tensor>| -> candle_core::Result<Tensor> {
+                let buffer = Tensor::zeros((1, n_kv, new_capacity, head_dim), DType::F32, k.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buffer)
+            };
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
+        }
+        let (k_buf, v_buf) = match (&self.k, &self.v) {
+            (Some(k_buf), Some(v_buf)) => (k_buf, v_buf),
+            _ => candle_core::bail!("kv cache buffers missing after growth"),
+        };
+        k_buf.slice_set(&k.contiguous()?, 2, self.len)?;
+        v_buf.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((k_buf.narrow(2, 0, needed)?, v_buf.narrow(2, 0, needed)?))
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// Separate projections, or one fused QKV (phi3).
+    q: Option<Linear>,
+    k: Option<Linear>,
+    v: Option<Linear>,
+    qkv: Option<Linear>,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    out: Linear,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    /// `None` when the up projection holds gate and up together (phi3).
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor>,
+    sliding: bool,
+    cache: LayerCache,
+}
+
+/// A loaded transformer with its KV cache.
+pub(crate) struct Model {
+    pub(crate) config: Config,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    rope_local: Option<Rope>,
+    /// Positions the cache and RoPE tables are sized for.
+    pub(crate) context_length: usize,
+    device: Device,
+}
+
+impl Model {
+    /// Reads all weights, checking every shape against the metadata.
+    pub(crate) fn load(gguf: &mut GgufFile, config: Config, context_length: usize, device: &Device) -> Result<Self, LoadError> {
+        let c = &config;
+        let q_dim = c.n_head * c.head_dim;
+        let kv_dim = c.n_head_kv * c.head_dim;
+        let qmm = |gguf: &mut GgufFile, name: &str, shape: &[usize]| -> Result<Linear, LoadError> {
+            Ok(Linear::new(gguf.tensor(name, shape, device)?, device)?)
+        };
+        let vector = |gguf: &mut GgufFile, name: &str, len: usize| -> Result<Tensor, LoadError> {
+            Ok(gguf.tensor(name, &[len], device)?.dequantize(device)?)
+        };
+        let opt_vector = |gguf: &mut GgufFile, name: &str, len: usize| -> Result<Option<Tensor>, LoadError> {
+            if gguf.has_tensor(name) { vector(gguf, name, len).map(Some) } else { Ok(None) }
+        };
+
+        let embed = Arc::new(gguf.tensor("token_embd.weight", &[c.n_vocab, c.n_embd], device)?);
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for idx in 0..c.n_layer {
+            let name = |suffix: &str| format!("blk.{idx}.{suffix}");
+            let fused_qkv = c.arch == Arch::Phi3;
+            let (q, k, v, qkv) = if fused_qkv {
+                (None, None, None, Some(qmm(gguf, &name("attn_qkv.weight"), &[q_dim + 2 * kv_dim, c.n_embd])?))
+            } else {
+                (
+                    Some(qmm(gguf, &name("attn_q.weight"), &[q_dim, c.n_embd])?),
+                    Some(qmm(gguf, &name("attn_k.weight"), &[kv_dim, c.n_embd])?),
+                    Some(qmm(gguf, &name("attn_v.weight"), &[kv_dim, c.n_embd])?),
+                    None,
+                )
+            };
+            let fused_gate_up = c.arch == Arch::Phi3;
+            let (gate, up) = if fused_gate_up {
+                (None, qmm(gguf, &name("ffn_up.weight"), &[2 * c.n_ff, c.n_embd])?)
+            } else {
+                (
+                    Some(qmm(gguf, &name("ffn_gate.weight"), &[c.n_ff, c.n_embd])?),
+                    qmm(gguf, &name("ffn_up.weight"), &[c.n_ff, c.n_embd])?,
+                )
+            };
+            layers.push(Layer {
+                attn_norm: vector(gguf, &name("attn_norm.weight"), c.n_embd)?,
+                q,
+                k,
+                v,
+                qkv,
+                q_bias: opt_vector(gguf, &name("attn_q.bias"), q_dim)?,
+                k_bias: opt_vector(gguf, &name("attn_k.bias"), kv_dim)?,
+                v_bias: opt_vector(gguf, &name("attn_v.bias"), kv_dim)?,
+                q_norm: opt_vector(gguf, &name("attn_q_norm.weight"), c.head_dim)?,
+                k_norm: opt_vector(gguf, &name("attn_k_norm.weight"), c.head_dim)?,
+                out: qmm(gguf, &name("attn_output.weight"), &[c.n_embd, q_dim])?,
+                post_attn_norm: opt_vector(gguf, &name("post_attention_norm.weight"), c.n_embd)?,
+                ffn_norm: vector(gguf, &name("ffn_norm.weight"), c.n_embd)?,
+                gate,
+                up,
+                down: qmm(gguf, &name("ffn_down.weight"), &[c.n_embd, c.n_ff])?,
+                post_ffn_norm: opt_vector(gguf, &name("post_ffw_norm.weight"), c.n_embd)?,
+                sliding: c.is_sliding(idx),
+                cache: if device.is_cpu() {
+                    LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim))
+                } else {
+                    LayerCache::Device(DeviceKvCache::new())
+                },
+            });
+        }
+        let output_norm = vector(gguf, "output_norm.weight", c.n_embd)?;
+        let lm_head = if gguf.has_tensor("output.weight") {
+            qmm(gguf, "output.weight", &[c.n_vocab, c.n_embd])?
+        } else {
+            Linear::Candle(QMatMul::from_arc(embed.clone())?)
+        };
+        let freq_factors = if gguf.has_tensor("rope_freqs.weight") {
+            Some(vector(gguf, "rope_freqs.weight", c.head_dim / 2)?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let rope = Rope::new(c.head_dim, c.rope_base, c.rope_scale, freq_factors.as_deref(), context_length, device)?;
+        let rope_local = match c.sliding_window {
+            Some(_) => Some(Rope::new(c.head_dim, c.rope_base_local, 1.0, None, context_length, device)?),
+            None => None,
+        };
+        Ok(Self { config, embed, layers, output_norm, lm_head, rope, rope_local, context_length, device: device.clone() })
+    }
+
+    /// Tokens held in the KV cache.
+    pub(crate) fn cache_len(&self) -> usize {
+        self.layers.first().map(|l| l.cache.len()).unwrap_or(0)
+    }
+
+    /// Forgets cached positions from `len` on.
+    pub(crate) fn truncate_cache(&mut self, len: usize) {
+        for layer in &mut self.layers {
+            layer.cache.truncate(len);
+        }
+    }
+
+    /// Runs `tokens` at positions `cache_len()..` and returns the logits of the last one.
+    pub(crate) fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let pos = self.cache_len();
+        let seq = tokens.len();
+        if seq == 0 || pos + seq > self.context_length {
+            candle_core::bail!("forward of {seq} tokens at position {pos} exceeds the context of {}", self.context_length);
+        }
+        let c = self.config.clone();
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        if c.arch == Arch::Gemma3 {
+            x = (x * (c.n_embd as f64).sqrt())?;
+        }
+        // Masks are for the tensor attention on GPUs; the host path masks by index.
+        let (full_mask, window_mask) = if self.device.is_cpu() {
+            (None, None)
+        } else {
+            let window_mask = match c.sliding_window {
+                Some(window) => causal_mask(seq, pos, Some(window), &self.device)?,
+                None => None,
+            };
+            (causal_mask(seq, pos, None, &self.device)?, window_mask)
+        };
+        for layer in &mut self.layers {
+            let (rope, mask) = match (&self.rope_local, layer.sliding) {
+                (Some(local), true) => (local, window_mask.as_ref()),
+                _ => (&self.rope, full_mask.as_ref()),
+            };
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let window = if layer.sliding { c.sliding_window } else { None };
+            let attn = layer.attention(&h, &c, rope, mask, window, pos, self.context_length)?;
+            let attn = match &layer.post_attn_norm {
+                Some(norm) => candle_nn::ops::rms_norm(&attn, norm, c.rms_eps as f32)?,
+                None => attn,
+            };
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+            let ffn = layer.feed_forward(&h, &c)?;
+            let ffn = match &layer.post_ffn_norm {
+                Some(norm) => candle_nn::ops::rms_norm(&ffn, norm, c.rms_eps as f32)?,
+                None => ffn,
+            };
+            x = (x + ffn)?;
+        }
+        let last = x.narrow(1, seq - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, c.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&last)?;
+        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+    }
+}
+
+impl Layer {
+    fn attention(
+        &mut self,
+        h: &Tensor,
+        c: &Config,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        window: Option<usize>,
+        pos: usize,
+        max_len: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (_, seq, _) = h.dims3()?;
+        let q_dim = c.n_head * c.head_dim;
+        let kv_dim = c.n_head_kv * c.head_dim;
+        let (q, k, v) = match (&self.qkv, &self.q, &self.k, &self.v) {
+            (Some(qkv), _, _, _) => {
+                let fused = qkv.forward(h)?;
+                (fused.narrow(2, 0, q_dim)?, fused.narrow(2, q_dim, kv_dim)?, fused.narrow(2, q_dim + kv_dim, kv_dim)?)
+            }
+            (None, Some(q), Some(k), Some(v)) => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            _ => candle_core::bail!("layer has neither fused nor separate attention projections"),
+        };
+        let add_bias = |t: Tensor, bias: &Option<Tensor>| match bias {
+            Some(b) => t.broadcast_add(b),
+            None => Ok(t),
+        };
+        let q = add_bias(q, &self.q_bias)?.reshape((1, seq, c.n_head, c.head_dim))?;
+        let k = add_bias(k, &self.k_bias)?.reshape((1, seq, c.n_head_kv, c.head_dim))?;
+        let v = add_bias(v, &self.v_bias)?.reshape((1, seq, c.n_head_kv, c.head_dim))?;
+        let q = match &self.q_norm {
+            Some(norm) => candle_nn::ops::rms_norm(&q.contiguous()?, norm, c.rms_eps as f32)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => candle_nn::ops::rms_norm(&k.contiguous()?, norm, c.rms_eps as f32)?,
+            None => k,
+        };
+        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, pos, c.rope_neox())?;
+        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, pos, c.rope_neox())?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let out = match &mut self.cache {
+            LayerCache::Host(cache) => {
+                // [seq][heads][head_dim] rows, the layout the output projection reads.
+                let rows = |t: &Tensor| t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>();
+                cache.append(&rows(&k)?, &v.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+                let shape = AttentionShape {
+                    n_head: c.n_head,
+                    n_kv: c.n_head_kv,
+                    head_dim: c.head_dim,
+                    scale: scale as f32,
+                    scale_q_first: c.arch == Arch::Gemma3,
+                    window,
+                };
+                let out = attend(cache, &rows(&q)?, pos, &shape);
+                Tensor::from_vec(out, (1, seq, q_dim), h.device())?
+            }
+            LayerCache::Device(cache) => {
+                let v = v.transpose(1, 2)?.contiguous()?;
+                let (k_all, v_all) = cache.append(&k, &v, max_len)?;
+                let kv_len = k_all.dim(2)?;
+                // Grouped-query attention without copying K/V per head: the query heads
+                // that share a K/V head are stacked along the sequence axis.
+                let n_rep = c.n_head / c.n_head_kv;
+                let q = q.reshape((1, c.n_head_kv, n_rep * seq, c.head_dim))?;
+                let scores = (q.matmul(&k_all.t()?)? * scale)?;
+                let scores = match mask {
+                    Some(mask) => scores.reshape((1, c.n_head_kv, n_rep, seq, kv_len))?.broadcast_add(mask)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+                    .reshape((1, c.n_head_kv, n_rep * seq, kv_len))?;
+                let out = probs.matmul(&v_all)?.reshape((1, c.n_head, seq, c.head_dim))?;
+                out.transpose(1, 2)?.reshape((1, seq, q_dim))?
+            }
+        };
+        self.out.forward(&out)
+    }
+
+    fn feed_forward(&self, h: &Tensor, c: &Config) -> candle_core::Result<Tensor> {
+        let (gate, up) = match &self.gate {
+            Some(gate) => (gate.forward(h)?, self.up.forward(h)?),
+            None => {
+                let fused = self.up.forward(h)?;
+                (fused.narrow(2, 0, c.n_ff)?, fused.narrow(2, c.n_ff, c.n_ff)?)
+            }
+        };
+        let gate = if c.arch == Arch::Gemma3 { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+        self.down.forward(&(gate * up)?)
+    }
+}
+
+/// Additive mask (seq, pos + seq) for queries at `pos..pos + seq`: key `j` is hidden from
+/// query `i` when it lies in the future or, with a window, `window` or more positions back.
+/// `None` when nothing is hidden (one query, all keys visible).
+fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    let kv_len = pos + seq;
+    let visible = |i: usize, j: usize| {
+        let query = pos + i;
+        j <= query && window.is_none_or(|w| query - j < w)
+    };
+    if seq == 1 && (0..kv_len).all(|j| visible(0, j)) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..kv_len).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (seq, kv_len), device).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_rows(seq: usize, pos: usize, window: Option<usize>) -> Vec<Vec<bool>> {
+        match causal_mask(seq, pos, window, &Device::Cpu).expect("mask") {
+            None => vec![vec![true; pos + seq]; seq],
+            Some(mask) => mask
+                .to_vec2::<f32>()
+                .expect("2d")
+                .into_iter()
+                .map(|row| row.into_iter().map(|v| v == 0.0).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future() {
+        assert_eq!(mask_rows(2, 1, None), vec![vec![true, true, false], vec![true, true, true]]);
+    }
+
+    #[test]
+    fn sliding_window_hides_the_distant_past() {
+        assert_eq!(mask_rows(1, 3, Some(2)), vec![vec![false, false, true, true]]);
+        assert_eq!(mask_rows(1, 3, None), vec![vec![true; 4]]);
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Kith's whole test suite: pulls the models the tests run on (once; they are cached in
+# KITH_HOME), then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for model in smollm2-135m gemma3-270m minilm-l6; do
+  cargo run --quiet -p kith-cli -- models pull "$model" >/dev/null
+done
+cargo test --workspace "$@"
