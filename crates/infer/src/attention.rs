@@ -52,16 +52,6 @@ impl HostKvCache {
         self.values.resize(start + values.len(), f16::ZERO);
         self.values[start..].convert_from_f32_slice(values);
     }
-
-    fn key(&self, pos: usize, kv_head: usize) -> &[f16] {
-        let at = (pos * self.n_kv + kv_head) * self.head_dim;
-        &self.keys[at..at + self.head_dim]
-    }
-
-    fn value(&self, pos: usize, kv_head: usize) -> &[f16] {
-        let at = (pos * self.n_kv + kv_head) * self.head_dim;
-        &self.values[at..at + self.head_dim]
-    }
 }
 
 /// Shape and scaling of one attention call.
@@ -84,58 +74,62 @@ pub(crate) struct AttentionShape {
 pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &AttentionShape) -> Vec<f32> {
     let head_dim = shape.head_dim;
     let n_rep = shape.n_head / shape.n_kv;
+    // Widen the cache once per call rather than once per query (f16 → f32 is exact).
+    let mut keys = vec![0f32; cache.keys.len()];
+    cache.keys.convert_to_f32_slice(&mut keys);
+    let mut values = vec![0f32; cache.values.len()];
+    cache.values.convert_to_f32_slice(&mut values);
+    let row = |key_pos: usize, kv_head: usize| -> std::ops::Range<usize> {
+        let at = (key_pos * shape.n_kv + kv_head) * head_dim;
+        at..at + head_dim
+    };
     let mut out = vec![0f32; queries.len()];
     out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
         let query_pos = pos + idx / shape.n_head;
         let kv_head = (idx % shape.n_head) / n_rep;
         let first = shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window));
-        attend_one(cache, query, kv_head, first..query_pos + 1, shape, out_row);
+        let range = first..query_pos + 1;
+
+        // Q rounded to f16 and widened back: the products below are exact in f32.
+        let mut q16 = vec![f16::ZERO; head_dim];
+        if shape.scale_q_first {
+            let scaled: Vec<f32> = query.iter().map(|x| x * shape.scale).collect();
+            q16.convert_from_f32_slice(&scaled);
+        } else {
+            q16.convert_from_f32_slice(query);
+        }
+        let mut q = vec![0f32; head_dim];
+        q16.convert_to_f32_slice(&mut q);
+        let scale = if shape.scale_q_first { 1.0 } else { shape.scale };
+
+        let scores: Vec<f32> =
+            range.clone().map(|key_pos| dot(&q, &keys[row(key_pos, kv_head)]) * scale).collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        out_row.fill(0.0);
+        for (key_pos, weight) in range.zip(&weights) {
+            // Probabilities are rounded to f16 before weighting V, as in llama.cpp.
+            let probability = f16::from_f32(weight / total).to_f32();
+            for (o, v) in out_row.iter_mut().zip(&values[row(key_pos, kv_head)]) {
+                *o += probability * v;
+            }
+        }
     });
     out
 }
 
-/// One query row: scores from f16 Q and K, softmax in f32, probabilities rounded to f16,
-/// then the weighted sum of f16 values accumulated in f32.
-fn attend_one(
-    cache: &HostKvCache,
-    query: &[f32],
-    kv_head: usize,
-    range: std::ops::Range<usize>,
-    shape: &AttentionShape,
-    out: &mut [f32],
-) {
-    let head_dim = shape.head_dim;
-    // Q rounded to f16 and widened back: the products below are exact in f32.
-    let mut q16 = vec![f16::ZERO; head_dim];
-    if shape.scale_q_first {
-        let scaled: Vec<f32> = query.iter().map(|x| x * shape.scale).collect();
-        q16.convert_from_f32_slice(&scaled);
-    } else {
-        q16.convert_from_f32_slice(query);
-    }
-    let mut q = vec![0f32; head_dim];
-    q16.convert_to_f32_slice(&mut q);
-    let scale = if shape.scale_q_first { 1.0 } else { shape.scale };
-
-    let mut row = vec![0f32; head_dim];
-    let scores: Vec<f32> = range
-        .clone()
-        .map(|key_pos| {
-            cache.key(key_pos, kv_head).convert_to_f32_slice(&mut row);
-            q.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale
-        })
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-    let total: f32 = weights.iter().sum();
-    out.fill(0.0);
-    for (key_pos, weight) in range.zip(&weights) {
-        let probability = f16::from_f32(weight / total).to_f32();
-        cache.value(key_pos, kv_head).convert_to_f32_slice(&mut row);
-        for (o, v) in out.iter_mut().zip(&row) {
-            *o += probability * v;
+/// Dot product in eight lanes, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for lane in 0..8 {
+            lanes[lane] += ca[lane] * cb[lane];
         }
     }
+    let tail: f32 = a[chunks..].iter().zip(&b[chunks..]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -92,3 +92,19 @@ fn ask_streams_a_greedy_answer_from_the_default_model() {
     // llama.cpp's greedy answer under SmolLM2's default system prompt starts so.
     assert!(stdout(&output).starts_with("L'Étoile, la Marseillaise"), "{}", stdout(&output));
 }
+
+/// `kith bench --json` reports every figure, each a positive number.
+#[test]
+fn bench_reports_speed_and_memory() {
+    let home = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
+    let output = kith(&["--threads", "2", "bench", "--repetitions", "1", "--json"], home.as_deref());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bench prints JSON");
+    for key in ["pp128_tok_s", "pp512_tok_s", "tg128_tok_s", "ttft_turn1_ms", "ttft_turn10_ms", "peak_rss_mib"] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {report}"));
+        assert!(value > 0.0, "{key} = {value}");
+    }
+    assert_eq!(report["threads"], 2);
+    // The prefix cache: turn 10 reuses what turns 1-9 computed.
+    assert!(report["turn10_cached_tokens"].as_u64().unwrap_or(0) > 500, "{report}");
+}
