@@ -176,7 +176,7 @@ impl Store {
                     });
                 }
                 Err(err) => {
-                    tracing::warn!(model = %entry.name, source = %label, error = %err, "source failed");
+                    tracing::debug!(model = %entry.name, source = %label, error = %err, "source failed");
                     progress(PullEvent::SourceFailed { source: label.clone(), reason: err.to_string() });
                     failures.push(format!("{label}: {err}"));
                 }
@@ -492,14 +492,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The last line a tool printed on stderr (curl repeats its error once per retry).
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let text = text.trim();
-    if text.is_empty() {
-        String::new()
-    } else {
-        let start = text.len().saturating_sub(300);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        format!(": {}", &text[start..])
+    match text.lines().rev().map(str::trim).find(|line| !line.is_empty()) {
+        Some(line) => format!(": {}", line.chars().take(300).collect::<String>()),
+        None => String::new(),
     }
 }

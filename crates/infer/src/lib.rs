@@ -51,10 +51,6 @@ pub use sampler::Sampler;
 pub use template::{ChatTemplate, TemplateSource};
 pub use tokenizer::Tokenizer;
 
-/// Writing GGUF files, for tests that build small models of their own.
-#[doc(hidden)]
-pub use candle_core::quantized::gguf_file as gguf_format;
-
 /// Threads candle uses for the forward pass (set `--threads` / `RAYON_NUM_THREADS` before the first model loads).
 pub fn thread_count() -> usize {
     candle_core::utils::get_num_threads()

@@ -105,3 +105,71 @@ fn dot(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     }
     acc + mins
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    /// Deterministic values in [-1, 1), with a few large ones as real activations have.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|i| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let v = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                if i % 97 == 0 { v * 8.0 } else { v }
+            })
+            .collect()
+    }
+
+    /// Kith's Q4_1 matmul against candle's (same blocks) and against f32 arithmetic on the
+    /// dequantized weights, for odd block counts and several rows.
+    #[test]
+    fn q4_1_matches_references() {
+        for (n, k, m) in [(4, 32, 1), (8, 96, 3), (12, 160, 2), (64, 576, 5)] {
+            let w = values(n * k, n as u64 + 7);
+            let x = values(m * k, k as u64);
+            let w_tensor = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+            let q = QTensor::quantize(&w_tensor, GgmlDType::Q4_1).expect("quantize");
+            let ours = Q4_1Matrix::from_bytes(&q.data().expect("bytes"), n, k).expect("layout").matmul(&x, m);
+
+            let x_tensor = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+            let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
+            let exact: Vec<f32> =
+                x_tensor.matmul(&dequantized.t().expect("t")).expect("matmul").flatten_all().expect("flat").to_vec1().expect("vec");
+            let candle: Vec<f32> = QMatMul::from_qtensor(q)
+                .expect("qmatmul")
+                .forward(&x_tensor)
+                .expect("forward")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+            for ((o, c), e) in ours.iter().zip(&candle).zip(&exact) {
+                // Same quantized arithmetic as candle up to f16 rounding of one term.
+                assert!((o - c).abs() <= 2e-3 * scale, "({n},{k},{m}): ours {o} candle {c}");
+                // 8-bit activations: within a percent of exact arithmetic.
+                assert!((o - e).abs() <= 1e-2 * scale, "({n},{k},{m}): ours {o} exact {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_1_sum_is_scale_times_integer_sum() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
+        let block = quantize_q8_1(&x);
+        let sum: i32 = block.qs.iter().map(|&q| i32::from(q)).sum();
+        assert_eq!(block.s, f16::from_f32(16.0 / 127.0 * sum as f32).to_f32());
+        assert_eq!(block.qs[0], -127);
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused() {
+        assert!(Q4_1Matrix::from_bytes(&[0u8; 20], 1, 64).is_none());
+        assert!(Q4_1Matrix::from_bytes(&[0u8; 20], 1, 33).is_none());
+    }
+}

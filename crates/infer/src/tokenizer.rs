@@ -197,6 +197,11 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The encoder in Hugging Face's `tokenizer.json` format, for inspection or other tools.
+    pub fn to_tokenizer_json(&self) -> Result<String, String> {
+        serde_json::to_string(&self.encoder).map_err(|err| err.to_string())
+    }
+
     /// The bytes token `id` stands for in generated text (empty for control tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])

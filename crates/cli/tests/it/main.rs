@@ -108,3 +108,30 @@ fn bench_reports_speed_and_memory() {
     // The prefix cache: turn 10 reuses what turns 1-9 computed.
     assert!(report["turn10_cached_tokens"].as_u64().unwrap_or(0) > 500, "{report}");
 }
+
+/// `kith chat` reads turns from stdin, answers each, and keeps the conversation.
+#[test]
+fn chat_answers_turns_from_stdin() {
+    use std::io::Write as _;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kith"));
+    command.args(["chat", "--temperature", "0", "--max-tokens", "8", "--stats"]).env_remove("KITH_LOG");
+    if let Some(home) = std::env::var_os("KITH_HOME") {
+        command.env("KITH_HOME", home);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kith chat starts");
+    child.stdin.take().expect("stdin").write_all(b"Hi!\nAnd then?\n/exit\n").expect("write turns");
+    let output = child.wait_with_output().expect("kith chat ends");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    // Two answers, the second reusing the first turn's cache.
+    let stats: Vec<&str> = err.lines().filter(|l| l.starts_with("[prompt")).collect();
+    assert_eq!(stats.len(), 2, "{err}");
+    assert!(stats[0].contains("(0 cached)"), "{}", stats[0]);
+    assert!(!stats[1].contains("(0 cached)"), "{}", stats[1]);
+    assert_eq!(stdout(&output).matches(">>> ").count(), 3, "{}", stdout(&output));
+}

@@ -90,6 +90,32 @@ fn check_tokenizer(model: &str, fixture: &str) {
     assert!(failures.is_empty(), "{} of {} cases differ from llama.cpp:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
+/// A `tokenizer.json` beside the model is used instead of the GGUF's vocabulary: the
+/// SmolLM2 tokenizer, exported and loaded back that way, gives the same ids and text.
+#[test]
+fn tokenizer_json_beside_the_model_is_used() {
+    let exported = open("smollm2-135m", None).tokenizer().to_tokenizer_json().expect("exports");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json_path = dir.path().join("tokenizer.json");
+    std::fs::write(&json_path, exported).expect("write tokenizer.json");
+    let mut options = kith_infer::LoadOptions::default();
+    options.tokenizer_json = Some(json_path.clone());
+    let file = kith_infer::ModelFile::open(&crate::support::model_path("smollm2-135m"), &options).expect("opens");
+    let fixture = read_fixture("tokenizer-smollm2.json");
+    for case in fixture["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let got = file.tokenizer().encode(text, false, true).expect("encodes");
+        assert_eq!(got, ids(&case["ids"]), "{text:?}");
+        if case.get("ids_parse_special_false").is_none() {
+            assert_eq!(file.tokenizer().decode(&got), text);
+        }
+    }
+    // A broken tokenizer.json is a clear load error.
+    std::fs::write(&json_path, "{ not json").expect("write");
+    let err = kith_infer::ModelFile::open(&crate::support::model_path("smollm2-135m"), &options).err().expect("refused");
+    assert!(matches!(err, kith_infer::LoadError::Tokenizer(_)), "{err}");
+}
+
 #[test]
 fn smollm2_tokenizer_matches_llama_cpp() {
     check_tokenizer("smollm2-135m", "tokenizer-smollm2.json");

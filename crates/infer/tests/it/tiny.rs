@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use kith_infer::gguf_format::{self, Value};
+use candle_core::quantized::gguf_file::{self as gguf_format, Value};
 
 pub(crate) const N_EMBD: usize = 64;
 pub(crate) const N_HEAD: usize = 4;
