@@ -262,9 +262,20 @@ struct Engine {
 
 impl Engine {
     fn run(&mut self, mut commands: mpsc::Receiver<Command>) {
+        // The forward pass runs on a worker of the engine's own rayon pool, so the
+        // parallel kernels inside it fork from a worker (cheap) rather than inject work
+        // from an outside thread and sleep on a latch for every matrix product.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(crate::thread_count())
+            .thread_name(|idx| format!("kith-worker-{idx}"))
+            .build();
         while let Some(Command::Generate { request, events, queued_at }) = commands.blocking_recv() {
             let queued = queued_at.elapsed();
-            if let Err(err) = self.generate(request, &events, queued) {
+            let result = match &pool {
+                Ok(pool) => pool.install(|| self.generate(request, &events, queued)),
+                Err(_) => self.generate(request, &events, queued),
+            };
+            if let Err(err) = result {
                 if matches!(err, GenerateError::Candle(_)) {
                     tracing::error!(error = %err, "forward pass failed; KV cache reset");
                     self.reset_cache();

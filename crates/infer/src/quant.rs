@@ -59,11 +59,14 @@ impl Q4_1Matrix {
         let blocks_per_row = self.k / QK;
         let activations: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
         let mut out = vec![0f32; m * self.n];
+        // Few, large work items: one per thread and a few more for balance. Every output
+        // is computed the same way whatever the split, so results do not depend on it.
+        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
         out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
             let a = &activations[row * blocks_per_row..(row + 1) * blocks_per_row];
-            out_row.par_chunks_mut(64).enumerate().for_each(|(chunk, dst)| {
+            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
                 for (offset, value) in dst.iter_mut().enumerate() {
-                    let col = chunk * 64 + offset;
+                    let col = chunk_idx * chunk + offset;
                     let w = &self.blocks[col * blocks_per_row..(col + 1) * blocks_per_row];
                     *value = dot(w, a);
                 }
