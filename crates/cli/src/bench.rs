@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use kith_infer::{EngineHandle, GenerateRequest, Prompt, StreamEvent};
 use kith_types::{ChatMessage, SamplingParams};
 use serde::Serialize;
@@ -63,8 +63,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
     };
 
     // Warm-up: repack weights, fault pages in.
-    let warm = run_once(&engine, next_prompt(32), 8).await?;
-    drop(warm);
+    run_once(&engine, next_prompt(32), 8).await?;
 
     let mut pp128 = Vec::new();
     let mut pp512 = Vec::new();

@@ -31,13 +31,14 @@ pub(crate) async fn load_engine(args: &ModelArgs) -> Result<(EngineHandle, Optio
 }
 
 fn warn_if_base(entry: Option<&ModelEntry>, raw: bool) {
-    if let Some(entry) = entry {
-        if entry.kind == ModelKind::Base && !raw {
-            eprintln!(
-                "note: {} is a base model, not instruction-tuned: it continues text rather than answering (try --raw)",
-                entry.name
-            );
-        }
+    if let Some(entry) = entry
+        && entry.kind == ModelKind::Base
+        && !raw
+    {
+        eprintln!(
+            "note: {} is a base model, not instruction-tuned: it continues text rather than answering (try --raw)",
+            entry.name
+        );
     }
 }
 

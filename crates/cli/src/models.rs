@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use kith_models::{Catalog, ModelEntry, PullOptions, Store};
 
-use crate::cli::{looks_like_path, ModelArgs, ModelsArgs, ModelsCommand};
+use crate::cli::{ModelArgs, ModelsArgs, ModelsCommand, looks_like_path};
 use crate::progress::PullProgress;
 
 pub(crate) fn run(args: ModelsArgs) -> Result<ExitCode> {

@@ -21,9 +21,10 @@ impl PullProgress {
             PullEvent::FileStarted { file, size } => {
                 self.finish();
                 let bar = ProgressBar::new(size);
-                let style = ProgressStyle::with_template("  {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .map(|s| s.progress_chars("=> "))
-                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                let style =
+                    ProgressStyle::with_template("  {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                        .map(|s| s.progress_chars("=> "))
+                        .unwrap_or_else(|_| ProgressStyle::default_bar());
                 bar.set_style(style);
                 bar.set_message(format!("verifying {file}"));
                 self.bar = Some(bar);

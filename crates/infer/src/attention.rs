@@ -102,8 +102,7 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
         q16.convert_to_f32_slice(&mut q);
         let scale = if shape.scale_q_first { 1.0 } else { shape.scale };
 
-        let scores: Vec<f32> =
-            range.clone().map(|key_pos| dot(&q, &keys[row(key_pos, kv_head)]) * scale).collect();
+        let scores: Vec<f32> = range.clone().map(|key_pos| dot(&q, &keys[row(key_pos, kv_head)]) * scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f32 = weights.iter().sum();
@@ -138,19 +137,26 @@ mod tests {
 
     /// Reference: softmax(q·k * scale) · v in f64.
     fn naive(keys: &[Vec<f32>], values: &[Vec<f32>], q: &[f32], scale: f32) -> Vec<f64> {
-        let scores: Vec<f64> = keys.iter().map(|k| k.iter().zip(q).map(|(a, b)| f64::from(a * b)).sum::<f64>() * f64::from(scale)).collect();
+        let scores: Vec<f64> = keys
+            .iter()
+            .map(|k| k.iter().zip(q).map(|(a, b)| f64::from(a * b)).sum::<f64>() * f64::from(scale))
+            .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f64 = weights.iter().sum();
-        (0..q.len()).map(|d| values.iter().zip(&weights).map(|(v, w)| f64::from(v[d]) * w).sum::<f64>() / total).collect()
+        (0..q.len())
+            .map(|d| values.iter().zip(&weights).map(|(v, w)| f64::from(v[d]) * w).sum::<f64>() / total)
+            .collect()
     }
 
     #[test]
     fn matches_naive_attention_within_f16_precision() {
         let head_dim = 8;
         let mut cache = HostKvCache::new(1, head_dim);
-        let keys: Vec<Vec<f32>> = (0..20).map(|j| (0..head_dim).map(|d| ((j * 7 + d * 3) % 11) as f32 / 11.0 - 0.5).collect()).collect();
-        let values: Vec<Vec<f32>> = (0..20).map(|j| (0..head_dim).map(|d| ((j * 5 + d) % 13) as f32 / 13.0).collect()).collect();
+        let keys: Vec<Vec<f32>> =
+            (0..20).map(|j| (0..head_dim).map(|d| ((j * 7 + d * 3) % 11) as f32 / 11.0 - 0.5).collect()).collect();
+        let values: Vec<Vec<f32>> =
+            (0..20).map(|j| (0..head_dim).map(|d| ((j * 5 + d) % 13) as f32 / 13.0).collect()).collect();
         for (k, v) in keys.iter().zip(&values) {
             cache.append(k, v);
         }

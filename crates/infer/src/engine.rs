@@ -302,7 +302,9 @@ impl Engine {
         };
         let vocab = self.tokenizer.vocab_size();
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(GenerateError::InvalidParams(format!("token id {bad} is outside the {vocab}-token vocabulary")));
+            return Err(GenerateError::InvalidParams(format!(
+                "token id {bad} is outside the {vocab}-token vocabulary"
+            )));
         }
         Ok(ids)
     }
@@ -338,7 +340,12 @@ impl Engine {
             self.cached.extend_from_slice(chunk);
         }
         let prefill = started.elapsed();
-        tracing::debug!(prompt_tokens = prompt.len(), cached_tokens = common, prefill_ms = prefill.as_millis() as u64, "prefill done");
+        tracing::debug!(
+            prompt_tokens = prompt.len(),
+            cached_tokens = common,
+            prefill_ms = prefill.as_millis() as u64,
+            "prefill done"
+        );
 
         let params = sampler.params().clone();
         let mut usage = Usage { prompt_tokens: prompt.len(), cached_tokens: common, completion_tokens: 0 };

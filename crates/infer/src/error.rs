@@ -70,7 +70,9 @@ pub enum LoadError {
 #[non_exhaustive]
 pub enum GenerateError {
     /// The prompt (plus requested tokens) does not fit the context window.
-    #[error("the prompt has {prompt_tokens} tokens but the context window holds {context_length}; shorten the conversation")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens but the context window holds {context_length}; shorten the conversation"
+    )]
     ContextOverflow {
         /// Tokens in the prompt.
         prompt_tokens: usize,

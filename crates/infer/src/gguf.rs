@@ -9,9 +9,9 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
 use candle_core::Device;
+use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::error::LoadError;
 
@@ -62,7 +62,7 @@ impl GgufFile {
                     .ok_or_else(|| self.malformed(format!("tensor {name} shape {:?} overflows", info.shape.dims())))?;
             }
             let block = info.ggml_dtype.block_size() as u64;
-            if n_elems % block != 0 {
+            if !n_elems.is_multiple_of(block) {
                 return Err(self.malformed(format!(
                     "tensor {name} has {n_elems} elements, not a multiple of its {:?} block size {block}",
                     info.ggml_dtype
@@ -94,7 +94,8 @@ impl GgufFile {
 
     /// Reads tensor `name`, checking that it has the shape the architecture expects.
     pub(crate) fn tensor(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor, LoadError> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| self.malformed(format!("missing tensor {name}")))?;
+        let info =
+            self.content.tensor_infos.get(name).ok_or_else(|| self.malformed(format!("missing tensor {name}")))?;
         if info.shape.dims() != expected {
             return Err(self.malformed(format!(
                 "tensor {name} has shape {:?}, the model's metadata implies {expected:?}",
@@ -111,7 +112,9 @@ impl GgufFile {
     pub(crate) fn string(&self, key: &str) -> Result<&str, LoadError> {
         match self.get(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(self.malformed(format!("metadata {key} should be a string, found {:?}", other.value_type()))),
+            Some(other) => {
+                Err(self.malformed(format!("metadata {key} should be a string, found {:?}", other.value_type())))
+            }
             None => Err(self.malformed(format!("missing metadata {key}"))),
         }
     }
@@ -151,7 +154,9 @@ impl GgufFile {
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, LoadError> {
         match self.opt_u64(key)? {
             None => Ok(None),
-            Some(n) => usize::try_from(n).map(Some).map_err(|_| self.malformed(format!("metadata {key} = {n} is too large"))),
+            Some(n) => {
+                usize::try_from(n).map(Some).map_err(|_| self.malformed(format!("metadata {key} = {n} is too large")))
+            }
         }
     }
 
@@ -194,7 +199,10 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 fn classify_header_error(path: &Path, file_size: u64, err: candle_core::Error) -> LoadError {
     let text = err.to_string();
     if text.contains("failed to fill whole buffer") || text.contains("UnexpectedEof") || text.contains("remaining") {
-        LoadError::Malformed { path: path.to_owned(), reason: format!("header is cut short or claims more than the file's {file_size} bytes ({text})") }
+        LoadError::Malformed {
+            path: path.to_owned(),
+            reason: format!("header is cut short or claims more than the file's {file_size} bytes ({text})"),
+        }
     } else {
         LoadError::Malformed { path: path.to_owned(), reason: text }
     }

@@ -45,7 +45,7 @@ pub use engine::{
     Completion, EngineHandle, GenerateRequest, Prompt, StopReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage,
 };
 pub use error::{GenerateError, LoadError};
-pub use loader::{DeviceKind, LoadOptions, LoadedModel, ModelFile, ModelInfo, DEFAULT_CONTEXT_CAP};
+pub use loader::{DEFAULT_CONTEXT_CAP, DeviceKind, LoadOptions, LoadedModel, ModelFile, ModelInfo};
 pub use model::SUPPORTED_ARCHITECTURES;
 pub use sampler::Sampler;
 pub use template::{ChatTemplate, TemplateSource};

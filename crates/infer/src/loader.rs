@@ -10,7 +10,7 @@ use candle_core::Device;
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::model::{Config, Model};
-use crate::template::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
+use crate::template::{CHATML_TEMPLATE, ChatTemplate, TemplateSource};
 use crate::tokenizer::Tokenizer;
 
 /// Default cap on the context window, so a 128k-token model does not reserve memory
@@ -56,10 +56,18 @@ impl DeviceKind {
     fn device(self) -> Result<Device, LoadError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(|err| LoadError::Device(format!("cuda: {err}"))),
-            Self::Metal if cfg!(feature = "metal") => Device::new_metal(0).map_err(|err| LoadError::Device(format!("metal: {err}"))),
-            Self::Cuda => Err(LoadError::Device("cuda is not compiled into this build; rebuild with `--features cuda`".into())),
-            Self::Metal => Err(LoadError::Device("metal is not compiled into this build; rebuild with `--features metal`".into())),
+            Self::Cuda if cfg!(feature = "cuda") => {
+                Device::new_cuda(0).map_err(|err| LoadError::Device(format!("cuda: {err}")))
+            }
+            Self::Metal if cfg!(feature = "metal") => {
+                Device::new_metal(0).map_err(|err| LoadError::Device(format!("metal: {err}")))
+            }
+            Self::Cuda => {
+                Err(LoadError::Device("cuda is not compiled into this build; rebuild with `--features cuda`".into()))
+            }
+            Self::Metal => {
+                Err(LoadError::Device("metal is not compiled into this build; rebuild with `--features metal`".into()))
+            }
         }
     }
 }
@@ -161,11 +169,8 @@ impl ModelFile {
         let started = Instant::now();
         let device_kind = self.options.device;
         let device = device_kind.device()?;
-        let context_length = self
-            .options
-            .context_length
-            .unwrap_or_else(|| self.config.train_context.min(DEFAULT_CONTEXT_CAP))
-            .max(16);
+        let context_length =
+            self.options.context_length.unwrap_or_else(|| self.config.train_context.min(DEFAULT_CONTEXT_CAP)).max(16);
         let n_params = self.n_params();
         let architecture = self.architecture().to_owned();
         let name = self.gguf.opt_string("general.name").map(str::to_owned);

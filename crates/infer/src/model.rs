@@ -14,10 +14,10 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::attention::{attend, AttentionShape, HostKvCache};
-use crate::quant::Q4_1Matrix;
+use crate::attention::{AttentionShape, HostKvCache, attend};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
+use crate::quant::Q4_1Matrix;
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -94,19 +94,22 @@ impl Config {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(malformed(format!("head dimension {head_dim} must be even and non-zero")));
         }
-        if let Some(rope_dim) = gguf.opt_usize(&key("rope.dimension_count"))? {
-            if rope_dim != head_dim {
-                return Err(malformed(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")));
-            }
+        if let Some(rope_dim) = gguf.opt_usize(&key("rope.dimension_count"))?
+            && rope_dim != head_dim
+        {
+            return Err(malformed(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")));
         }
         let rms_eps = gguf.opt_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64;
         let default_base = if arch == Arch::Gemma3 { 1_000_000.0 } else { 10_000.0 };
         let rope_base = gguf.opt_f32(&key("rope.freq_base")).unwrap_or(default_base);
         let rope_scale = match gguf.opt_string(&key("rope.scaling.type")) {
-            Some("linear") => gguf.opt_f32(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| 1.0 / f).unwrap_or(1.0),
+            Some("linear") => {
+                gguf.opt_f32(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| 1.0 / f).unwrap_or(1.0)
+            }
             _ => 1.0,
         };
-        let sliding_window = if arch == Arch::Gemma3 { gguf.opt_usize(&key("attention.sliding_window"))? } else { None };
+        let sliding_window =
+            if arch == Arch::Gemma3 { gguf.opt_usize(&key("attention.sliding_window"))? } else { None };
         let config = Self {
             arch,
             n_layer: gguf.usize(&key("block_count"))?,
@@ -142,7 +145,7 @@ impl Config {
     }
 
     fn is_sliding(&self, layer_idx: usize) -> bool {
-        self.sliding_window.is_some() && (layer_idx + 1) % self.swa_pattern != 0
+        self.sliding_window.is_some() && !(layer_idx + 1).is_multiple_of(self.swa_pattern)
     }
 }
 
@@ -187,7 +190,14 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, scale: f32, freq_factors: Option<&[f32]>, len: usize, device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        head_dim: usize,
+        base: f32,
+        scale: f32,
+        freq_factors: Option<&[f32]>,
+        len: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -206,11 +216,7 @@ impl Rope {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
-        if neox {
-            candle_nn::rotary_emb::rope(x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope_i(x, &cos, &sin)
-        }
+        if neox { candle_nn::rotary_emb::rope(x, &cos, &sin) } else { candle_nn::rotary_emb::rope_i(x, &cos, &sin) }
     }
 }
 
@@ -259,14 +265,15 @@ impl DeviceKvCache {
         let needed = self.len + seq;
         let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if needed > capacity {
-            let new_capacity = needed.max(capacity * 2).div_ceil(KV_GROWTH).saturating_mul(KV_GROWTH).min(max_len.max(needed));
+            let new_capacity =
+                needed.max(capacity * 2).div_ceil(KV_GROWTH).saturating_mul(KV_GROWTH).min(max_len.max(needed));
             let (_, n_kv, _, head_dim) = k.dims4()?;
             let grow = |old: &Option<Tensor>| -> candle_core::Result<Tensor> {
                 let buffer = Tensor::zeros((1, n_kv, new_capacity, head_dim), DType::F32, k.device())?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
                 Ok(buffer)
             };
@@ -324,7 +331,12 @@ pub(crate) struct Model {
 
 impl Model {
     /// Reads all weights, checking every shape against the metadata.
-    pub(crate) fn load(gguf: &mut GgufFile, config: Config, context_length: usize, device: &Device) -> Result<Self, LoadError> {
+    pub(crate) fn load(
+        gguf: &mut GgufFile,
+        config: Config,
+        context_length: usize,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         let c = &config;
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_head_kv * c.head_dim;
@@ -404,7 +416,17 @@ impl Model {
             Some(_) => Some(Rope::new(c.head_dim, c.rope_base_local, 1.0, None, context_length, device)?),
             None => None,
         };
-        Ok(Self { config, embed, layers, output_norm, lm_head, rope, rope_local, context_length, device: device.clone() })
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            output_norm,
+            lm_head,
+            rope,
+            rope_local,
+            context_length,
+            device: device.clone(),
+        })
     }
 
     /// Tokens held in the KV cache.
@@ -424,7 +446,10 @@ impl Model {
         let pos = self.cache_len();
         let seq = tokens.len();
         if seq == 0 || pos + seq > self.context_length {
-            candle_core::bail!("forward of {seq} tokens at position {pos} exceeds the context of {}", self.context_length);
+            candle_core::bail!(
+                "forward of {seq} tokens at position {pos} exceeds the context of {}",
+                self.context_length
+            );
         }
         let c = self.config.clone();
         let ids = Tensor::new(tokens, &self.device)?;
@@ -448,8 +473,7 @@ impl Model {
                 _ => (&self.rope, full_mask.as_ref()),
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let window = if layer.sliding { c.sliding_window } else { None };
-            let attn = layer.attention(&h, &c, rope, mask, window, pos, self.context_length)?;
+            let attn = layer.attention(&h, &c, rope, mask, pos, self.context_length)?;
             let attn = match &layer.post_attn_norm {
                 Some(norm) => candle_nn::ops::rms_norm(&attn, norm, c.rms_eps as f32)?,
                 None => attn,
@@ -477,11 +501,11 @@ impl Layer {
         c: &Config,
         rope: &Rope,
         mask: Option<&Tensor>,
-        window: Option<usize>,
         pos: usize,
         max_len: usize,
     ) -> candle_core::Result<Tensor> {
         let (_, seq, _) = h.dims3()?;
+        let window = if self.sliding { c.sliding_window } else { None };
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_head_kv * c.head_dim;
         let (q, k, v) = match (&self.qkv, &self.q, &self.k, &self.v) {
@@ -539,8 +563,12 @@ impl Layer {
                     Some(mask) => scores.reshape((1, c.n_head_kv, n_rep, seq, kv_len))?.broadcast_add(mask)?,
                     None => scores,
                 };
-                let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-                    .reshape((1, c.n_head_kv, n_rep * seq, kv_len))?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.reshape((
+                    1,
+                    c.n_head_kv,
+                    n_rep * seq,
+                    kv_len,
+                ))?;
                 let out = probs.matmul(&v_all)?.reshape((1, c.n_head, seq, c.head_dim))?;
                 out.transpose(1, 2)?.reshape((1, seq, q_dim))?
             }
@@ -573,9 +601,8 @@ fn causal_mask(seq: usize, pos: usize, window: Option<usize>, device: &Device) -
     if seq == 1 && (0..kv_len).all(|j| visible(0, j)) {
         return Ok(None);
     }
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..kv_len).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..kv_len).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (seq, kv_len), device).map(Some)
 }
 

@@ -32,7 +32,7 @@ pub(crate) struct Q4_1Matrix {
 impl Q4_1Matrix {
     /// From raw GGUF bytes (20 bytes a block: f16 d, f16 m, 16 bytes of nibbles).
     pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if k % QK != 0 || bytes.len() != n * k / QK * 20 {
+        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 20 {
             return None;
         }
         let blocks = bytes
@@ -141,8 +141,13 @@ mod tests {
 
             let x_tensor = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
             let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
-            let exact: Vec<f32> =
-                x_tensor.matmul(&dequantized.t().expect("t")).expect("matmul").flatten_all().expect("flat").to_vec1().expect("vec");
+            let exact: Vec<f32> = x_tensor
+                .matmul(&dequantized.t().expect("t"))
+                .expect("matmul")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
             let candle: Vec<f32> = QMatMul::from_qtensor(q)
                 .expect("qmatmul")
                 .forward(&x_tensor)

@@ -230,7 +230,7 @@ mod tests {
         let mut p = SamplingParams::greedy();
         p.repeat_penalty = 2.0;
         let mut sampler = Sampler::new(p).expect("valid");
-        assert_eq!(sampler.sample(&mut vec![3.0, 2.0], &[0]), 1);
+        assert_eq!(sampler.sample(&mut [3.0, 2.0], &[0]), 1);
     }
 
     #[test]

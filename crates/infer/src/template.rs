@@ -74,14 +74,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
-        env.add_template_owned("chat", source_text.to_owned()).map_err(|err| LoadError::Template(format!("{err:#}")))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.to_owned(),
-            eos_token: eos_token.to_owned(),
-            strip_leading_bos,
-            source,
-        })
+        env.add_template_owned("chat", source_text.to_owned())
+            .map_err(|err| LoadError::Template(format!("{err:#}")))?;
+        Ok(Self { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned(), strip_leading_bos, source })
     }
 
     /// A built-in template by name: `chatml` or `gemma`.
@@ -89,7 +84,9 @@ impl ChatTemplate {
         let (text, name) = match name {
             "chatml" => (CHATML_TEMPLATE, "chatml"),
             "gemma" => (GEMMA_TEMPLATE, "gemma"),
-            other => return Err(LoadError::Template(format!("unknown built-in template {other:?} (known: chatml, gemma)"))),
+            other => {
+                return Err(LoadError::Template(format!("unknown built-in template {other:?} (known: chatml, gemma)")));
+            }
         };
         Self::new(text, TemplateSource::Builtin(name), bos_token, eos_token, strip_leading_bos)
     }
@@ -114,10 +111,11 @@ impl ChatTemplate {
                 eos_token => self.eos_token.as_str(),
             })
             .map_err(|err| GenerateError::Template(format!("{err:#}")))?;
-        if self.strip_leading_bos && !self.bos_token.is_empty() {
-            if let Some(rest) = rendered.strip_prefix(self.bos_token.as_str()) {
-                return Ok(rest.to_owned());
-            }
+        if self.strip_leading_bos
+            && !self.bos_token.is_empty()
+            && let Some(rest) = rendered.strip_prefix(self.bos_token.as_str())
+        {
+            return Ok(rest.to_owned());
         }
         Ok(rendered)
     }
@@ -141,7 +139,8 @@ mod tests {
     #[test]
     fn raise_exception_is_an_error() {
         let template =
-            ChatTemplate::new("{{ raise_exception('no system role') }}", TemplateSource::Model, "", "", false).expect("compiles");
+            ChatTemplate::new("{{ raise_exception('no system role') }}", TemplateSource::Model, "", "", false)
+                .expect("compiles");
         let err = template.render(&[ChatMessage::user("x")], true).expect_err("raises");
         assert!(err.to_string().contains("no system role"), "{err}");
     }

@@ -24,7 +24,11 @@ pub(crate) struct Step {
 
 impl TextAssembler {
     pub(crate) fn new(stops: &[String]) -> Self {
-        Self { pending_bytes: Vec::new(), held: String::new(), stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect() }
+        Self {
+            pending_bytes: Vec::new(),
+            held: String::new(),
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        }
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) -> Step {
@@ -38,12 +42,7 @@ impl TextAssembler {
             return Step { delta, stopped: true };
         }
         // Hold back the longest tail that could still grow into a stop string.
-        let keep = self
-            .stops
-            .iter()
-            .map(|stop| longest_suffix_prefix(&self.held, stop))
-            .max()
-            .unwrap_or(0);
+        let keep = self.stops.iter().map(|stop| longest_suffix_prefix(&self.held, stop)).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let delta = self.held[..cut].to_owned();
         self.held.drain(..cut);

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Value;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::LoadError;
@@ -38,9 +38,25 @@ const TYPE_BYTE: i32 = 6;
 /// Token texts llama.cpp treats as end-of-generation in any vocabulary, besides the ids
 /// named in metadata (`llama-vocab.cpp`, the EOG heuristics, FIM pad/repo/sep included).
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
-    "<|end_of_text|>", "<end_of_utterance>", "</s>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|repo_name|>",
-    "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "</s>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
 ];
 
 /// GPT-2's pre-tokenizer regex, llama.cpp's default for BPE vocabularies.
@@ -146,7 +162,8 @@ impl Tokenizer {
 
     /// Loads a Hugging Face `tokenizer.json`, keeping the GGUF's special ids.
     pub(crate) fn from_tokenizer_json(path: &Path, from_gguf: &Tokenizer) -> Result<Self, LoadError> {
-        let encoder = tokenizers::Tokenizer::from_file(path).map_err(|err| tok_err(format!("{}: {err}", path.display())))?;
+        let encoder =
+            tokenizers::Tokenizer::from_file(path).map_err(|err| tok_err(format!("{}: {err}", path.display())))?;
         let byte_level = serde_json::to_string(&encoder).map(|json| json.contains("ByteLevel")).unwrap_or(false);
         let vocab = encoder.get_vocab(true);
         let mut token_bytes = vec![Vec::new(); from_gguf.token_bytes.len().max(vocab.len())];
@@ -299,7 +316,10 @@ fn build_byte_level_bpe(
         "qwen2" | "qwen3" | "deepseek-r1-qwen" => vec![REGEX_QWEN2],
         "gpt-2" | "gpt2" | "default" | "phi-2" | "jina-es" | "jina-de" => vec![REGEX_GPT2],
         other => {
-            tracing::warn!(pre = other, "unknown BPE pre-tokenizer, using GPT-2's; token ids may differ from llama.cpp");
+            tracing::warn!(
+                pre = other,
+                "unknown BPE pre-tokenizer, using GPT-2's; token ids may differ from llama.cpp"
+            );
             vec![REGEX_GPT2]
         }
     };

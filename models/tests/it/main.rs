@@ -80,7 +80,12 @@ fn pypi_pull_concatenates_parts_and_unpacks_nested_zips() {
     let inner = payload(100_000, 3);
     write_wheel(&links, "kith-test-part-a", "1.0.0", &[("kith_test_part_a/data/m.part00", &part_a)]);
     let nested = zip_bytes(&[("inner.bin", &inner)]);
-    write_wheel(&links, "kith-test-part-b", "1.0.0", &[("kith_test_part_b/m.part01", &part_b), ("kith_test_part_b/bundle.zip", &nested)]);
+    write_wheel(
+        &links,
+        "kith-test-part-b",
+        "1.0.0",
+        &[("kith_test_part_b/m.part01", &part_b), ("kith_test_part_b/bundle.zip", &nested)],
+    );
     let whole: Vec<u8> = [part_a.clone(), part_b.clone()].concat();
     let catalog = catalog(&format!(
         r#"
@@ -193,7 +198,7 @@ impl Drop for Server {
 
 fn serve(root: &Path) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-    let child = Command::new("python3")
+    let mut child = Command::new("python3")
         .args(["-m", "http.server", "--bind", "127.0.0.1"])
         .arg(port.to_string())
         .current_dir(root)
@@ -207,6 +212,8 @@ fn serve(root: &Path) -> Server {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("http.server did not start");
 }
 
@@ -258,7 +265,6 @@ huggingface = "owner/repo"
     assert!(err.to_string().contains("404"), "{err}");
     drop(server);
 }
-
 
 /// A damaged wheel left by an earlier, interrupted pull is refused, dropped, and
 /// downloaded again by the next pull.

@@ -87,7 +87,8 @@ fn models_list_shows_the_catalog() {
 #[test]
 fn ask_streams_a_greedy_answer_from_the_default_model() {
     let home = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
-    let output = kith(&["ask", "--temperature", "0", "--max-tokens", "12", "What is the capital of France?"], home.as_deref());
+    let output =
+        kith(&["ask", "--temperature", "0", "--max-tokens", "12", "What is the capital of France?"], home.as_deref());
     assert!(output.status.success(), "{}", stderr(&output));
     // llama.cpp's greedy answer under SmolLM2's default system prompt starts so.
     assert!(stdout(&output).starts_with("L'Étoile, la Marseillaise"), "{}", stdout(&output));

@@ -111,7 +111,10 @@ async fn out_of_vocabulary_ids_and_empty_prompts_are_refused() {
     assert!(matches!(collect(&engine, tokens(vec![], 2)).await, Err(GenerateError::EmptyPrompt)));
     let mut bad = greedy(4);
     bad.temperature = f32::NAN;
-    assert!(matches!(engine.generate(GenerateRequest::new(Prompt::Tokens(vec![1]), bad)).await, Err(GenerateError::InvalidParams(_))));
+    assert!(matches!(
+        engine.generate(GenerateRequest::new(Prompt::Tokens(vec![1]), bad)).await,
+        Err(GenerateError::InvalidParams(_))
+    ));
     engine.shutdown().await;
 }
 
@@ -136,6 +139,9 @@ async fn stop_string_ends_generation_without_being_emitted() {
 
 /// On the real default model: a second chat turn reuses the first turn's cache, and the
 /// streamed text equals the decoded tokens.
+// The lock only makes model tests take turns across test threads; this test's runtime is
+// single-threaded, so holding it across awaits cannot deadlock.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test]
 async fn multi_turn_chat_reuses_the_kv_cache() {
     let engine = {
@@ -144,7 +150,8 @@ async fn multi_turn_chat_reuses_the_kv_cache() {
     };
     let _turn = model_lock();
     let mut history = vec![ChatMessage::user("Name a colour.")];
-    let first = collect(&engine, GenerateRequest::new(Prompt::Chat(history.clone()), greedy(16))).await.expect("turn 1");
+    let first =
+        collect(&engine, GenerateRequest::new(Prompt::Chat(history.clone()), greedy(16))).await.expect("turn 1");
     assert_eq!(first.done.usage.cached_tokens, 0);
     let visible: Vec<u32> = first.ids.iter().copied().filter(|&id| !engine.tokenizer().is_eog(id)).collect();
     assert_eq!(first.text, engine.tokenizer().decode(&visible), "streamed deltas add up to the decoded tokens");

@@ -87,7 +87,13 @@ fn check_tokenizer(model: &str, fixture: &str) {
     eog.sort_unstable();
     assert_eq!(tokenizer.eog_ids(), eog, "end-of-generation ids");
     assert_eq!(tokenizer.bos_id(), Some(fixture["bos_id"].as_u64().expect("bos") as u32));
-    assert!(failures.is_empty(), "{} of {} cases differ from llama.cpp:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ from llama.cpp:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 /// A `tokenizer.json` beside the model is used instead of the GGUF's vocabulary: the
@@ -112,7 +118,8 @@ fn tokenizer_json_beside_the_model_is_used() {
     }
     // A broken tokenizer.json is a clear load error.
     std::fs::write(&json_path, "{ not json").expect("write");
-    let err = kith_infer::ModelFile::open(&crate::support::model_path("smollm2-135m"), &options).err().expect("refused");
+    let err =
+        kith_infer::ModelFile::open(&crate::support::model_path("smollm2-135m"), &options).err().expect("refused");
     assert!(matches!(err, kith_infer::LoadError::Tokenizer(_)), "{err}");
 }
 
@@ -211,13 +218,8 @@ fn check_greedy(model: &str, template: Option<&str>, fixture: &str) {
             }
             (got, got_top2, stop)
         });
-        let mut agreement = Agreement {
-            matched: 0,
-            strict_until: None,
-            total: want.len(),
-            diverged_at: None,
-            failure: None,
-        };
+        let mut agreement =
+            Agreement { matched: 0, strict_until: None, total: want.len(), diverged_at: None, failure: None };
         for step in 0..want.len() {
             let gap = want_logprobs[step][0] - want_logprobs[step][1];
             if gap < NEAR_TIE_NATS && agreement.strict_until.is_none() {
@@ -270,7 +272,8 @@ fn check_greedy(model: &str, template: Option<&str>, fixture: &str) {
         }
         if agreement.failure.is_none() && agreement.matched == want.len() {
             // Agreed to the end: the stop must agree too.
-            let want_stop = if case["stop_type"] == "eos" { StopReason::EndOfGeneration } else { StopReason::MaxTokens };
+            let want_stop =
+                if case["stop_type"] == "eos" { StopReason::EndOfGeneration } else { StopReason::MaxTokens };
             if stop != Some(want_stop.clone()) {
                 agreement.failure = Some(format!("stop reason {stop:?}, llama.cpp {want_stop:?}"));
             }

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use candle_core::quantized::gguf_file::{self as gguf_format, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use candle_core::quantized::gguf_file::{self as gguf_format, Value};
 
 pub(crate) const N_EMBD: usize = 64;
 pub(crate) const N_HEAD: usize = 4;
@@ -111,12 +111,16 @@ impl Tiny {
         }
         if self.sentencepiece {
             metadata.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
-            metadata.push(("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())));
+            metadata
+                .push(("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())));
             metadata.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
         } else {
             metadata.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
             metadata.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
-            metadata.push(("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect())));
+            metadata.push((
+                "tokenizer.ggml.merges".into(),
+                Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect()),
+            ));
         }
         let mut file = std::fs::File::create(path).expect("create tiny gguf");
         let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
