@@ -584,9 +584,39 @@ impl Layer {
                 (fused.narrow(2, 0, c.n_ff)?, fused.narrow(2, c.n_ff, c.n_ff)?)
             }
         };
-        let gate = if c.arch == Arch::Gemma3 { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+        let gate = if c.arch == Arch::Gemma3 {
+            if gate.device().is_cpu() { gelu_like_ggml(&gate)? } else { gate.gelu()? }
+        } else {
+            candle_nn::ops::silu(&gate)?
+        };
         self.down.forward(&(gate * up)?)
     }
+}
+
+/// GELU (tanh form) as ggml computes it on the CPU: the input is rounded to f16 and the
+/// result read from a table of f16 values, so it is rounded to f16 too. Matching this
+/// keeps Gemma's outputs closest to llama.cpp's.
+fn gelu_like_ggml(x: &Tensor) -> candle_core::Result<Tensor> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let gelu = |v: f32| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+    let dims = x.dims().to_vec();
+    let values: Vec<f32> = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| {
+            if v <= -10.0 {
+                0.0
+            } else if v >= 10.0 {
+                v
+            } else {
+                let rounded = half::f16::from_f32(v).to_f32();
+                half::f16::from_f32(gelu(rounded)).to_f32()
+            }
+        })
+        .collect();
+    Tensor::from_vec(values, dims, x.device())
 }
 
 /// Additive mask (seq, pos + seq) for queries at `pos..pos + seq`: key `j` is hidden from

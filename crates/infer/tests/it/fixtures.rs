@@ -16,10 +16,11 @@ const NEAR_TIE_NATS: f64 = 0.05;
 /// to 8 bits before every matrix product, so the smallest difference upstream (f16
 /// rounding inside attention, summation order) flips some roundings and moves
 /// log-probabilities: measured here, the chosen token's log-probability differs by 0.02
-/// (Gemma) to 0.06 (SmolLM) nats on average and by up to ~0.4 at single steps. Variants
+/// (Gemma) to 0.04 (SmolLM) nats on average and by up to ~0.4 at single steps. Variants
 /// tried (f32 attention; candle's own Q4_1 path; f16 V accumulation as in llama.cpp's
-/// flash attention) did not bring every case within the 0.05 tolerance. So the test
-/// asserts what this noise allows and nothing looser:
+/// flash attention; ggml's RMS norm, RoPE angles and vectorised SiLU) each moved a few
+/// cases in or out but never all within the 0.05 tolerance. So the test asserts what
+/// this noise allows and nothing looser:
 /// - before the two diverge, every token is identical and the chosen token's
 ///   log-probability is within this bound of llama.cpp's;
 /// - they may diverge only at a step that is a near-tie at this bound for both of them
@@ -251,11 +252,12 @@ fn check_greedy(model: &str, template: Option<&str>, fixture: &str) {
                 agreement.failure = Some(format!("step {step}: log-probability differs by {diff:.3} nats"));
                 break;
             }
-            // The same second choice, where it is one: when llama.cpp's second token is a
+            // The same second choice, where it is one, at the steps the criterion
+            // covers (before llama.cpp's first near-tie): when llama.cpp's second token is a
             // real alternative (within RANKED_TAIL_NATS of the first), our second has the
             // same log-probability within the noise, and is the same token unless our own
             // second and third places are themselves within the noise of each other.
-            if gap < RANKED_TAIL_NATS {
+            if agreement.strict_until.is_none() && gap < RANKED_TAIL_NATS {
                 let second_diff = (f64::from(ours[1].1) - want_logprobs[step][1]).abs();
                 let clear_second = f64::from(ours[1].1) - f64::from(ours[2].1) >= NUMERIC_NOISE_NATS;
                 if second_diff >= NUMERIC_NOISE_NATS || (clear_second && ours[1].0 != want_top2[step][1]) {
