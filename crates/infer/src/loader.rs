@@ -130,12 +130,11 @@ impl ModelFile {
             tokenizer = Tokenizer::from_tokenizer_json(json, &tokenizer)?;
         }
         let config = Config::from_gguf(&gguf, tokenizer.vocab_size())?;
-        let token_text = |id: Option<u32>| id.map(|id| String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned());
+        // Templates need the spelling of BOS/EOS, which control tokens do not decode to.
+        let vocab = gguf.array("tokenizer.ggml.tokens")?;
         let token_name = |id: Option<u32>| -> String {
-            // Control tokens decode to nothing; templates need their spelling.
-            let vocab = gguf.array("tokenizer.ggml.tokens").ok().flatten();
-            id.and_then(|id| vocab.and_then(|v| v.get(id as usize)).and_then(|v| v.to_string().ok().cloned()))
-                .or_else(|| token_text(id))
+            id.and_then(|id| vocab.and_then(|v| v.get(id as usize)))
+                .and_then(|value| value.to_string().ok().cloned())
                 .unwrap_or_default()
         };
         let bos = token_name(tokenizer.bos_id());

@@ -164,7 +164,11 @@ impl Tokenizer {
     pub(crate) fn from_tokenizer_json(path: &Path, from_gguf: &Tokenizer) -> Result<Self, LoadError> {
         let encoder =
             tokenizers::Tokenizer::from_file(path).map_err(|err| tok_err(format!("{}: {err}", path.display())))?;
-        let byte_level = serde_json::to_string(&encoder).map(|json| json.contains("ByteLevel")).unwrap_or(false);
+        // Byte-level BPE shows in the pre-tokenizer or the decoder; only those two small
+        // parts are serialized to look, not the whole vocabulary.
+        let mentions_byte_level = |json: serde_json::Result<String>| json.is_ok_and(|text| text.contains("ByteLevel"));
+        let byte_level = mentions_byte_level(serde_json::to_string(&encoder.get_pre_tokenizer()))
+            || mentions_byte_level(serde_json::to_string(&encoder.get_decoder()));
         let vocab = encoder.get_vocab(true);
         let mut token_bytes = vec![Vec::new(); from_gguf.token_bytes.len().max(vocab.len())];
         let specials: HashSet<String> =
