@@ -16,6 +16,8 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::numerics::dot_f16;
+
 /// Keys and values of one layer, on the host.
 pub(crate) struct HostKvCache {
     keys: Vec<f16>,
@@ -71,6 +73,11 @@ pub(crate) struct AttentionShape {
 /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
 /// (which already holds their own keys). `queries` and the result are laid out
 /// `[seq][n_head][head_dim]`.
+///
+/// Each query row is computed as ggml's CPU flash attention computes it for short
+/// batches and single-token decoding (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`):
+/// Q rounded to f16, scores by `ggml_vec_dot_f16`, an online softmax over the visible keys
+/// in order, and the weighted sum of V accumulated in f16, rounded at every step.
 pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &AttentionShape) -> Vec<f32> {
     let head_dim = shape.head_dim;
     let n_rep = shape.n_head / shape.n_kv;
@@ -83,52 +90,41 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
         let at = (key_pos * shape.n_kv + kv_head) * head_dim;
         at..at + head_dim
     };
+    let round = |v: f32| f16::from_f32(v).to_f32();
     let mut out = vec![0f32; queries.len()];
     out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
         let query_pos = pos + idx / shape.n_head;
         let kv_head = (idx % shape.n_head) / n_rep;
         let first = shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window));
-        let range = first..query_pos + 1;
 
-        // Q rounded to f16 and widened back: the products below are exact in f32.
-        let mut q16 = vec![f16::ZERO; head_dim];
-        if shape.scale_q_first {
-            let scaled: Vec<f32> = query.iter().map(|x| x * shape.scale).collect();
-            q16.convert_from_f32_slice(&scaled);
+        let (q, scale): (Vec<f32>, f32) = if shape.scale_q_first {
+            (query.iter().map(|x| round(x * shape.scale)).collect(), 1.0)
         } else {
-            q16.convert_from_f32_slice(query);
-        }
-        let mut q = vec![0f32; head_dim];
-        q16.convert_to_f32_slice(&mut q);
-        let scale = if shape.scale_q_first { 1.0 } else { shape.scale };
-
-        let scores: Vec<f32> = range.clone().map(|key_pos| dot(&q, &keys[row(key_pos, kv_head)]) * scale).collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f32 = weights.iter().sum();
-        out_row.fill(0.0);
-        for (key_pos, weight) in range.zip(&weights) {
-            // Probabilities are rounded to f16 before weighting V, as in llama.cpp.
-            let probability = f16::from_f32(weight / total).to_f32();
-            for (o, v) in out_row.iter_mut().zip(&values[row(key_pos, kv_head)]) {
-                *o += probability * v;
+            (query.iter().map(|&x| round(x)).collect(), shape.scale)
+        };
+        // The running sum of V, its normaliser and the running maximum score.
+        let acc = out_row;
+        acc.fill(0.0);
+        let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
+        for key_pos in first..query_pos + 1 {
+            let s = dot_f16(&keys[row(key_pos, kv_head)], &q) * scale;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > max {
+                ms = (max - s).exp();
+                max = s;
+                acc.iter_mut().for_each(|a| *a = round(*a * ms));
+            } else {
+                vs = (s - max).exp();
             }
+            for (a, v) in acc.iter_mut().zip(&values[row(key_pos, kv_head)]) {
+                *a = round(v.mul_add(vs, *a));
+            }
+            total = total.mul_add(ms, vs);
         }
+        let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+        acc.iter_mut().for_each(|a| *a *= inverse);
     });
     out
-}
-
-/// Dot product in eight lanes, so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for lane in 0..8 {
-            lanes[lane] += ca[lane] * cb[lane];
-        }
-    }
-    let tail: f32 = a[chunks..].iter().zip(&b[chunks..]).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ mod error;
 mod gguf;
 mod loader;
 mod model;
+mod numerics;
 mod quant;
 mod sampler;
 mod template;

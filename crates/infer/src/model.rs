@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::attention::{AttentionShape, HostKvCache, attend};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
-use crate::quant::Q4_1Matrix;
+use crate::numerics;
+use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -154,6 +155,7 @@ impl Config {
 enum Linear {
     Candle(QMatMul),
     Q4_1(Q4_1Matrix),
+    Q8_0(Arc<Q8_0Matrix>),
 }
 
 impl Linear {
@@ -164,40 +166,91 @@ impl Linear {
                 return Ok(Self::Q4_1(matrix));
             }
         }
+        if device.is_cpu() && tensor.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
+            let (n, k) = tensor.shape().dims2()?;
+            if let Some(matrix) = Q8_0Matrix::from_bytes(&tensor.data()?, n, k) {
+                return Ok(Self::Q8_0(Arc::new(matrix)));
+            }
+        }
         Ok(Self::Candle(QMatMul::from_qtensor(tensor)?))
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Candle(matmul) => matmul.forward(x),
-            Self::Q4_1(matrix) => {
-                let mut dims = x.dims().to_vec();
-                let k = dims.pop().unwrap_or(0);
-                let m = x.elem_count() / k.max(1);
-                let data = x.flatten_all()?.to_vec1::<f32>()?;
-                let out = matrix.matmul(&data, m);
-                dims.push(matrix.n());
-                Tensor::from_vec(out, dims, x.device())
+            Self::Q4_1(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
+            Self::Q8_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
+        }
+    }
+}
+
+/// Runs a host kernel on the rows of `x` (`[.., k]`), giving `[.., n]`.
+fn host_matmul(x: &Tensor, n: usize, kernel: impl Fn(&[f32], usize) -> Vec<f32>) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.pop().unwrap_or(0);
+    let m = x.elem_count() / k.max(1);
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let out = kernel(&data, m);
+    dims.push(n);
+    Tensor::from_vec(out, dims, x.device())
+}
+
+/// The token embedding table: Kith's Q8_0 rows on the CPU (shared with a tied output
+/// projection), candle's quantized tensor otherwise.
+enum Embedding {
+    Candle(Arc<QTensor>),
+    Q8_0(Arc<Q8_0Matrix>),
+}
+
+impl Embedding {
+    fn lookup(&self, tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(table) => table.embedding(&Tensor::new(tokens, device)?),
+            Self::Q8_0(table) => {
+                let mut rows = Vec::with_capacity(tokens.len() * table.k());
+                for &token in tokens {
+                    match table.row(token as usize) {
+                        Some(row) => rows.extend(row),
+                        None => candle_core::bail!("token id {token} is outside the vocabulary"),
+                    }
+                }
+                Tensor::from_vec(rows, (tokens.len(), table.k()), device)
             }
         }
     }
 }
 
-/// Precomputed cos/sin rows for positions `0..len`.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+/// RMS norm with a weight: ggml's order of operations on the CPU, candle's on a GPU.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return candle_nn::ops::rms_norm(x, weight, eps as f32);
+    }
+    let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+    numerics::rms_norm(&mut data, &weight.to_vec1::<f32>()?, eps as f32);
+    Tensor::from_vec(data, x.dims(), x.device())
+}
+
+/// Rotary embeddings: ggml's angles computed per forward on the CPU; precomputed tables
+/// for positions `0..len` on a GPU.
+enum Rope {
+    Host(numerics::Rope),
+    Device { cos: Tensor, sin: Tensor },
 }
 
 impl Rope {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         head_dim: usize,
         base: f32,
         scale: f32,
         freq_factors: Option<&[f32]>,
         len: usize,
+        neox: bool,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self::Host(numerics::Rope::new(head_dim, base, scale, freq_factors.map(<[f32]>::to_vec), neox)));
+        }
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -209,14 +262,15 @@ impl Rope {
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
         let angles = positions.broadcast_mul(&inv_freq)?;
-        Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
+        Ok(Self::Device { cos: angles.cos()?, sin: angles.sin()? })
     }
 
-    fn apply(&self, x: &Tensor, pos: usize, neox: bool) -> candle_core::Result<Tensor> {
-        let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        if neox { candle_nn::rotary_emb::rope(x, &cos, &sin) } else { candle_nn::rotary_emb::rope_i(x, &cos, &sin) }
+    /// The host angles for positions `pos..pos + seq` (empty on a GPU).
+    fn host_table(&self, pos: usize, seq: usize) -> Vec<f32> {
+        match self {
+            Self::Host(rope) => rope.table(pos, seq),
+            Self::Device { .. } => Vec::new(),
+        }
     }
 }
 
@@ -318,7 +372,7 @@ struct Layer {
 /// A loaded transformer with its KV cache.
 pub(crate) struct Model {
     pub(crate) config: Config,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     layers: Vec<Layer>,
     output_norm: Tensor,
     lm_head: Linear,
@@ -350,7 +404,13 @@ impl Model {
             if gguf.has_tensor(name) { vector(gguf, name, len).map(Some) } else { Ok(None) }
         };
 
-        let embed = Arc::new(gguf.tensor("token_embd.weight", &[c.n_vocab, c.n_embd], device)?);
+        let embed_tensor = gguf.tensor("token_embd.weight", &[c.n_vocab, c.n_embd], device)?;
+        let embed = match Q8_0Matrix::from_bytes(&embed_tensor.data()?, c.n_vocab, c.n_embd) {
+            Some(matrix) if device.is_cpu() && embed_tensor.dtype() == candle_core::quantized::GgmlDType::Q8_0 => {
+                Embedding::Q8_0(Arc::new(matrix))
+            }
+            _ => Embedding::Candle(Arc::new(embed_tensor)),
+        };
         let mut layers = Vec::with_capacity(c.n_layer);
         for idx in 0..c.n_layer {
             let name = |suffix: &str| format!("blk.{idx}.{suffix}");
@@ -404,16 +464,21 @@ impl Model {
         let lm_head = if gguf.has_tensor("output.weight") {
             qmm(gguf, "output.weight", &[c.n_vocab, c.n_embd])?
         } else {
-            Linear::Candle(QMatMul::from_arc(embed.clone())?)
+            match &embed {
+                Embedding::Q8_0(matrix) => Linear::Q8_0(matrix.clone()),
+                Embedding::Candle(tensor) => Linear::Candle(QMatMul::from_arc(tensor.clone())?),
+            }
         };
         let freq_factors = if gguf.has_tensor("rope_freqs.weight") {
             Some(vector(gguf, "rope_freqs.weight", c.head_dim / 2)?.to_vec1::<f32>()?)
         } else {
             None
         };
-        let rope = Rope::new(c.head_dim, c.rope_base, c.rope_scale, freq_factors.as_deref(), context_length, device)?;
+        let neox = c.rope_neox();
+        let rope =
+            Rope::new(c.head_dim, c.rope_base, c.rope_scale, freq_factors.as_deref(), context_length, neox, device)?;
         let rope_local = match c.sliding_window {
-            Some(_) => Some(Rope::new(c.head_dim, c.rope_base_local, 1.0, None, context_length, device)?),
+            Some(_) => Some(Rope::new(c.head_dim, c.rope_base_local, 1.0, None, context_length, neox, device)?),
             None => None,
         };
         Ok(Self {
@@ -452,8 +517,7 @@ impl Model {
             );
         }
         let c = self.config.clone();
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?;
         if c.arch == Arch::Gemma3 {
             x = (x * (c.n_embd as f64).sqrt())?;
         }
@@ -467,28 +531,31 @@ impl Model {
             };
             (causal_mask(seq, pos, None, &self.device)?, window_mask)
         };
+        // Host RoPE angles, once per forward for each base.
+        let table = self.rope.host_table(pos, seq);
+        let local_table = self.rope_local.as_ref().map(|rope| rope.host_table(pos, seq));
         for layer in &mut self.layers {
-            let (rope, mask) = match (&self.rope_local, layer.sliding) {
-                (Some(local), true) => (local, window_mask.as_ref()),
-                _ => (&self.rope, full_mask.as_ref()),
+            let (rope, table, mask) = match (&self.rope_local, &local_table, layer.sliding) {
+                (Some(local), Some(local_table), true) => (local, local_table, window_mask.as_ref()),
+                _ => (&self.rope, &table, full_mask.as_ref()),
             };
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let attn = layer.attention(&h, &c, rope, mask, pos, self.context_length)?;
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let attn = layer.attention(&h, &c, (rope, table), mask, pos, self.context_length)?;
             let attn = match &layer.post_attn_norm {
-                Some(norm) => candle_nn::ops::rms_norm(&attn, norm, c.rms_eps as f32)?,
+                Some(norm) => rms_norm(&attn, norm, c.rms_eps)?,
                 None => attn,
             };
             x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let ffn = layer.feed_forward(&h, &c)?;
             let ffn = match &layer.post_ffn_norm {
-                Some(norm) => candle_nn::ops::rms_norm(&ffn, norm, c.rms_eps as f32)?,
+                Some(norm) => rms_norm(&ffn, norm, c.rms_eps)?,
                 None => ffn,
             };
             x = (x + ffn)?;
         }
         let last = x.narrow(1, seq - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, c.rms_eps as f32)?;
+        let last = rms_norm(&last, &self.output_norm, c.rms_eps)?;
         let logits = self.lm_head.forward(&last)?;
         logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
     }
@@ -499,7 +566,7 @@ impl Layer {
         &mut self,
         h: &Tensor,
         c: &Config,
-        rope: &Rope,
+        (rope, table): (&Rope, &[f32]),
         mask: Option<&Tensor>,
         pos: usize,
         max_len: usize,
@@ -524,21 +591,22 @@ impl Layer {
         let k = add_bias(k, &self.k_bias)?.reshape((1, seq, c.n_head_kv, c.head_dim))?;
         let v = add_bias(v, &self.v_bias)?.reshape((1, seq, c.n_head_kv, c.head_dim))?;
         let q = match &self.q_norm {
-            Some(norm) => candle_nn::ops::rms_norm(&q.contiguous()?, norm, c.rms_eps as f32)?,
+            Some(norm) => rms_norm(&q.contiguous()?, norm, c.rms_eps)?,
             None => q,
         };
         let k = match &self.k_norm {
-            Some(norm) => candle_nn::ops::rms_norm(&k.contiguous()?, norm, c.rms_eps as f32)?,
+            Some(norm) => rms_norm(&k.contiguous()?, norm, c.rms_eps)?,
             None => k,
         };
-        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, pos, c.rope_neox())?;
-        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, pos, c.rope_neox())?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let out = match &mut self.cache {
-            LayerCache::Host(cache) => {
+        let out = match (&mut self.cache, rope) {
+            (LayerCache::Host(cache), Rope::Host(rope)) => {
                 // [seq][heads][head_dim] rows, the layout the output projection reads.
-                let rows = |t: &Tensor| t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>();
-                cache.append(&rows(&k)?, &v.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+                let rows = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+                let (mut q, mut k) = (rows(&q)?, rows(&k)?);
+                rope.apply(&mut q, table);
+                rope.apply(&mut k, table);
+                cache.append(&k, &rows(&v)?);
                 let shape = AttentionShape {
                     n_head: c.n_head,
                     n_kv: c.n_head_kv,
@@ -547,10 +615,21 @@ impl Layer {
                     scale_q_first: c.arch == Arch::Gemma3,
                     window,
                 };
-                let out = attend(cache, &rows(&q)?, pos, &shape);
+                let out = attend(cache, &q, pos, &shape);
                 Tensor::from_vec(out, (1, seq, q_dim), h.device())?
             }
-            LayerCache::Device(cache) => {
+            (LayerCache::Device(cache), Rope::Device { cos, sin }) => {
+                let cos = cos.narrow(0, pos, seq)?;
+                let sin = sin.narrow(0, pos, seq)?;
+                let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+                    let x = x.transpose(1, 2)?.contiguous()?;
+                    if c.rope_neox() {
+                        candle_nn::rotary_emb::rope(&x, &cos, &sin)
+                    } else {
+                        candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+                    }
+                };
+                let (q, k) = (rotate(&q)?, rotate(&k)?);
                 let v = v.transpose(1, 2)?.contiguous()?;
                 let (k_all, v_all) = cache.append(&k, &v, max_len)?;
                 let kv_len = k_all.dim(2)?;
@@ -572,6 +651,7 @@ impl Layer {
                 let out = probs.matmul(&v_all)?.reshape((1, c.n_head, seq, c.head_dim))?;
                 out.transpose(1, 2)?.reshape((1, seq, q_dim))?
             }
+            _ => candle_core::bail!("KV cache and RoPE tables live on different devices"),
         };
         self.out.forward(&out)
     }
@@ -584,39 +664,17 @@ impl Layer {
                 (fused.narrow(2, 0, c.n_ff)?, fused.narrow(2, c.n_ff, c.n_ff)?)
             }
         };
-        let gate = if c.arch == Arch::Gemma3 {
-            if gate.device().is_cpu() { gelu_like_ggml(&gate)? } else { gate.gelu()? }
+        let activated = if gate.device().is_cpu() {
+            let (g, u) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?);
+            let y = if c.arch == Arch::Gemma3 { numerics::geglu(&g, &u) } else { numerics::swiglu(&g, &u) };
+            Tensor::from_vec(y, gate.dims(), gate.device())?
+        } else if c.arch == Arch::Gemma3 {
+            (gate.gelu()? * up)?
         } else {
-            candle_nn::ops::silu(&gate)?
+            (candle_nn::ops::silu(&gate)? * up)?
         };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&activated)
     }
-}
-
-/// GELU (tanh form) as ggml computes it on the CPU: the input is rounded to f16 and the
-/// result read from a table of f16 values, so it is rounded to f16 too. Matching this
-/// keeps Gemma's outputs closest to llama.cpp's.
-fn gelu_like_ggml(x: &Tensor) -> candle_core::Result<Tensor> {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
-    let gelu = |v: f32| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
-    let dims = x.dims().to_vec();
-    let values: Vec<f32> = x
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| {
-            if v <= -10.0 {
-                0.0
-            } else if v >= 10.0 {
-                v
-            } else {
-                let rounded = half::f16::from_f32(v).to_f32();
-                half::f16::from_f32(gelu(rounded)).to_f32()
-            }
-        })
-        .collect();
-    Tensor::from_vec(values, dims, x.device())
 }
 
 /// Additive mask (seq, pos + seq) for queries at `pos..pos + seq`: key `j` is hidden from

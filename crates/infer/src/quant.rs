@@ -4,6 +4,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::numerics::hsum_8;
+
 const QK: usize = 32;
 
 /// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16.
@@ -91,22 +93,122 @@ fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     BlockQ8_1 { d: f16::from_f32(d).to_f32(), s: f16::from_f32(d * sum as f32).to_f32(), qs }
 }
 
-/// ggml's `ggml_vec_dot_q4_1_q8_1`: the scaled integer dots and the `m * s` terms are
-/// summed separately and added at the end.
+/// ggml's `ggml_vec_dot_q4_1_q8_1` (x86 AVX2 path): per block, eight lanes of four
+/// integer products each (lanes 0-3 the low nibbles, 4-7 the high ones), scaled by
+/// `d_w · d_a` into eight f32 accumulators with fused multiply-adds; the `m · s` terms
+/// summed apart (fused too: GCC contracts `summs += m * s`); one horizontal sum at the end.
 fn dot(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = [0f32; 8];
     let mut mins = 0f32;
     for (wb, ab) in w.iter().zip(a) {
-        mins += wb.m * ab.s;
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let lo = i32::from(wb.qs[j] & 0x0F);
-            let hi = i32::from(wb.qs[j] >> 4);
-            sumi += lo * i32::from(ab.qs[j]) + hi * i32::from(ab.qs[j + QK / 2]);
+        mins = wb.m.mul_add(ab.s, mins);
+        let scale = wb.d * ab.d;
+        for lane in 0..4 {
+            let mut lo = 0i32;
+            let mut hi = 0i32;
+            for j in lane * 4..lane * 4 + 4 {
+                lo += i32::from(wb.qs[j] & 0x0F) * i32::from(ab.qs[j]);
+                hi += i32::from(wb.qs[j] >> 4) * i32::from(ab.qs[j + QK / 2]);
+            }
+            acc[lane] = scale.mul_add(lo as f32, acc[lane]);
+            acc[lane + 4] = scale.mul_add(hi as f32, acc[lane + 4]);
         }
-        acc += wb.d * ab.d * sumi as f32;
     }
-    acc + mins
+    hsum_8(acc) + mins
+}
+
+/// One Q8_0 block: 32 values as `d * q`.
+#[derive(Clone, Copy)]
+struct BlockQ8_0 {
+    d: f32,
+    qs: [i8; QK],
+}
+
+/// A Q8_0 weight matrix of `n` rows by `k` columns; also serves embedding lookups.
+pub(crate) struct Q8_0Matrix {
+    n: usize,
+    k: usize,
+    blocks: Vec<BlockQ8_0>,
+}
+
+impl Q8_0Matrix {
+    /// From raw GGUF bytes (34 bytes a block: f16 d, 32 signed bytes).
+    pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 34 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(34)
+            .map(|raw| {
+                let mut qs = [0i8; QK];
+                for (q, b) in qs.iter_mut().zip(&raw[2..]) {
+                    *q = *b as i8;
+                }
+                BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
+            })
+            .collect();
+        Some(Self { n, k, blocks })
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Row `row` dequantized (`ggml_get_rows`), or `None` past the end.
+    pub(crate) fn row(&self, row: usize) -> Option<Vec<f32>> {
+        let per_row = self.k / QK;
+        let blocks = self.blocks.get(row * per_row..(row + 1) * per_row)?;
+        Some(blocks.iter().flat_map(|b| b.qs.iter().map(move |&q| f32::from(q) * b.d)).collect())
+    }
+
+    /// `x` is `m × k` row-major; returns `m × n`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let per_row = self.k / QK;
+        let activations: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
+        let mut out = vec![0f32; m * self.n];
+        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
+        out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
+            let a = &activations[row * per_row..(row + 1) * per_row];
+            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
+                for (offset, value) in dst.iter_mut().enumerate() {
+                    let col = chunk_idx * chunk + offset;
+                    *value = dot_q8_0(&self.blocks[col * per_row..(col + 1) * per_row], a);
+                }
+            });
+        });
+        out
+    }
+}
+
+/// ggml's `quantize_row_q8_0` (x86 SIMD version).
+fn quantize_q8_0(x: &[f32]) -> BlockQ8_0 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+    }
+    BlockQ8_0 { d: f16::from_f32(d).to_f32(), qs }
+}
+
+/// ggml's `ggml_vec_dot_q8_0_q8_0` (x86 AVX2 path; llamafile's tinyBLAS computes the
+/// same): eight lanes of four integer products, fused into eight accumulators.
+fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, ab) in w.iter().zip(a) {
+        let scale = wb.d * ab.d;
+        for (lane, slot) in acc.iter_mut().enumerate() {
+            let sum: i32 =
+                (lane * 4..lane * 4 + 4).map(|j| i32::from(wb.qs[j]) * i32::from(ab.qs[j])).sum();
+            *slot = scale.mul_add(sum as f32, *slot);
+        }
+    }
+    hsum_8(acc)
 }
 
 #[cfg(test)]

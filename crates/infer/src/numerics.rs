@@ -1,0 +1,233 @@
+//! Host kernels that compute in the order llama.cpp's CPU backend (ggml, x86-64 build
+//! with AVX-512) computes, so the engine's logits can be checked against llama.cpp's
+//! bit for bit rather than within a tolerance.
+//!
+//! Why it matters: both engines quantize activations to 8 bits before every matrix
+//! product, so a difference of one ulp upstream can flip an int8 rounding and move a
+//! token's log-probability by a tenth of a nat several layers later. Each function
+//! names the ggml routine it follows; where ggml uses SIMD, the lane layout and the
+//! order of the horizontal sums are reproduced, and so are the multiply-adds that are
+//! fused in ggml (explicit intrinsics, or contracted by the compiler).
+
+use half::f16;
+
+/// `ggml_rms_norm` followed by `ggml_mul` with the weight, for each row of `x`.
+/// The sum of squares is taken in f64 over f32 products, as `ggml_compute_forward_rms_norm_f32`.
+pub(crate) fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let n = weight.len();
+    for row in x.chunks_exact_mut(n) {
+        let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+
+/// Rotary position embedding as `ggml_rope_ext` computes it: the angle of pair `i` at
+/// position `p` is `p · θ^i` built by repeated multiplication in f32 (not `p · θ^i`
+/// computed directly), then `cosf`/`sinf`.
+pub(crate) struct Rope {
+    head_dim: usize,
+    theta_scale: f32,
+    freq_scale: f32,
+    freq_factors: Option<Vec<f32>>,
+    /// NeoX layout rotates `(i, i + head_dim/2)`; otherwise adjacent pairs `(2i, 2i+1)`.
+    neox: bool,
+}
+
+impl Rope {
+    pub(crate) fn new(
+        head_dim: usize,
+        base: f32,
+        freq_scale: f32,
+        freq_factors: Option<Vec<f32>>,
+        neox: bool,
+    ) -> Self {
+        Self { head_dim, theta_scale: base.powf(-2.0 / head_dim as f32), freq_scale, freq_factors, neox }
+    }
+
+    /// cos/sin of every pair at positions `pos..pos + seq`, laid out `[seq][pair][cos, sin]`.
+    pub(crate) fn table(&self, pos: usize, seq: usize) -> Vec<f32> {
+        let pairs = self.head_dim / 2;
+        let mut table = Vec::with_capacity(seq * pairs * 2);
+        for p in pos..pos + seq {
+            let mut theta = p as f32;
+            for i in 0..pairs {
+                let factor = self.freq_factors.as_ref().and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+                let angle = self.freq_scale * (theta / factor);
+                table.push(angle.cos());
+                table.push(angle.sin());
+                theta *= self.theta_scale;
+            }
+        }
+        table
+    }
+
+    /// Rotates `x`, laid out `[seq][heads][head_dim]`, with a table from [`Rope::table`].
+    pub(crate) fn apply(&self, x: &mut [f32], table: &[f32]) {
+        let pairs = self.head_dim / 2;
+        let seq = table.len() / (pairs * 2);
+        let per_position = x.len() / seq.max(1);
+        for (t, row) in x.chunks_exact_mut(per_position).enumerate() {
+            let angles = &table[t * pairs * 2..(t + 1) * pairs * 2];
+            for head in row.chunks_exact_mut(self.head_dim) {
+                for i in 0..pairs {
+                    let (cos, sin) = (angles[2 * i], angles[2 * i + 1]);
+                    let (a, b) = if self.neox { (i, i + pairs) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (head[a], head[b]);
+                    // GCC contracts `x0*cos - x1*sin` and `x0*sin + x1*cos` into one
+                    // fused multiply-add each, the first product fused.
+                    head[a] = x0.mul_add(cos, -(x1 * sin));
+                    head[b] = x0.mul_add(sin, x1 * cos);
+                }
+            }
+        }
+    }
+}
+
+/// `ggml_v_expf` (AVX-512 build), one lane: ARM's optimized-routines polynomial, with
+/// `scalef` for the power of two. Used by ggml's vectorised SiLU and softmax.
+pub(crate) fn v_expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000);
+    let z = x.mul_add(c(0x3fb8_aa3b), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // scalef: j · 2^n with a single rounding (exact in f64 for |n| ≤ 192).
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// `ggml_vec_swiglu_f32`: `silu(gate) · up`, vectorised SiLU (`x / (1 + v_expf(-x))`) on
+/// blocks of 16, the C library's `expf` on the rest.
+pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let vectorised = gate.len() / 16 * 16;
+    gate.iter()
+        .zip(up)
+        .enumerate()
+        .map(|(i, (&x, &g))| {
+            let e = if i < vectorised { v_expf(0.0 - x) } else { (-x).exp() };
+            (x / (1.0 + e)) * g
+        })
+        .collect()
+}
+
+/// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
+/// to f16, the result read from a table of f16 values, then multiplied by `up`.
+pub(crate) fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let gelu = |v: f32| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+    gate.iter()
+        .zip(up)
+        .map(|(&x, &g)| {
+            if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x * g
+            } else {
+                let rounded = f16::from_f32(x).to_f32();
+                f16::from_f32(gelu(rounded)).to_f32() * g
+            }
+        })
+        .collect()
+}
+
+/// `_mm512_reduce_add_ps` as GCC expands it: halves added pairwise down to one lane.
+fn reduce_add_16(v: [f32; 16]) -> f32 {
+    let mut h8 = [0f32; 8];
+    for i in 0..8 {
+        h8[i] = v[i + 8] + v[i];
+    }
+    let mut h4 = [0f32; 4];
+    for i in 0..4 {
+        h4[i] = h8[i + 4] + h8[i];
+    }
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
+}
+
+/// `ggml_vec_dot_f16` (AVX-512): four 16-lane accumulators over steps of 64 with fused
+/// multiply-adds, reduced `(0+2) + (1+3)` then across lanes; the tail in f64.
+/// `x` and `y` hold f16 values widened to f32.
+pub(crate) fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n & !63;
+    let mut sum = [[0f32; 16]; 4];
+    for i in (0..np).step_by(64) {
+        for (j, acc) in sum.iter_mut().enumerate() {
+            let at = i + j * 16;
+            for (lane, a) in acc.iter_mut().enumerate() {
+                *a = x[at + lane].mul_add(y[at + lane], *a);
+            }
+        }
+    }
+    let mut total = [0f32; 16];
+    for lane in 0..16 {
+        total[lane] = (sum[0][lane] + sum[2][lane]) + (sum[1][lane] + sum[3][lane]);
+    }
+    let mut sumf = f64::from(reduce_add_16(total));
+    for i in np..n {
+        sumf += f64::from(x[i] * y[i]);
+    }
+    sumf as f32
+}
+
+/// `hsum_float_8`: the horizontal sum of an 8-lane f32 vector in ggml's x86 kernels.
+pub(crate) fn hsum_8(v: [f32; 8]) -> f32 {
+    let r = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v_expf_is_close_to_exp() {
+        for i in -2000..2000 {
+            let x = i as f32 / 37.0;
+            let (got, want) = (v_expf(x), x.exp());
+            assert!(((got - want) / want).abs() < 4e-7, "{x}: {got} vs {want}");
+        }
+        assert_eq!(v_expf(-200.0), 0.0);
+        assert_eq!(v_expf(200.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn dot_f16_matches_f64_sum() {
+        let x: Vec<f32> = (0..200).map(|i| f16::from_f32((i as f32 * 0.37).sin()).to_f32()).collect();
+        let y: Vec<f32> = (0..200).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_f32()).collect();
+        let want: f64 = x.iter().zip(&y).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        assert!((f64::from(dot_f16(&x, &y)) - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rms_norm_normalises_rows() {
+        let mut x = vec![3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        rms_norm(&mut x, &[1.0, 1.0, 1.0, 2.0], 0.0);
+        assert!((x[0] - 1.2).abs() < 1e-6 && (x[1] - 1.6).abs() < 1e-6);
+        assert_eq!(&x[4..], &[1.0, 1.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        let rope = Rope::new(4, 10_000.0, 1.0, None, false);
+        let table = rope.table(3, 1);
+        let mut x = vec![1.0, 0.0, 1.0, 0.0];
+        rope.apply(&mut x, &table);
+        assert!((x[0] - 3f32.cos()).abs() < 1e-6 && (x[1] - 3f32.sin()).abs() < 1e-6);
+        let neox = Rope::new(4, 10_000.0, 1.0, None, true);
+        let mut y = vec![1.0, 1.0, 0.0, 0.0];
+        neox.apply(&mut y, &neox.table(3, 1));
+        assert!((y[0] - 3f32.cos()).abs() < 1e-6 && (y[2] - 3f32.sin()).abs() < 1e-6);
+    }
+}
