@@ -16,7 +16,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::numerics::dot_f16;
+use crate::numerics::{dot_f16, reduce_add_16, v_expf};
 
 /// Keys and values of one layer, on the host.
 pub(crate) struct HostKvCache {
@@ -70,61 +70,148 @@ pub(crate) struct AttentionShape {
     pub(crate) window: Option<usize>,
 }
 
+/// Query rows from which ggml switches to its tiled flash-attention kernel.
+const TILE_ROWS: usize = 64;
+/// Key/value cells per tile of that kernel.
+const TILE_CELLS: usize = 64;
+
 /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
 /// (which already holds their own keys). `queries` and the result are laid out
 /// `[seq][n_head][head_dim]`.
 ///
-/// Each query row is computed as ggml's CPU flash attention computes it for short
-/// batches and single-token decoding (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`):
-/// Q rounded to f16, scores by `ggml_vec_dot_f16`, an online softmax over the visible keys
-/// in order, and the weighted sum of V accumulated in f16, rounded at every step.
+/// Each query row is computed as ggml's CPU flash attention computes it: batches of fewer
+/// than 64 rows (and single-token decoding) as `flash_attn_ext_f16_one_chunk` (Q rounded
+/// to f16, scores by `ggml_vec_dot_f16`, an online softmax over the visible keys in order,
+/// the weighted sum of V accumulated in f16, rounded at every step); larger batches as
+/// `flash_attn_ext_tiled` (f32 Q, 64-cell tiles, fused multiply-add chains, a vectorised
+/// softmax summed in f64, an f32 accumulator).
 pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &AttentionShape) -> Vec<f32> {
     let head_dim = shape.head_dim;
     let n_rep = shape.n_head / shape.n_kv;
+    let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
     // Widen the cache once per call rather than once per query (f16 → f32 is exact).
     let mut keys = vec![0f32; cache.keys.len()];
     cache.keys.convert_to_f32_slice(&mut keys);
     let mut values = vec![0f32; cache.values.len()];
     cache.values.convert_to_f32_slice(&mut values);
-    let row = |key_pos: usize, kv_head: usize| -> std::ops::Range<usize> {
-        let at = (key_pos * shape.n_kv + kv_head) * head_dim;
-        at..at + head_dim
-    };
-    let round = |v: f32| f16::from_f32(v).to_f32();
+    let rows = Rows { keys: &keys, values: &values, n_kv: shape.n_kv, head_dim };
     let mut out = vec![0f32; queries.len()];
     out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
         let query_pos = pos + idx / shape.n_head;
         let kv_head = (idx % shape.n_head) / n_rep;
         let first = shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window));
-
         let (q, scale): (Vec<f32>, f32) = if shape.scale_q_first {
-            (query.iter().map(|x| round(x * shape.scale)).collect(), 1.0)
+            (query.iter().map(|x| x * shape.scale).collect(), 1.0)
         } else {
-            (query.iter().map(|&x| round(x)).collect(), shape.scale)
+            (query.to_vec(), shape.scale)
         };
-        // The running sum of V, its normaliser and the running maximum score.
-        let acc = out_row;
-        acc.fill(0.0);
-        let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
-        for key_pos in first..query_pos + 1 {
-            let s = dot_f16(&keys[row(key_pos, kv_head)], &q) * scale;
-            let (mut ms, mut vs) = (1f32, 1f32);
-            if s > max {
-                ms = (max - s).exp();
-                max = s;
-                acc.iter_mut().for_each(|a| *a = round(*a * ms));
-            } else {
-                vs = (s - max).exp();
-            }
-            for (a, v) in acc.iter_mut().zip(&values[row(key_pos, kv_head)]) {
-                *a = round(v.mul_add(vs, *a));
-            }
-            total = total.mul_add(ms, vs);
+        let visible = first..query_pos + 1;
+        if tiled {
+            attend_tiled(&rows, kv_head, &q, scale, visible, out_row);
+        } else {
+            attend_one_chunk(&rows, kv_head, &q, scale, visible, out_row);
         }
-        let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
-        acc.iter_mut().for_each(|a| *a *= inverse);
     });
     out
+}
+
+/// The widened cache of one layer.
+struct Rows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Rows<'_> {
+    fn at(&self, key_pos: usize, kv_head: usize) -> std::ops::Range<usize> {
+        let at = (key_pos * self.n_kv + kv_head) * self.head_dim;
+        at..at + self.head_dim
+    }
+}
+
+/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` for one query row.
+fn attend_one_chunk(
+    rows: &Rows,
+    kv_head: usize,
+    q: &[f32],
+    scale: f32,
+    visible: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    let round = |v: f32| f16::from_f32(v).to_f32();
+    let q: Vec<f32> = q.iter().map(|&x| round(x)).collect();
+    // The running sum of V (f16 values), its normaliser and the running maximum score.
+    acc.fill(0.0);
+    let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
+    for key_pos in visible {
+        let s = dot_f16(&rows.keys[rows.at(key_pos, kv_head)], &q) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > max {
+            ms = (max - s).exp();
+            max = s;
+            acc.iter_mut().for_each(|a| *a = round(*a * ms));
+        } else {
+            vs = (s - max).exp();
+        }
+        for (a, v) in acc.iter_mut().zip(&rows.values[rows.at(key_pos, kv_head)]) {
+            *a = round(v.mul_add(vs, *a));
+        }
+        total = total.mul_add(ms, vs);
+    }
+    let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+    acc.iter_mut().for_each(|a| *a *= inverse);
+}
+
+/// `ggml_compute_forward_flash_attn_ext_tiled` for one query row: the cache in tiles of
+/// [`TILE_CELLS`] cells from position 0; tiles without a visible key are skipped.
+fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std::ops::Range<usize>, acc: &mut [f32]) {
+    acc.fill(0.0);
+    let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
+    let mut scores = [0f32; TILE_CELLS];
+    let mut tile_start = visible.start / TILE_CELLS * TILE_CELLS;
+    while tile_start < visible.end {
+        for (t, score) in scores.iter_mut().enumerate() {
+            let key_pos = tile_start + t;
+            *score = if visible.contains(&key_pos) {
+                // simd_gemm: one fused multiply-add chain per score, over the head dimension.
+                let k = &rows.keys[rows.at(key_pos, kv_head)];
+                k.iter().zip(q).fold(0f32, |s, (k, q)| k.mul_add(*q, s)) * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let new_max = max.max(tile_max);
+        if new_max > max {
+            let ms = (max - new_max).exp();
+            acc.iter_mut().for_each(|a| *a *= ms);
+            total *= ms;
+        }
+        max = new_max;
+        // ggml_vec_soft_max_f32: vectorised exp, each 16 lanes reduced and summed in f64.
+        let mut sum = 0f64;
+        for lanes in scores.chunks_exact_mut(16) {
+            let mut block = [0f32; 16];
+            for (b, s) in block.iter_mut().zip(lanes.iter_mut()) {
+                *s = v_expf(*s - max);
+                *b = *s;
+            }
+            sum += f64::from(reduce_add_16(block));
+        }
+        total = (f64::from(total) + sum) as f32;
+        for (t, &p) in scores.iter().enumerate() {
+            let key_pos = tile_start + t;
+            if visible.contains(&key_pos) {
+                for (a, v) in acc.iter_mut().zip(&rows.values[rows.at(key_pos, kv_head)]) {
+                    *a = v.mul_add(p, *a);
+                }
+            }
+        }
+        tile_start += TILE_CELLS;
+    }
+    let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+    acc.iter_mut().for_each(|a| *a *= inverse);
 }
 
 #[cfg(test)]

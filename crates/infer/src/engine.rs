@@ -26,8 +26,6 @@ use crate::template::ChatTemplate;
 use crate::text::TextAssembler;
 use crate::tokenizer::Tokenizer;
 
-/// Prompt tokens processed per forward call during prefill; bounds attention memory.
-const PREFILL_CHUNK: usize = 512;
 /// Requests that may wait for the engine thread.
 const QUEUE_DEPTH: usize = 16;
 /// Events buffered between the engine thread and a slow reader.
@@ -58,12 +56,15 @@ pub struct GenerateRequest {
     pub top_logprobs: usize,
     /// Keep generating through end-of-generation tokens (for benchmarks).
     pub ignore_eog: bool,
+    /// Reuse the KV cache of the longest prefix shared with the previous request (default).
+    /// Off, the whole prompt is recomputed, as llama-server's `cache_prompt: false`.
+    pub cache_prompt: bool,
 }
 
 impl GenerateRequest {
     /// A request with the given prompt and parameters.
     pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
-        Self { prompt, params, top_logprobs: 0, ignore_eog: false }
+        Self { prompt, params, top_logprobs: 0, ignore_eog: false, cache_prompt: true }
     }
 }
 
@@ -328,16 +329,21 @@ impl Engine {
 
         // Reuse the longest cached prefix, but always run at least the last prompt token
         // to get fresh logits.
-        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        let common = if request.cache_prompt {
+            self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1)
+        } else {
+            0
+        };
         self.model.truncate_cache(common);
         self.cached.truncate(common);
         let mut logits = Vec::new();
-        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
+        let rest = &prompt[common..];
+        for batch in self.model.prompt_batches(rest.len()) {
             if events.is_closed() {
                 return Ok(());
             }
-            logits = self.model.forward(chunk)?;
-            self.cached.extend_from_slice(chunk);
+            logits = self.model.forward(&rest[batch.clone()])?;
+            self.cached.extend_from_slice(&rest[batch]);
         }
         let prefill = started.elapsed();
         tracing::debug!(

@@ -11,14 +11,14 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::attention::{AttentionShape, HostKvCache, attend};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::numerics;
-use crate::quant::{Q4_1Matrix, Q8_0Matrix};
+use crate::quant::{KMatrix, Q4_1Matrix, Q8_0Matrix};
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -156,20 +156,23 @@ enum Linear {
     Candle(QMatMul),
     Q4_1(Q4_1Matrix),
     Q8_0(Arc<Q8_0Matrix>),
+    KQuant(KMatrix),
 }
 
 impl Linear {
     fn new(tensor: QTensor, device: &Device) -> candle_core::Result<Self> {
-        if device.is_cpu() && tensor.dtype() == candle_core::quantized::GgmlDType::Q4_1 {
+        if device.is_cpu() {
             let (n, k) = tensor.shape().dims2()?;
-            if let Some(matrix) = Q4_1Matrix::from_bytes(&tensor.data()?, n, k) {
-                return Ok(Self::Q4_1(matrix));
-            }
-        }
-        if device.is_cpu() && tensor.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
-            let (n, k) = tensor.shape().dims2()?;
-            if let Some(matrix) = Q8_0Matrix::from_bytes(&tensor.data()?, n, k) {
-                return Ok(Self::Q8_0(Arc::new(matrix)));
+            let own = match tensor.dtype() {
+                GgmlDType::Q4_1 => Q4_1Matrix::from_bytes(&tensor.data()?, n, k).map(Self::Q4_1),
+                GgmlDType::Q8_0 => Q8_0Matrix::from_bytes(&tensor.data()?, n, k).map(|m| Self::Q8_0(Arc::new(m))),
+                GgmlDType::Q5_0 => Q8_0Matrix::from_q5_0_bytes(&tensor.data()?, n, k).map(|m| Self::Q8_0(Arc::new(m))),
+                GgmlDType::Q4K => KMatrix::from_q4_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
+                GgmlDType::Q6K => KMatrix::from_q6_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
+                _ => None,
+            };
+            if let Some(linear) = own {
+                return Ok(linear);
             }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(tensor)?))
@@ -180,6 +183,7 @@ impl Linear {
             Self::Candle(matmul) => matmul.forward(x),
             Self::Q4_1(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
             Self::Q8_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
+            Self::KQuant(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
         }
     }
 }
@@ -308,6 +312,9 @@ struct DeviceKvCache {
 /// Positions the cache grows by at a time.
 const KV_GROWTH: usize = 256;
 
+/// Rows per micro-batch (llama.cpp's default `n_ubatch`).
+const UBATCH: usize = 512;
+
 impl DeviceKvCache {
     fn new() -> Self {
         Self { k: None, v: None, len: 0 }
@@ -405,11 +412,14 @@ impl Model {
         };
 
         let embed_tensor = gguf.tensor("token_embd.weight", &[c.n_vocab, c.n_embd], device)?;
-        let embed = match Q8_0Matrix::from_bytes(&embed_tensor.data()?, c.n_vocab, c.n_embd) {
-            Some(matrix) if device.is_cpu() && embed_tensor.dtype() == candle_core::quantized::GgmlDType::Q8_0 => {
-                Embedding::Q8_0(Arc::new(matrix))
-            }
-            _ => Embedding::Candle(Arc::new(embed_tensor)),
+        let own_embed = if device.is_cpu() && embed_tensor.dtype() == GgmlDType::Q8_0 {
+            Q8_0Matrix::from_bytes(&embed_tensor.data()?, c.n_vocab, c.n_embd)
+        } else {
+            None
+        };
+        let embed = match own_embed {
+            Some(matrix) => Embedding::Q8_0(Arc::new(matrix)),
+            None => Embedding::Candle(Arc::new(embed_tensor)),
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for idx in 0..c.n_layer {
@@ -506,7 +516,32 @@ impl Model {
         }
     }
 
-    /// Runs `tokens` at positions `cache_len()..` and returns the logits of the last one.
+    /// How a prompt continuation of `len` tokens is cut into forward calls: the
+    /// micro-batches llama.cpp's server uses. At most [`UBATCH`] rows at a time and, for
+    /// sliding-window models (where the server stops to checkpoint), the last 4 and the
+    /// last `4 + UBATCH` tokens apart. Several of ggml's CPU kernels pick their arithmetic
+    /// by batch size (flash attention, repacked and tiled K-quant products), so equal
+    /// batches give llama.cpp's bits; bounded batches also bound a long prompt's memory.
+    pub(crate) fn prompt_batches(&self, len: usize) -> Vec<std::ops::Range<usize>> {
+        let mut cuts = Vec::new();
+        if self.config.sliding_window.is_some() {
+            cuts.extend([4 + UBATCH, 4].into_iter().filter(|&offset| len > offset).map(|offset| len - offset));
+        }
+        cuts.push(len);
+        let mut batches = Vec::new();
+        let mut start = 0;
+        for end in cuts {
+            while start < end {
+                let stop = (start + UBATCH).min(end);
+                batches.push(start..stop);
+                start = stop;
+            }
+        }
+        batches
+    }
+
+    /// Runs `tokens` (one micro-batch) at positions `cache_len()..` and returns the logits
+    /// of the last one.
     pub(crate) fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
         let pos = self.cache_len();
         let seq = tokens.len();
@@ -519,7 +554,8 @@ impl Model {
         let c = self.config.clone();
         let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?;
         if c.arch == Arch::Gemma3 {
-            x = (x * (c.n_embd as f64).sqrt())?;
+            // ggml_scale by sqrtf(n_embd), an f32 product.
+            x = (x * f64::from((c.n_embd as f32).sqrt()))?;
         }
         // Masks are for the tensor attention on GPUs; the host path masks by index.
         let (full_mask, window_mask) = if self.device.is_cpu() {
@@ -534,13 +570,22 @@ impl Model {
         // Host RoPE angles, once per forward for each base.
         let table = self.rope.host_table(pos, seq);
         let local_table = self.rope_local.as_ref().map(|rope| rope.host_table(pos, seq));
-        for layer in &mut self.layers {
+        let n_layer = self.layers.len();
+        for (il, layer) in self.layers.iter_mut().enumerate() {
             let (rope, table, mask) = match (&self.rope_local, &local_table, layer.sliding) {
                 (Some(local), Some(local_table), true) => (local, local_table, window_mask.as_ref()),
                 _ => (&self.rope, &table, full_mask.as_ref()),
             };
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let attn = layer.attention(&h, &c, (rope, table), mask, pos, self.context_length)?;
+            // llama.cpp carries only the rows it outputs (the last) past the last layer's
+            // attention; kernels that treat row groups differently must see the same rows.
+            let (attn, x_rows) = if il + 1 == n_layer {
+                (attn.narrow(1, seq - 1, 1)?, x.narrow(1, seq - 1, 1)?)
+            } else {
+                (attn, x.clone())
+            };
+            x = x_rows;
             let attn = match &layer.post_attn_norm {
                 Some(norm) => rms_norm(&attn, norm, c.rms_eps)?,
                 None => attn,
@@ -554,7 +599,7 @@ impl Model {
             };
             x = (x + ffn)?;
         }
-        let last = x.narrow(1, seq - 1, 1)?;
+        let last = x.narrow(1, x.dim(1)? - 1, 1)?;
         let last = rms_norm(&last, &self.output_norm, c.rms_eps)?;
         let logits = self.lm_head.forward(&last)?;
         logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()

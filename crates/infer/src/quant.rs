@@ -150,6 +150,29 @@ impl Q8_0Matrix {
         Some(Self { n, k, blocks })
     }
 
+    /// From raw Q5_0 bytes (22 bytes a block: f16 d, 32 high bits, 16 bytes of nibbles).
+    /// ggml multiplies Q5_0 by Q8_0 activations with the same arithmetic as Q8_0 (llamafile's
+    /// tinyBLAS), so the values are widened to bytes once and share the Q8_0 kernel.
+    pub(crate) fn from_q5_0_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 22 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(22)
+            .map(|raw| {
+                let high = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
+                let mut qs = [0i8; QK];
+                for j in 0..QK / 2 {
+                    let bit = |i: usize| (((high >> i) & 1) << 4) as u8;
+                    qs[j] = ((raw[6 + j] & 0x0F) | bit(j)) as i8 - 16;
+                    qs[j + QK / 2] = ((raw[6 + j] >> 4) | bit(j + QK / 2)) as i8 - 16;
+                }
+                BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
+            })
+            .collect();
+        Some(Self { n, k, blocks })
+    }
+
     pub(crate) fn n(&self) -> usize {
         self.n
     }
@@ -203,12 +226,253 @@ fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     for (wb, ab) in w.iter().zip(a) {
         let scale = wb.d * ab.d;
         for (lane, slot) in acc.iter_mut().enumerate() {
-            let sum: i32 =
-                (lane * 4..lane * 4 + 4).map(|j| i32::from(wb.qs[j]) * i32::from(ab.qs[j])).sum();
+            let sum: i32 = (lane * 4..lane * 4 + 4).map(|j| i32::from(wb.qs[j]) * i32::from(ab.qs[j])).sum();
             *slot = scale.mul_add(sum as f32, *slot);
         }
     }
     hsum_8(acc)
+}
+
+/// Super-block size of the K-quants.
+const QK_K: usize = 256;
+
+/// One Q8_K block of activations: `d * q`, with the sums of each 16 values.
+struct BlockQ8K {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i32; QK_K / 16],
+}
+
+/// ggml's `quantize_row_q8_K_ref` (what x86 builds use): the scale from the signed value
+/// of largest magnitude, `-127 / max`, and `d` its reciprocal.
+fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
+    let mut block = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        return block;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in block.qs.iter_mut().zip(x) {
+        *q = (iscale * v).round_ties_even().min(127.0) as i8;
+    }
+    for (sum, chunk) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+        *sum = chunk.iter().map(|&q| i32::from(q)).sum();
+    }
+    block.d = 1.0 / iscale;
+    block
+}
+
+/// A K-quant weight block widened for the dot products: values as bytes, scales as ints.
+struct BlockK {
+    d: f32,
+    /// Q4_K only: the scale of the per-sub-block minimums.
+    dmin: f32,
+    /// Q4_K: a scale and a minimum per 32 values; Q6_K: a scale per 16 values.
+    scales: [i32; 16],
+    mins: [i32; 8],
+    qs: [i8; QK_K],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KQuant {
+    Q4K,
+    Q6K,
+}
+
+/// A Q4_K or Q6_K weight matrix of `n` rows by `k` columns, multiplied by Q8_K activations
+/// in the order of the kernel llama.cpp's x86 build runs for it.
+pub(crate) struct KMatrix {
+    kind: KQuant,
+    n: usize,
+    k: usize,
+    blocks: Vec<BlockK>,
+}
+
+impl KMatrix {
+    /// From raw Q4_K bytes (144 bytes a block: f16 d, f16 dmin, 12 bytes of packed 6-bit
+    /// scales and minimums, 128 bytes of nibbles).
+    pub(crate) fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(QK_K) || bytes.len() != n * k / QK_K * 144 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(144)
+            .map(|raw| {
+                let packed = &raw[4..16];
+                let mut block = BlockK {
+                    d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+                    dmin: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
+                    scales: [0; 16],
+                    mins: [0; 8],
+                    qs: [0; QK_K],
+                };
+                for j in 0..8 {
+                    let (scale, min) = if j < 4 {
+                        (packed[j] & 63, packed[j + 4] & 63)
+                    } else {
+                        (
+                            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+                            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+                        )
+                    };
+                    block.scales[j] = i32::from(scale);
+                    block.mins[j] = i32::from(min);
+                }
+                let nibbles = &raw[16..144];
+                for chunk in 0..4 {
+                    for l in 0..32 {
+                        let byte = nibbles[chunk * 32 + l];
+                        block.qs[chunk * 64 + l] = (byte & 0x0F) as i8;
+                        block.qs[chunk * 64 + 32 + l] = (byte >> 4) as i8;
+                    }
+                }
+                block
+            })
+            .collect();
+        Some(Self { kind: KQuant::Q4K, n, k, blocks })
+    }
+
+    /// From raw Q6_K bytes (210 bytes a block: 128 bytes of low nibbles, 64 of high bit
+    /// pairs, 16 signed scales, f16 d).
+    pub(crate) fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(QK_K) || bytes.len() != n * k / QK_K * 210 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(210)
+            .map(|raw| {
+                let (ql, qh, scales) = (&raw[0..128], &raw[128..192], &raw[192..208]);
+                let mut block = BlockK {
+                    d: f16::from_le_bytes([raw[208], raw[209]]).to_f32(),
+                    dmin: 0.0,
+                    scales: [0; 16],
+                    mins: [0; 8],
+                    qs: [0; QK_K],
+                };
+                for (slot, &scale) in block.scales.iter_mut().zip(scales) {
+                    *slot = i32::from(scale as i8);
+                }
+                for half in 0..2 {
+                    let (ql, qh, out) = (&ql[half * 64..], &qh[half * 32..], half * 128);
+                    for l in 0..32 {
+                        // Unsigned 6-bit values; the -32 offset is applied in the dot product.
+                        let value = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8;
+                        block.qs[out + l] = value(ql[l] & 0x0F, 0);
+                        block.qs[out + l + 32] = value(ql[l + 32] & 0x0F, 2);
+                        block.qs[out + l + 64] = value(ql[l] >> 4, 4);
+                        block.qs[out + l + 96] = value(ql[l + 32] >> 4, 6);
+                    }
+                }
+                block
+            })
+            .collect();
+        Some(Self { kind: KQuant::Q6K, n, k, blocks })
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `x` is `m × k` row-major; returns `m × n`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let per_row = self.k / QK_K;
+        let activations: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
+        let mut out = vec![0f32; m * self.n];
+        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
+        out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
+            let a = &activations[row * per_row..(row + 1) * per_row];
+            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
+                for (offset, value) in dst.iter_mut().enumerate() {
+                    let col = chunk_idx * chunk + offset;
+                    let w = &self.blocks[col * per_row..(col + 1) * per_row];
+                    *value = match self.kind {
+                        // ggml's repacked Q4_K takes rows four at a time through its gemm
+                        // kernel and the rest through its gemv kernel, which round differently.
+                        KQuant::Q4K => dot_q4_k(w, a, row < m / 4 * 4),
+                        // Batches of 8 rows or more take ggml's tiled K-quant kernel.
+                        KQuant::Q6K if m >= 8 => dot_q6_k_tiled(w, a),
+                        KQuant::Q6K => dot_q6_k(w, a),
+                    };
+                }
+            });
+        });
+        out
+    }
+}
+
+/// Q4_K × Q8_K as ggml's repacked x86 kernels compute one output: integer dots scaled per
+/// sub-block, fused into an f32 accumulator (and the minimums' integer sums into another),
+/// one subtraction at the end. The gemv kernel fuses once per super-block, the gemm kernel
+/// (`gemm`: rows taken four at a time) once per pair of sub-blocks.
+fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (wb, ab) in w.iter().zip(a) {
+        let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
+        let (mut sum, mut mins) = (0i32, 0i32);
+        for sub in 0..8 {
+            let range = sub * 32..sub * 32 + 32;
+            let dot: i32 =
+                wb.qs[range.clone()].iter().zip(&ab.qs[range]).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum();
+            sum += wb.scales[sub] * dot;
+            mins += wb.mins[sub] * (ab.bsums[2 * sub] + ab.bsums[2 * sub + 1]);
+            if gemm && sub % 2 == 1 {
+                acc = (sum as f32).mul_add(scale, acc);
+                acc_min = (mins as f32).mul_add(scale_min, acc_min);
+                (sum, mins) = (0, 0);
+            }
+        }
+        if !gemm {
+            acc = (sum as f32).mul_add(scale, acc);
+            acc_min = (mins as f32).mul_add(scale_min, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
+/// Q6_K × Q8_K as ggml's `ggml_vec_dot_q6_K_q8_K` (x86 AVX2 path): eight integer lanes,
+/// lane `l` holding the unsigned 6-bit products of values `4l..4l+4` of every group of 32
+/// (each scaled per 16 values), minus the -32 offset taken from the activation sums of the
+/// `l`-th group of 32; fused into eight f32 accumulators per super-block, one horizontal
+/// sum at the end.
+fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, ab) in w.iter().zip(a) {
+        let d = ab.d * wb.d;
+        let mut lanes = [0i32; 8];
+        for (e, (&q, &y)) in wb.qs.iter().zip(&ab.qs).enumerate() {
+            lanes[(e % 32) / 4] += wb.scales[e / 16] * i32::from(q) * i32::from(y);
+        }
+        for (lane, sum) in lanes.iter_mut().enumerate() {
+            *sum -= 32 * (ab.bsums[2 * lane] * wb.scales[2 * lane] + ab.bsums[2 * lane + 1] * wb.scales[2 * lane + 1]);
+        }
+        for (slot, lane) in acc.iter_mut().zip(lanes) {
+            *slot = d.mul_add(lane as f32, *slot);
+        }
+    }
+    hsum_8(acc)
+}
+
+/// Q6_K × Q8_K as ggml's tiled K-quant matmul (`ggml-cpu/tiled`, AVX-512 VNNI kernel)
+/// computes one output of a batch: per super-block one exact integer sum (the -32 offset
+/// from the activation sums), converted to f32 and scaled by the weight's `d`, then fused
+/// with the activation's `d` into one accumulator.
+fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let mut sum = 0i32;
+        for (group, (q, y)) in wb.qs.chunks_exact(16).zip(ab.qs.chunks_exact(16)).enumerate() {
+            let raw: i32 = q.iter().zip(y).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum();
+            sum += wb.scales[group] * (raw - 32 * ab.bsums[group]);
+        }
+        acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
+    }
+    acc
 }
 
 #[cfg(test)]
@@ -264,6 +528,39 @@ mod tests {
                 assert!((o - c).abs() <= 2e-3 * scale, "({n},{k},{m}): ours {o} candle {c}");
                 // 8-bit activations: within a percent of exact arithmetic.
                 assert!((o - e).abs() <= 1e-2 * scale, "({n},{k},{m}): ours {o} exact {e}");
+            }
+        }
+    }
+
+    /// Every own kernel against f32 arithmetic on candle's dequantized weights.
+    #[test]
+    fn own_kernels_match_dequantized_weights() {
+        let (n, k, m) = (16, 512, 5);
+        let w = values(n * k, 3);
+        // No outliers in the activations: Q8_K shares one scale across 256 of them.
+        let x: Vec<f32> = values(m * k, 5).into_iter().map(|v| v.clamp(-1.0, 1.0)).collect();
+        let w_tensor = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+        let x_tensor = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&w_tensor, dtype).expect("quantize");
+            let bytes = q.data().expect("bytes");
+            let ours = match dtype {
+                GgmlDType::Q8_0 => Q8_0Matrix::from_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
+                GgmlDType::Q5_0 => Q8_0Matrix::from_q5_0_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
+                GgmlDType::Q4K => KMatrix::from_q4_k_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
+                _ => KMatrix::from_q6_k_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
+            };
+            let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
+            let exact: Vec<f32> = x_tensor
+                .matmul(&dequantized.t().expect("t"))
+                .expect("matmul")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+            for (o, e) in ours.iter().zip(&exact) {
+                assert!((o - e).abs() <= 1e-2 * scale, "{dtype:?}: ours {o} exact {e}");
             }
         }
     }
