@@ -89,12 +89,28 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
     let head_dim = shape.head_dim;
     let n_rep = shape.n_head / shape.n_kv;
     let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
-    // Widen the cache once per call rather than once per query (f16 → f32 is exact).
-    let mut keys = vec![0f32; cache.keys.len()];
-    cache.keys.convert_to_f32_slice(&mut keys);
+    // Widen the cache once per call rather than once per query (f16 → f32 is exact); the
+    // tiled kernel reads keys transposed (per head, per dimension, positions contiguous)
+    // so that one score per lane is computed, as ggml's tile GEMM does.
+    let len = cache.len();
     let mut values = vec![0f32; cache.values.len()];
     cache.values.convert_to_f32_slice(&mut values);
-    let rows = Rows { keys: &keys, values: &values, n_kv: shape.n_kv, head_dim };
+    let mut keys = vec![0f32; cache.keys.len()];
+    cache.keys.convert_to_f32_slice(&mut keys);
+    let keys_t = if tiled {
+        let mut t = vec![0f32; keys.len()];
+        for (p, row) in keys.chunks_exact(shape.n_kv * head_dim).enumerate() {
+            for (h, head) in row.chunks_exact(head_dim).enumerate() {
+                for (d, &k) in head.iter().enumerate() {
+                    t[(h * head_dim + d) * len + p] = k;
+                }
+            }
+        }
+        t
+    } else {
+        Vec::new()
+    };
+    let rows = Rows { keys: &keys, keys_t: &keys_t, values: &values, n_kv: shape.n_kv, head_dim, len };
     let mut out = vec![0f32; queries.len()];
     out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
         let query_pos = pos + idx / shape.n_head;
@@ -118,9 +134,12 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
 /// The widened cache of one layer.
 struct Rows<'a> {
     keys: &'a [f32],
+    /// Keys laid out `[kv_head][dim][position]` (tiled kernel only).
+    keys_t: &'a [f32],
     values: &'a [f32],
     n_kv: usize,
     head_dim: usize,
+    len: usize,
 }
 
 impl Rows<'_> {
@@ -137,12 +156,21 @@ fn attend_one_chunk(
     q: &[f32],
     scale: f32,
     visible: std::ops::Range<usize>,
-    acc: &mut [f32],
+    out: &mut [f32],
 ) {
-    let round = |v: f32| f16::from_f32(v).to_f32();
-    let q: Vec<f32> = q.iter().map(|&x| round(x)).collect();
-    // The running sum of V (f16 values), its normaliser and the running maximum score.
-    acc.fill(0.0);
+    let head_dim = rows.head_dim;
+    let mut q16 = vec![f16::ZERO; head_dim];
+    q16.convert_from_f32_slice(q);
+    let mut q = vec![0f32; head_dim];
+    q16.convert_to_f32_slice(&mut q);
+    // The running sum of V (kept in f16 as ggml keeps it, widened here for the arithmetic),
+    // its normaliser and the running maximum score.
+    let mut acc = vec![0f32; head_dim];
+    let mut acc16 = vec![f16::ZERO; head_dim];
+    let mut round = |acc: &mut [f32]| {
+        acc16.convert_from_f32_slice(acc);
+        acc16.convert_to_f32_slice(acc);
+    };
     let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
     for key_pos in visible {
         let s = dot_f16(&rows.keys[rows.at(key_pos, kv_head)], &q) * scale;
@@ -150,36 +178,44 @@ fn attend_one_chunk(
         if s > max {
             ms = (max - s).exp();
             max = s;
-            acc.iter_mut().for_each(|a| *a = round(*a * ms));
+            acc.iter_mut().for_each(|a| *a *= ms);
+            round(&mut acc);
         } else {
             vs = (s - max).exp();
         }
         for (a, v) in acc.iter_mut().zip(&rows.values[rows.at(key_pos, kv_head)]) {
-            *a = round(v.mul_add(vs, *a));
+            *a = v.mul_add(vs, *a);
         }
+        round(&mut acc);
         total = total.mul_add(ms, vs);
     }
     let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
-    acc.iter_mut().for_each(|a| *a *= inverse);
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a * inverse;
+    }
 }
 
 /// `ggml_compute_forward_flash_attn_ext_tiled` for one query row: the cache in tiles of
 /// [`TILE_CELLS`] cells from position 0; tiles without a visible key are skipped.
 fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std::ops::Range<usize>, acc: &mut [f32]) {
+    let head_dim = rows.head_dim;
     acc.fill(0.0);
     let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
     let mut scores = [0f32; TILE_CELLS];
     let mut tile_start = visible.start / TILE_CELLS * TILE_CELLS;
     while tile_start < visible.end {
+        // simd_gemm: each score one fused multiply-add chain over the head dimension, the
+        // 64 scores of the tile side by side.
+        let cells = TILE_CELLS.min(rows.len - tile_start);
+        scores.fill(0.0);
+        for (d, &qd) in q.iter().enumerate() {
+            let at = (kv_head * head_dim + d) * rows.len + tile_start;
+            for (s, &k) in scores[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
+                *s = k.mul_add(qd, *s);
+            }
+        }
         for (t, score) in scores.iter_mut().enumerate() {
-            let key_pos = tile_start + t;
-            *score = if visible.contains(&key_pos) {
-                // simd_gemm: one fused multiply-add chain per score, over the head dimension.
-                let k = &rows.keys[rows.at(key_pos, kv_head)];
-                k.iter().zip(q).fold(0f32, |s, (k, q)| k.mul_add(*q, s)) * scale
-            } else {
-                f32::NEG_INFINITY
-            };
+            *score = if visible.contains(&(tile_start + t)) { *score * scale } else { f32::NEG_INFINITY };
         }
         let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let new_max = max.max(tile_max);
@@ -256,6 +292,24 @@ mod tests {
         let want = naive(&keys[16..], &values[16..], &q, 0.5);
         for (g, w) in got.iter().zip(&want) {
             assert!((f64::from(*g) - w).abs() < 2e-3);
+        }
+        // A batch of 64 queries or more takes the tiled kernel: same attention, other rounding.
+        let mut long = HostKvCache::new(1, head_dim);
+        let keys: Vec<Vec<f32>> =
+            (0..150).map(|j| (0..head_dim).map(|d| ((j * 7 + d * 3) % 11) as f32 / 11.0 - 0.5).collect()).collect();
+        let values: Vec<Vec<f32>> =
+            (0..150).map(|j| (0..head_dim).map(|d| ((j * 5 + d) % 13) as f32 / 13.0).collect()).collect();
+        for (k, v) in keys.iter().zip(&values) {
+            long.append(k, v);
+        }
+        let queries: Vec<f32> =
+            (0..80).flat_map(|i| (0..head_dim).map(move |d| ((i + d) % 9) as f32 / 4.0 - 1.0)).collect();
+        let tiled = attend(&long, &queries, 70, &shape);
+        for (i, (got, query)) in tiled.chunks(head_dim).zip(queries.chunks(head_dim)).enumerate() {
+            let want = naive(&keys[..71 + i], &values[..71 + i], query, 0.5);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((f64::from(*g) - w).abs() < 2e-3, "row {i}: {got:?} vs {want:?}");
+            }
         }
         // Truncating forgets positions.
         cache.truncate(5);

@@ -516,28 +516,10 @@ impl Model {
         }
     }
 
-    /// How a prompt continuation of `len` tokens is cut into forward calls: the
-    /// micro-batches llama.cpp's server uses. At most [`UBATCH`] rows at a time and, for
-    /// sliding-window models (where the server stops to checkpoint), the last 4 and the
-    /// last `4 + UBATCH` tokens apart. Several of ggml's CPU kernels pick their arithmetic
-    /// by batch size (flash attention, repacked and tiled K-quant products), so equal
-    /// batches give llama.cpp's bits; bounded batches also bound a long prompt's memory.
+    /// How a prompt continuation of `len` tokens is cut into forward calls; see
+    /// [`prompt_batches`].
     pub(crate) fn prompt_batches(&self, len: usize) -> Vec<std::ops::Range<usize>> {
-        let mut cuts = Vec::new();
-        if self.config.sliding_window.is_some() {
-            cuts.extend([4 + UBATCH, 4].into_iter().filter(|&offset| len > offset).map(|offset| len - offset));
-        }
-        cuts.push(len);
-        let mut batches = Vec::new();
-        let mut start = 0;
-        for end in cuts {
-            while start < end {
-                let stop = (start + UBATCH).min(end);
-                batches.push(start..stop);
-                start = stop;
-            }
-        }
-        batches
+        prompt_batches(len, self.config.sliding_window.is_some())
     }
 
     /// Runs `tokens` (one micro-batch) at positions `cache_len()..` and returns the logits
@@ -722,6 +704,30 @@ impl Layer {
     }
 }
 
+/// The micro-batches llama.cpp's server computes a prompt continuation of `len` tokens in:
+/// at most [`UBATCH`] rows at a time and, for sliding-window models (where the server stops
+/// to checkpoint), the last 4 and the last `4 + UBATCH` tokens apart. Several of ggml's CPU
+/// kernels pick their arithmetic by batch size (flash attention, repacked and tiled K-quant
+/// products), so equal batches give llama.cpp's bits; bounded batches also bound the memory
+/// a long prompt needs.
+fn prompt_batches(len: usize, sliding_window: bool) -> Vec<std::ops::Range<usize>> {
+    let mut cuts = Vec::new();
+    if sliding_window {
+        cuts.extend([4 + UBATCH, 4].into_iter().filter(|&offset| len > offset).map(|offset| len - offset));
+    }
+    cuts.push(len);
+    let mut batches = Vec::new();
+    let mut start = 0;
+    for end in cuts {
+        while start < end {
+            let stop = (start + UBATCH).min(end);
+            batches.push(start..stop);
+            start = stop;
+        }
+    }
+    batches
+}
+
 /// Additive mask (seq, pos + seq) for queries at `pos..pos + seq`: key `j` is hidden from
 /// query `i` when it lies in the future or, with a window, `window` or more positions back.
 /// `None` when nothing is hidden (one query, all keys visible).
@@ -753,6 +759,16 @@ mod tests {
                 .map(|row| row.into_iter().map(|v| v == 0.0).collect())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn prompts_go_in_llama_cpp_micro_batches() {
+        assert_eq!(prompt_batches(30, false), vec![0..30]);
+        assert_eq!(prompt_batches(30, true), vec![0..26, 26..30]);
+        assert_eq!(prompt_batches(4, true), vec![0..4]);
+        assert_eq!(prompt_batches(1, true), vec![0..1]);
+        assert_eq!(prompt_batches(1100, false), vec![0..512, 512..1024, 1024..1100]);
+        assert_eq!(prompt_batches(1100, true), vec![0..512, 512..584, 584..1096, 1096..1100]);
     }
 
     #[test]

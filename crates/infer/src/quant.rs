@@ -1,5 +1,8 @@
-//! Kith's own quantized matrix-vector kernels, for the types where candle's CPU path
-//! differs from llama.cpp's (Q4_1: activations quantized to Q8_1 exactly as ggml does).
+//! Kith's own quantized matrix kernels for Q4_1, Q5_0, Q8_0, Q4_K and Q6_K weights: the
+//! activations quantized as ggml quantizes them (Q8_1, Q8_0, Q8_K) and each output summed
+//! in the order and with the fused multiply-adds of the kernel llama.cpp's x86-64 CPU
+//! backend runs for that type and batch size, so the results are llama.cpp's bit for bit.
+//! Other types go through candle.
 
 use half::f16;
 use rayon::prelude::*;
@@ -7,6 +10,32 @@ use rayon::prelude::*;
 use crate::numerics::hsum_8;
 
 const QK: usize = 32;
+
+/// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
+/// rows of activations of `per_row` blocks each: `dot(row, weights, activations)` per
+/// output, in parallel. Few, large work items: one per thread and a few more for balance;
+/// every output is computed the same way whatever the split, so results do not depend on it.
+fn par_matmul<W: Sync, A: Sync>(
+    weights: &[W],
+    activations: &[A],
+    n: usize,
+    m: usize,
+    per_row: usize,
+    dot: impl Fn(usize, &[W], &[A]) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
+    out.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, out_row)| {
+        let a = &activations[row * per_row..(row + 1) * per_row];
+        out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
+            for (offset, value) in dst.iter_mut().enumerate() {
+                let col = chunk_idx * chunk + offset;
+                *value = dot(row, &weights[col * per_row..(col + 1) * per_row], a);
+            }
+        });
+    });
+    out
+}
 
 /// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16.
 #[derive(Clone, Copy)]
@@ -58,23 +87,8 @@ impl Q4_1Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let blocks_per_row = self.k / QK;
         let activations: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
-        let mut out = vec![0f32; m * self.n];
-        // Few, large work items: one per thread and a few more for balance. Every output
-        // is computed the same way whatever the split, so results do not depend on it.
-        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
-        out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
-            let a = &activations[row * blocks_per_row..(row + 1) * blocks_per_row];
-            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
-                for (offset, value) in dst.iter_mut().enumerate() {
-                    let col = chunk_idx * chunk + offset;
-                    let w = &self.blocks[col * blocks_per_row..(col + 1) * blocks_per_row];
-                    *value = dot(w, a);
-                }
-            });
-        });
-        out
+        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK, |_, w, a| dot_q4_1(w, a))
     }
 }
 
@@ -97,7 +111,7 @@ fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
 /// integer products each (lanes 0-3 the low nibbles, 4-7 the high ones), scaled by
 /// `d_w · d_a` into eight f32 accumulators with fused multiply-adds; the `m · s` terms
 /// summed apart (fused too: GCC contracts `summs += m * s`); one horizontal sum at the end.
-fn dot(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+fn dot_q4_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     let mut acc = [0f32; 8];
     let mut mins = 0f32;
     for (wb, ab) in w.iter().zip(a) {
@@ -190,20 +204,8 @@ impl Q8_0Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let per_row = self.k / QK;
         let activations: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
-        let mut out = vec![0f32; m * self.n];
-        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
-        out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
-            let a = &activations[row * per_row..(row + 1) * per_row];
-            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
-                for (offset, value) in dst.iter_mut().enumerate() {
-                    let col = chunk_idx * chunk + offset;
-                    *value = dot_q8_0(&self.blocks[col * per_row..(col + 1) * per_row], a);
-                }
-            });
-        });
-        out
+        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK, |_, w, a| dot_q8_0(w, a))
     }
 }
 
@@ -221,7 +223,7 @@ fn quantize_q8_0(x: &[f32]) -> BlockQ8_0 {
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (x86 AVX2 path; llamafile's tinyBLAS computes the
 /// same): eight lanes of four integer products, fused into eight accumulators.
-fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+fn dot_q8_0_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
         let scale = wb.d * ab.d;
@@ -379,30 +381,17 @@ impl KMatrix {
         self.n
     }
 
-    /// `x` is `m × k` row-major; returns `m × n`.
+    /// `x` is `m × k` row-major; returns `m × n`. ggml picks its kernel by batch size,
+    /// and so does this: repacked Q4_K takes rows four at a time through its gemm kernel and
+    /// the rest through its gemv kernel; Q6_K batches of 8 rows or more go through the tiled
+    /// K-quant kernel, smaller ones through `ggml_vec_dot_q6_K_q8_K`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let per_row = self.k / QK_K;
         let activations: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
-        let mut out = vec![0f32; m * self.n];
-        let chunk = self.n.div_ceil(rayon::current_num_threads() * 4).max(16);
-        out.par_chunks_mut(self.n).enumerate().for_each(|(row, out_row)| {
-            let a = &activations[row * per_row..(row + 1) * per_row];
-            out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
-                for (offset, value) in dst.iter_mut().enumerate() {
-                    let col = chunk_idx * chunk + offset;
-                    let w = &self.blocks[col * per_row..(col + 1) * per_row];
-                    *value = match self.kind {
-                        // ggml's repacked Q4_K takes rows four at a time through its gemm
-                        // kernel and the rest through its gemv kernel, which round differently.
-                        KQuant::Q4K => dot_q4_k(w, a, row < m / 4 * 4),
-                        // Batches of 8 rows or more take ggml's tiled K-quant kernel.
-                        KQuant::Q6K if m >= 8 => dot_q6_k_tiled(w, a),
-                        KQuant::Q6K => dot_q6_k(w, a),
-                    };
-                }
-            });
-        });
-        out
+        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK_K, |row, w, a| match self.kind {
+            KQuant::Q4K => dot_q4_k(w, a, row < m / 4 * 4),
+            KQuant::Q6K if m >= 8 => dot_q6_k_tiled(w, a),
+            KQuant::Q6K => dot_q6_k(w, a),
+        })
     }
 }
 
@@ -410,7 +399,7 @@ impl KMatrix {
 /// sub-block, fused into an f32 accumulator (and the minimums' integer sums into another),
 /// one subtraction at the end. The gemv kernel fuses once per super-block, the gemm kernel
 /// (`gemm`: rows taken four at a time) once per pair of sub-blocks.
-fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
+fn dot_q4_k_scalar(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (wb, ab) in w.iter().zip(a) {
         let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
@@ -440,7 +429,7 @@ fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
 /// (each scaled per 16 values), minus the -32 offset taken from the activation sums of the
 /// `l`-th group of 32; fused into eight f32 accumulators per super-block, one horizontal
 /// sum at the end.
-fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
         let d = ab.d * wb.d;
@@ -462,7 +451,7 @@ fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
 /// computes one output of a batch: per super-block one exact integer sum (the -32 offset
 /// from the activation sums), converted to f32 and scaled by the weight's `d`, then fused
 /// with the activation's `d` into one accumulator.
-fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_tiled_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0f32;
     for (wb, ab) in w.iter().zip(a) {
         let mut sum = 0i32;
@@ -473,6 +462,195 @@ fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
         acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
     }
     acc
+}
+
+/// Whether the AVX2 kernels below can run (checked once, then cached by std).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+macro_rules! dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $avx2:ident, $scalar:ident) => {
+        $(#[$doc])*
+        #[allow(unsafe_code)]
+        fn $name($($arg: $ty),*) -> f32 {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { avx2::$avx2($($arg),*) };
+            }
+            $scalar($($arg),*)
+        }
+    };
+}
+
+dispatch!(
+    /// Q4_1 × Q8_1: AVX2 when the CPU has it, the same arithmetic in scalar code otherwise.
+    fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) => dot_q4_1, dot_q4_1_scalar
+);
+dispatch!(
+    /// Q8_0 (and widened Q5_0) × Q8_0.
+    fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) => dot_q8_0, dot_q8_0_scalar
+);
+dispatch!(
+    /// Q4_K × Q8_K, gemm or gemv rounding.
+    fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) => dot_q4_k, dot_q4_k_scalar
+);
+dispatch!(
+    /// Q6_K × Q8_K as `ggml_vec_dot_q6_K_q8_K`.
+    fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) => dot_q6_k, dot_q6_k_scalar
+);
+dispatch!(
+    /// Q6_K × Q8_K as the tiled K-quant kernel.
+    fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) => dot_q6_k_tiled, dot_q6_k_tiled_scalar
+);
+
+/// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
+/// sums gives the same result) and the same floating-point steps as the scalar versions.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockK, BlockQ4_1, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K, hsum_8};
+
+    /// Lane `l`: Σ x[j]·y[j] over j in 4l..4l+4, for |x| ≤ 127 (ggml's `mul_sum_i8_pairs`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes_i8(x: __m256i, y: __m256i) -> __m256i {
+        let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+        _mm256_madd_epi16(dot, _mm256_set1_epi16(1))
+    }
+
+    /// The same for unsigned x ≤ 127.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes_u8(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(bytes: &[i8]) -> __m256i {
+        debug_assert!(bytes.len() >= 32);
+        // SAFETY: 32 bytes are readable (unaligned load).
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_i32(v: __m256i) -> i32 {
+        let mut lanes = [0i32; 8];
+        // SAFETY: 32 writable bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v) };
+        lanes.iter().sum()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_f32(v: __m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: 32 writable bytes.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        hsum_8(lanes)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        let low = _mm256_set1_epi8(0x0F);
+        for (wb, ab) in w.iter().zip(a) {
+            mins = wb.m.mul_add(ab.s, mins);
+            // SAFETY: 16 readable bytes.
+            let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+            let sums = lanes_u8(nibbles, load(&ab.qs));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc);
+        }
+        debug_assert_eq!(QK, 32);
+        hsum_f32(acc) + mins
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (wb, ab) in w.iter().zip(a) {
+            let sums = lanes_i8(load(&wb.qs), load(&ab.qs));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc);
+        }
+        hsum_f32(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
+        let (mut acc, mut acc_min) = (0f32, 0f32);
+        for (wb, ab) in w.iter().zip(a) {
+            let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
+            let (mut sum, mut mins) = (0i32, 0i32);
+            for sub in 0..8 {
+                let at = sub * 32;
+                let dot = hsum_i32(lanes_u8(load(&wb.qs[at..]), load(&ab.qs[at..])));
+                sum += wb.scales[sub] * dot;
+                mins += wb.mins[sub] * (ab.bsums[2 * sub] + ab.bsums[2 * sub + 1]);
+                if gemm && sub % 2 == 1 {
+                    acc = (sum as f32).mul_add(scale, acc);
+                    acc_min = (mins as f32).mul_add(scale_min, acc_min);
+                    (sum, mins) = (0, 0);
+                }
+            }
+            if !gemm {
+                acc = (sum as f32).mul_add(scale, acc);
+                acc_min = (mins as f32).mul_add(scale_min, acc_min);
+            }
+        }
+        acc - acc_min
+    }
+
+    /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q6_lanes(wb: &BlockK, ab: &BlockQ8K) -> __m256i {
+        let mut sums = _mm256_setzero_si256();
+        for group in 0..QK_K / 32 {
+            let at = group * 32;
+            let (lo, hi) = (wb.scales[2 * group], wb.scales[2 * group + 1]);
+            let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+            let dots = lanes_u8(load(&wb.qs[at..]), load(&ab.qs[at..]));
+            sums = _mm256_add_epi32(sums, _mm256_mullo_epi32(dots, scales));
+        }
+        sums
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (wb, ab) in w.iter().zip(a) {
+            let d = ab.d * wb.d;
+            let mut offset = [0i32; 8];
+            for (lane, slot) in offset.iter_mut().enumerate() {
+                *slot =
+                    32 * (ab.bsums[2 * lane] * wb.scales[2 * lane] + ab.bsums[2 * lane + 1] * wb.scales[2 * lane + 1]);
+            }
+            // SAFETY: 32 readable bytes.
+            let offset = unsafe { _mm256_loadu_si256(offset.as_ptr().cast()) };
+            let sums = _mm256_sub_epi32(q6_lanes(wb, ab), offset);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
+        }
+        hsum_f32(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+        let mut acc = 0f32;
+        for (wb, ab) in w.iter().zip(a) {
+            let offset: i32 = (0..QK_K / 16).map(|group| wb.scales[group] * 32 * ab.bsums[group]).sum();
+            let sum = hsum_i32(q6_lanes(wb, ab)) - offset;
+            acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
+        }
+        acc
+    }
 }
 
 #[cfg(test)]
@@ -562,6 +740,37 @@ mod tests {
             for (o, e) in ours.iter().zip(&exact) {
                 assert!((o - e).abs() <= 1e-2 * scale, "{dtype:?}: ours {o} exact {e}");
             }
+        }
+    }
+
+    /// The SIMD kernels give the scalar kernels' bits.
+    #[test]
+    fn simd_and_scalar_kernels_agree_bit_for_bit() {
+        let (n, k) = (8, 512);
+        let w_tensor = Tensor::from_vec(values(n * k, 11), (n, k), &Device::Cpu).expect("tensor");
+        let x = values(k, 13);
+        let row = |blocks_per_row: usize, col: usize| col * blocks_per_row..(col + 1) * blocks_per_row;
+        let q41 = QTensor::quantize(&w_tensor, GgmlDType::Q4_1).expect("quantize");
+        let q41 = Q4_1Matrix::from_bytes(&q41.data().expect("bytes"), n, k).expect("layout");
+        let a41: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let q80 = QTensor::quantize(&w_tensor, GgmlDType::Q8_0).expect("quantize");
+        let q80 = Q8_0Matrix::from_bytes(&q80.data().expect("bytes"), n, k).expect("layout");
+        let a80: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
+        let q4k = QTensor::quantize(&w_tensor, GgmlDType::Q4K).expect("quantize");
+        let q4k = KMatrix::from_q4_k_bytes(&q4k.data().expect("bytes"), n, k).expect("layout");
+        let q6k = QTensor::quantize(&w_tensor, GgmlDType::Q6K).expect("quantize");
+        let q6k = KMatrix::from_q6_k_bytes(&q6k.data().expect("bytes"), n, k).expect("layout");
+        let a8k: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
+        for col in 0..n {
+            let (w41, w80) = (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)]);
+            let (w4k, w6k) = (&q4k.blocks[row(k / QK_K, col)], &q6k.blocks[row(k / QK_K, col)]);
+            assert_eq!(dot_q4_1(w41, &a41).to_bits(), dot_q4_1_scalar(w41, &a41).to_bits());
+            assert_eq!(dot_q8_0(w80, &a80).to_bits(), dot_q8_0_scalar(w80, &a80).to_bits());
+            for gemm in [false, true] {
+                assert_eq!(dot_q4_k(w4k, &a8k, gemm).to_bits(), dot_q4_k_scalar(w4k, &a8k, gemm).to_bits());
+            }
+            assert_eq!(dot_q6_k(w6k, &a8k).to_bits(), dot_q6_k_scalar(w6k, &a8k).to_bits());
+            assert_eq!(dot_q6_k_tiled(w6k, &a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, &a8k).to_bits());
         }
     }
 

@@ -74,8 +74,10 @@ fn gemma3_loads_and_runs() {
     check_architecture("gemma3");
 }
 
-/// The prefix cache must not change results: continuing from a cached prefix gives the
-/// same tokens as a fresh engine that computes everything, across the sliding window.
+/// Continuing from a cached prefix gives the same tokens as a fresh engine that computes
+/// everything, across the sliding window. (The tiny files' f32 weights and short batches
+/// use kernels whose arithmetic does not depend on the batch; with K-quants or 64+-row
+/// batches the last bits may move, as in llama.cpp.)
 #[test]
 fn prefix_cache_gives_the_same_tokens_as_a_fresh_run() {
     for arch in ["llama", "gemma3"] {

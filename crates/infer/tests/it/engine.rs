@@ -157,12 +157,19 @@ async fn multi_turn_chat_reuses_the_kv_cache() {
     assert_eq!(first.text, engine.tokenizer().decode(&visible), "streamed deltas add up to the decoded tokens");
     history.push(ChatMessage::assistant(first.text.clone()));
     history.push(ChatMessage::user("And another one?"));
-    let second = collect(&engine, GenerateRequest::new(Prompt::Chat(history), greedy(16))).await.expect("turn 2");
+    let second =
+        collect(&engine, GenerateRequest::new(Prompt::Chat(history.clone()), greedy(16))).await.expect("turn 2");
     assert!(
         second.done.usage.cached_tokens >= first.done.usage.prompt_tokens,
         "turn 2 reused {} tokens; turn 1's prompt alone had {}",
         second.done.usage.cached_tokens,
         first.done.usage.prompt_tokens
     );
+    // With `cache_prompt` off the same prompt is recomputed from scratch, to the same tokens.
+    let mut fresh = GenerateRequest::new(Prompt::Chat(history), greedy(16));
+    fresh.cache_prompt = false;
+    let again = collect(&engine, fresh).await.expect("turn 2 again");
+    assert_eq!(again.done.usage.cached_tokens, 0);
+    assert_eq!(again.ids, second.ids);
     engine.shutdown().await;
 }
