@@ -67,7 +67,7 @@ impl Q4_1Matrix {
             return None;
         }
         let blocks = bytes
-            .chunks_exact(20)
+            .par_chunks_exact(20)
             .map(|raw| {
                 let mut qs = [0u8; QK / 2];
                 qs.copy_from_slice(&raw[4..20]);
@@ -152,7 +152,7 @@ impl Q8_0Matrix {
             return None;
         }
         let blocks = bytes
-            .chunks_exact(34)
+            .par_chunks_exact(34)
             .map(|raw| {
                 let mut qs = [0i8; QK];
                 for (q, b) in qs.iter_mut().zip(&raw[2..]) {
@@ -172,7 +172,7 @@ impl Q8_0Matrix {
             return None;
         }
         let blocks = bytes
-            .chunks_exact(22)
+            .par_chunks_exact(22)
             .map(|raw| {
                 let high = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
                 let mut qs = [0i8; QK];
@@ -304,7 +304,7 @@ impl KMatrix {
             return None;
         }
         let blocks = bytes
-            .chunks_exact(144)
+            .par_chunks_exact(144)
             .map(|raw| {
                 let packed = &raw[4..16];
                 let mut block = BlockK {
@@ -347,7 +347,7 @@ impl KMatrix {
             return None;
         }
         let blocks = bytes
-            .chunks_exact(210)
+            .par_chunks_exact(210)
             .map(|raw| {
                 let (ql, qh, scales) = (&raw[0..128], &raw[128..192], &raw[192..208]);
                 let mut block = BlockK {
