@@ -34,6 +34,43 @@ pub(crate) enum Command {
     Models(ModelsArgs),
     /// Measure prefill and decode speed, time to first token and memory.
     Bench(BenchArgs),
+    /// Create the encrypted vault and manage its passphrase.
+    Vault(VaultArgs),
+}
+
+/// `kith vault`.
+///
+/// Passphrases are read from KITH_PASSPHRASE (and KITH_NEW_PASSPHRASE for `passwd`), from
+/// the files given with --passphrase-file / --new-passphrase-file (first line), or asked for
+/// on the terminal without echo; never from a command-line argument.
+#[derive(Debug, Args)]
+pub(crate) struct VaultArgs {
+    #[command(subcommand)]
+    pub(crate) command: VaultCommand,
+    /// Read the passphrase from this file's first line.
+    #[arg(long, global = true)]
+    pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VaultCommand {
+    /// Create the vault key, wrapped for a passphrase (and for other devices' age keys).
+    Init {
+        /// Also wrap the key for this age X25519 recipient (`age1...`), e.g. another of your
+        /// devices. Repeatable.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+    },
+    /// Change the passphrase; the stored data is not re-encrypted.
+    Passwd {
+        /// Read the new passphrase from this file's first line.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Check that the passphrase opens the vault.
+    Unlock,
+    /// Say whether a vault exists and where.
+    Status,
 }
 
 /// Which model, on which device.

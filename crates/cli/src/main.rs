@@ -5,6 +5,7 @@ mod chat;
 mod cli;
 mod models;
 mod progress;
+mod vault;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
             Command::Chat(args) => chat::chat(args).await,
             Command::Models(args) => models::run(args),
             Command::Bench(args) => bench::run(args).await,
+            Command::Vault(args) => vault::run(args),
         }
     });
     match result {

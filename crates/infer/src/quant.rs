@@ -384,7 +384,10 @@ impl KMatrix {
     /// `x` is `m × k` row-major; returns `m × n`. ggml picks its kernel by batch size,
     /// and so does this: repacked Q4_K takes rows four at a time through its gemm kernel and
     /// the rest through its gemv kernel; Q6_K batches of 8 rows or more go through the tiled
-    /// K-quant kernel, smaller ones through `ggml_vec_dot_q6_K_q8_K`.
+    /// K-quant kernel, smaller ones through `ggml_vec_dot_q6_K_q8_K`. (ggml repacks Q4_K only
+    /// when the row count is a multiple of 8, as in every catalog model; other Q4_K
+    /// matrices still get the repacked arithmetic here, close to but not bit-equal with
+    /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
         par_matmul(&self.blocks, &activations, self.n, m, self.k / QK_K, |row, w, a| match self.kind {

@@ -25,7 +25,7 @@ fn help_lists_the_commands() {
     let output = kith(&["--help"], None);
     assert!(output.status.success());
     let text = stdout(&output);
-    for command in ["ask", "chat", "models", "bench"] {
+    for command in ["ask", "chat", "models", "bench", "vault"] {
         assert!(text.contains(command), "--help lacks {command}:\n{text}");
     }
     let ask = stdout(&kith(&["ask", "--help"], None));
@@ -135,4 +135,54 @@ fn chat_answers_turns_from_stdin() {
     assert!(stats[0].contains("(0 cached)"), "{}", stats[0]);
     assert!(!stats[1].contains("(0 cached)"), "{}", stats[1]);
     assert_eq!(stdout(&output).matches(">>> ").count(), 3, "{}", stdout(&output));
+}
+
+fn kith_with(args: &[&str], home: &Path, env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kith"));
+    command
+        .args(args)
+        .env("KITH_HOME", home)
+        .env_remove("KITH_LOG")
+        .env_remove("KITH_PASSPHRASE")
+        .env_remove("KITH_NEW_PASSPHRASE");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("kith runs")
+}
+
+/// `kith vault`: init, unlock, a wrong passphrase, passwd from files, and no passphrase at all.
+#[test]
+fn vault_init_unlock_and_passwd() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    assert!(stdout(&kith_with(&["vault", "status"], home, &[])).contains("no vault"));
+    let no_passphrase = kith_with(&["vault", "init"], home, &[]);
+    assert!(!no_passphrase.status.success());
+    assert!(stderr(&no_passphrase).contains("KITH_PASSPHRASE"), "{}", stderr(&no_passphrase));
+
+    let init = kith_with(&["vault", "init"], home, &[("KITH_PASSPHRASE", "first secret")]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert!(stdout(&kith_with(&["vault", "status"], home, &[])).contains("vault:"));
+    let again = kith_with(&["vault", "init"], home, &[("KITH_PASSPHRASE", "other")]);
+    assert!(!again.status.success() && stderr(&again).contains("already exists"));
+
+    let key_file = home.join("vault").join("passphrase.age");
+    let before = std::fs::read(&key_file).expect("key file");
+    let wrong = kith_with(&["vault", "unlock"], home, &[("KITH_PASSPHRASE", "not it")]);
+    assert!(!wrong.status.success() && stderr(&wrong).contains("wrong passphrase"), "{}", stderr(&wrong));
+    assert_eq!(std::fs::read(&key_file).expect("key file"), before, "a wrong passphrase changes nothing");
+
+    let old = home.join("old.txt");
+    let new = home.join("new.txt");
+    std::fs::write(&old, "first secret\n").expect("write");
+    std::fs::write(&new, "second secret\n").expect("write");
+    let old_arg = old.to_str().expect("utf-8 path");
+    let new_arg = new.to_str().expect("utf-8 path");
+    let passwd =
+        kith_with(&["vault", "passwd", "--passphrase-file", old_arg, "--new-passphrase-file", new_arg], home, &[]);
+    assert!(passwd.status.success(), "{}", stderr(&passwd));
+    assert!(!kith_with(&["vault", "unlock"], home, &[("KITH_PASSPHRASE", "first secret")]).status.success());
+    let unlock = kith_with(&["vault", "unlock", "--passphrase-file", new_arg], home, &[]);
+    assert!(unlock.status.success(), "{}", stderr(&unlock));
 }
