@@ -29,9 +29,13 @@
 //! This crate never logs content, passphrases or keys.
 
 mod field;
+mod store;
 mod vault;
 
 pub use age;
 pub use age::secrecy;
 pub use field::{FieldCipher, FieldError, FieldId};
+pub use store::{
+    Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn, StoreError,
+};
 pub use vault::{Vault, VaultError, VaultKey};

@@ -1,0 +1,692 @@
+//! The SQLite store: conversations, messages, memories and settings, every content field
+//! sealed with the vault key (see `field.rs`), in one database file under the data dir.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::field::{FieldCipher, FieldError, FieldId};
+use crate::vault::VaultKey;
+
+/// Schema migrations, embedded in the binary, applied in order; `PRAGMA user_version`
+/// records how many have run.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+
+/// The setting that proves the database belongs to the unlocked vault.
+const VAULT_CHECK: &str = "kith.vault-check";
+const VAULT_CHECK_VALUE: &[u8] = b"kith memory v1";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database {path}: {source}")]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        source: sqlx::Error,
+    },
+    /// The database was written with another vault's key.
+    #[error("{0} belongs to another vault (its data does not open with this key)")]
+    OtherVault(PathBuf),
+    /// The database is newer than this Kith.
+    #[error("{path} has schema version {found}; this Kith knows up to {known}")]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its schema version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+    /// A sealed field did not open.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    /// No such row.
+    #[error("no {table} row {id}")]
+    NotFound {
+        /// The table.
+        table: &'static str,
+        /// The id asked for.
+        id: i64,
+    },
+    /// A field opened but its content is not what this version wrote.
+    #[error("{field}: unreadable content ({reason})")]
+    Corrupt {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where a reply was computed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RanOn {
+    /// On this machine.
+    Local,
+    /// On a trusted peer (its id).
+    Peer(String),
+}
+
+/// A conversation's sealed metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationMeta {
+    /// Title shown in lists.
+    pub title: String,
+    /// Model name.
+    pub model: String,
+}
+
+/// A stored conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// Row id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds of the last message.
+    pub updated_at: i64,
+    /// Title and model.
+    pub meta: ConversationMeta,
+}
+
+/// A message to store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageBody {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+    /// Where a reply ran (None for the user's own messages).
+    pub ran_on: Option<RanOn>,
+}
+
+/// Counts and timing of a message (stored in plaintext: sizes, not content).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageStats {
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Generated tokens.
+    pub output_tokens: i64,
+    /// Generation time.
+    pub duration_ms: i64,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Row id.
+    pub id: i64,
+    /// Its conversation.
+    pub conversation_id: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Counts and timing.
+    pub stats: MessageStats,
+    /// Role, text, where it ran.
+    pub body: MessageBody,
+}
+
+/// A long-term memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Memory {
+    /// Row id.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Kept regardless of age or relevance.
+    pub pinned: bool,
+    /// The message it came from, if any.
+    pub source_message_id: Option<i64>,
+    /// The remembered text.
+    pub text: String,
+    /// Its sentence embedding, once computed.
+    pub embedding: Option<Vec<f32>>,
+}
+
+/// Rows read from a table: the ones that opened, and an error naming each one that did not.
+#[derive(Debug)]
+pub struct Listing<T> {
+    /// Rows that opened and verified.
+    pub items: Vec<T>,
+    /// One error per damaged row, naming it.
+    pub damaged: Vec<StoreError>,
+}
+
+/// The encrypted store of one vault.
+pub struct MemoryStore {
+    pool: SqlitePool,
+    cipher: FieldCipher,
+    path: PathBuf,
+}
+
+impl MemoryStore {
+    /// Opens (creating and migrating if needed) `<data_dir>/memory.db` with the unlocked
+    /// vault's key. A database sealed with another key is refused before anything is read.
+    ///
+    /// Pragmas: WAL so readers never block the writer and a crash never leaves a torn
+    /// page; `synchronous=FULL` so a commit that returned is on disk even if the machine
+    /// loses power (WAL with NORMAL could lose the last commits); foreign keys on, so
+    /// deleting a conversation deletes its messages; `secure_delete` so deleted rows'
+    /// ciphertext is overwritten rather than left in free pages.
+    pub async fn open(data_dir: &Path, key: &VaultKey) -> Result<Self, StoreError> {
+        let path = data_dir.join("memory.db");
+        let db = |source| StoreError::Database { path: path.clone(), source };
+        std::fs::create_dir_all(data_dir).map_err(|e| db(sqlx::Error::Io(e)))?;
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(db)?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("secure_delete", "ON");
+        // One connection: writes are serialised anyway, and row ids are allocated inside
+        // write transactions.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(db)?;
+        let store = Self { pool, cipher: FieldCipher::new(key), path };
+        store.migrate().await?;
+        store.check_vault().await?;
+        Ok(store)
+    }
+
+    fn db(&self, source: sqlx::Error) -> StoreError {
+        StoreError::Database { path: self.path.clone(), source }
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let version: i64 =
+            sqlx::query_scalar("PRAGMA user_version").fetch_one(&self.pool).await.map_err(|e| self.db(e))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew { path: self.path.clone(), found: version, known });
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+            sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(|e| self.db(e))?;
+            // The version is a number this code computes, not input.
+            let set_version = sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", index + 1));
+            sqlx::raw_sql(set_version).execute(&mut *tx).await.map_err(|e| self.db(e))?;
+            tx.commit().await.map_err(|e| self.db(e))?;
+        }
+        Ok(())
+    }
+
+    async fn check_vault(&self) -> Result<(), StoreError> {
+        match self.setting(VAULT_CHECK).await {
+            Ok(Some(value)) if value.as_slice() == VAULT_CHECK_VALUE => Ok(()),
+            Ok(Some(_)) | Err(StoreError::Field(_)) => Err(StoreError::OtherVault(self.path.clone())),
+            Ok(None) => self.set_setting(VAULT_CHECK, VAULT_CHECK_VALUE).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    fn seal_json<T: Serialize>(&self, id: FieldId<'_>, value: &T) -> Result<Vec<u8>, StoreError> {
+        let json = zeroize::Zeroizing::new(
+            serde_json::to_vec(value)
+                .map_err(|e| StoreError::Corrupt { field: id.to_string(), reason: e.to_string() })?,
+        );
+        Ok(self.cipher.seal(id, &json)?)
+    }
+
+    fn open_json<T: DeserializeOwned>(&self, id: FieldId<'_>, sealed: &[u8]) -> Result<T, StoreError> {
+        let plain = self.cipher.open(id, sealed)?;
+        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt { field: id.to_string(), reason: e.to_string() })
+    }
+
+    /// Starts a new conversation.
+    pub async fn create_conversation(&self, meta: &ConversationMeta) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let id = next_id(&mut tx, Table::Conversations).await.map_err(|e| self.db(e))?;
+        let sealed = self.seal_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, meta)?;
+        let now = now_ms();
+        sqlx::query("INSERT INTO conversations (id, created_at, updated_at, meta_sealed) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(now)
+            .bind(now)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok(id)
+    }
+
+    /// All conversations, newest first.
+    pub async fn conversations(&self) -> Result<Listing<Conversation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, updated_at, meta_sealed FROM conversations ORDER BY updated_at DESC, id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
+        for row in rows {
+            let id: i64 = row.get(0);
+            let sealed: Vec<u8> = row.get(3);
+            match self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, &sealed) {
+                Ok(meta) => {
+                    listing.items.push(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
+                }
+                Err(err) => listing.damaged.push(err),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Appends messages to a conversation in one transaction; returns their ids once the
+    /// commit is on disk.
+    pub async fn add_messages(
+        &self,
+        conversation_id: i64,
+        messages: &[(MessageBody, MessageStats)],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = ?")
+            .bind(conversation_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound { table: "conversations", id: conversation_id });
+        }
+        let mut id = next_id(&mut tx, Table::Messages).await.map_err(|e| self.db(e))?;
+        let now = now_ms();
+        let mut ids = Vec::with_capacity(messages.len());
+        for (body, stats) in messages {
+            let sealed = self.seal_json(FieldId { table: "messages", column: "body_sealed", row: id }, body)?;
+            sqlx::query(
+                "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(conversation_id)
+            .bind(now)
+            .bind(stats.prompt_tokens)
+            .bind(stats.output_tokens)
+            .bind(stats.duration_ms)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+            ids.push(id);
+            id += 1;
+        }
+        sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok(ids)
+    }
+
+    /// A conversation's messages in order.
+    pub async fn messages(&self, conversation_id: i64) -> Result<Listing<Message>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed FROM messages \
+             WHERE conversation_id = ? ORDER BY id",
+        )
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
+        for row in rows {
+            let id: i64 = row.get(0);
+            let sealed: Vec<u8> = row.get(5);
+            match self.open_json(FieldId { table: "messages", column: "body_sealed", row: id }, &sealed) {
+                Ok(body) => listing.items.push(Message {
+                    id,
+                    conversation_id,
+                    created_at: row.get(1),
+                    stats: MessageStats {
+                        prompt_tokens: row.get(2),
+                        output_tokens: row.get(3),
+                        duration_ms: row.get(4),
+                    },
+                    body,
+                }),
+                Err(err) => listing.damaged.push(err),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Deletes a conversation and its messages.
+    pub async fn delete_conversation(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Remembers `text` (optionally from a message).
+    pub async fn add_memory(
+        &self,
+        text: &str,
+        source_message_id: Option<i64>,
+        pinned: bool,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let id = next_id(&mut tx, Table::Memories).await.map_err(|e| self.db(e))?;
+        let sealed =
+            self.cipher.seal(FieldId { table: "memories", column: "text_sealed", row: id }, text.as_bytes())?;
+        sqlx::query(
+            "INSERT INTO memories (id, created_at, pinned, source_message_id, text_sealed) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(pinned)
+        .bind(source_message_id)
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok(id)
+    }
+
+    /// Stores a memory's embedding.
+    pub async fn set_embedding(&self, id: i64, embedding: &[f32]) -> Result<(), StoreError> {
+        let bytes: zeroize::Zeroizing<Vec<u8>> =
+            zeroize::Zeroizing::new(embedding.iter().flat_map(|v| v.to_le_bytes()).collect());
+        let sealed = self.cipher.seal(FieldId { table: "memories", column: "embedding_sealed", row: id }, &bytes)?;
+        let done = sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
+            .bind(sealed)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { table: "memories", id });
+        }
+        Ok(())
+    }
+
+    /// All memories, oldest first.
+    pub async fn memories(&self) -> Result<Listing<Memory>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, pinned, source_message_id, text_sealed, embedding_sealed FROM memories ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
+        for row in rows {
+            let id: i64 = row.get(0);
+            let text: Result<String, StoreError> = (|| {
+                let field = FieldId { table: "memories", column: "text_sealed", row: id };
+                let plain = self.cipher.open(field, row.get::<&[u8], _>(4))?;
+                String::from_utf8(plain.to_vec())
+                    .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })
+            })();
+            let embedding: Result<Option<Vec<f32>>, StoreError> = match row.get::<Option<&[u8]>, _>(5) {
+                None => Ok(None),
+                Some(sealed) => {
+                    let field = FieldId { table: "memories", column: "embedding_sealed", row: id };
+                    self.cipher.open(field, sealed).map_err(StoreError::from).and_then(|plain| {
+                        if plain.len() % 4 != 0 {
+                            return Err(StoreError::Corrupt { field: field.to_string(), reason: "length".into() });
+                        }
+                        Ok(Some(plain.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+                    })
+                }
+            };
+            match (text, embedding) {
+                (Ok(text), Ok(embedding)) => listing.items.push(Memory {
+                    id,
+                    created_at: row.get(1),
+                    pinned: row.get(2),
+                    source_message_id: row.get(3),
+                    text,
+                    embedding,
+                }),
+                (Err(err), _) | (_, Err(err)) => listing.damaged.push(err),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Forgets one memory.
+    pub async fn forget_memory(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM memories WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// A setting's value.
+    pub async fn setting(&self, key: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        let row = sqlx::query("SELECT id, value_sealed FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let field = FieldId { table: "settings", column: "value_sealed", row: row.get(0) };
+                Ok(Some(self.cipher.open(field, row.get::<&[u8], _>(1))?))
+            }
+        }
+    }
+
+    /// Sets a setting.
+    pub async fn set_setting(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        let id = match existing {
+            Some(id) => id,
+            None => next_id(&mut tx, Table::Settings).await.map_err(|e| self.db(e))?,
+        };
+        let sealed = self.cipher.seal(FieldId { table: "settings", column: "value_sealed", row: id }, value)?;
+        sqlx::query("INSERT INTO settings (id, key, value_sealed) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET value_sealed = excluded.value_sealed")
+            .bind(id)
+            .bind(key)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))
+    }
+
+    /// Closes the database, checkpointing the WAL.
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// The next row id of `table`, inside a write transaction (ids are allocated before
+/// sealing, because each ciphertext is bound to its row id).
+async fn next_id(tx: &mut Transaction<'_, Sqlite>, table: Table) -> Result<i64, sqlx::Error> {
+    let sql = match table {
+        Table::Conversations => "SELECT COALESCE(MAX(id), 0) + 1 FROM conversations",
+        Table::Messages => "SELECT COALESCE(MAX(id), 0) + 1 FROM messages",
+        Table::Memories => "SELECT COALESCE(MAX(id), 0) + 1 FROM memories",
+        Table::Settings => "SELECT COALESCE(MAX(id), 0) + 1 FROM settings",
+    };
+    sqlx::query_scalar(sql).fetch_one(&mut **tx).await
+}
+
+/// Tables whose ids are allocated by [`next_id`].
+#[derive(Clone, Copy)]
+enum Table {
+    Conversations,
+    Messages,
+    Memories,
+    Settings,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Vault;
+    use age::secrecy::SecretString;
+
+    fn key(dir: &Path) -> VaultKey {
+        Vault::new(dir).with_work_factor(4).init(&SecretString::from("pass".to_owned()), &[]).expect("init")
+    }
+
+    fn user(text: &str) -> (MessageBody, MessageStats) {
+        (MessageBody { role: "user".into(), content: text.into(), ran_on: None }, MessageStats::default())
+    }
+
+    fn reply(text: &str) -> (MessageBody, MessageStats) {
+        let stats = MessageStats { prompt_tokens: 12, output_tokens: 7, duration_ms: 80 };
+        (MessageBody { role: "assistant".into(), content: text.into(), ran_on: Some(RanOn::Local) }, stats)
+    }
+
+    #[tokio::test]
+    async fn everything_written_reads_back_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key(dir.path());
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        let meta = ConversationMeta { title: "Paris".into(), model: "smollm2-135m".into() };
+        let conv = store.create_conversation(&meta).await.expect("conversation");
+        let ids = store.add_messages(conv, &[user("Capital of France?"), reply("Paris.")]).await.expect("messages");
+        let memory = store.add_memory("prefers metric units", Some(ids[0]), true).await.expect("memory");
+        store.set_embedding(memory, &[0.25, -1.5, 3.0]).await.expect("embedding");
+        store.set_setting("ui.theme", b"dark").await.expect("setting");
+        store.close().await;
+
+        let store = MemoryStore::open(dir.path(), &key).await.expect("reopen");
+        let conversations = store.conversations().await.expect("list");
+        assert!(conversations.damaged.is_empty());
+        assert_eq!(conversations.items.len(), 1);
+        assert_eq!(conversations.items[0].meta, meta);
+        let messages = store.messages(conv).await.expect("messages");
+        assert_eq!(
+            messages.items.iter().map(|m| m.body.content.as_str()).collect::<Vec<_>>(),
+            ["Capital of France?", "Paris."]
+        );
+        assert_eq!(messages.items[1].stats.output_tokens, 7);
+        assert_eq!(messages.items[1].body.ran_on, Some(RanOn::Local));
+        let memories = store.memories().await.expect("memories");
+        assert_eq!(memories.items.len(), 1);
+        assert_eq!(memories.items[0].text, "prefers metric units");
+        assert_eq!(memories.items[0].embedding.as_deref(), Some(&[0.25, -1.5, 3.0][..]));
+        assert!(memories.items[0].pinned);
+        assert_eq!(store.setting("ui.theme").await.expect("setting").as_deref().map(|v| &v[..]), Some(&b"dark"[..]));
+        assert!(store.forget_memory(memory).await.expect("forget"));
+        assert!(store.memories().await.expect("memories").items.is_empty());
+        assert!(store.delete_conversation(conv).await.expect("delete"));
+        assert!(store.messages(conv).await.expect("messages").items.is_empty(), "messages go with their conversation");
+        assert!(matches!(store.add_messages(conv, &[user("late")]).await, Err(StoreError::NotFound { .. })));
+    }
+
+    /// Unique canaries in every kind of content, then every file in the data directory
+    /// (database, WAL, shared memory, vault files) is scanned for them.
+    #[tokio::test]
+    async fn no_plaintext_reaches_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key(dir.path());
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        let canaries = [
+            "canary-title-81f2",
+            "canary-model-7c1d",
+            "canary-user-3a9e",
+            "canary-reply-55b0",
+            "canary-memory-e4d7",
+            "canary-setting-0b6c",
+        ];
+        let conv = store
+            .create_conversation(&ConversationMeta { title: canaries[0].into(), model: canaries[1].into() })
+            .await
+            .expect("conversation");
+        store.add_messages(conv, &[user(canaries[2]), reply(canaries[3])]).await.expect("messages");
+        store.add_memory(canaries[4], None, false).await.expect("memory");
+        store.set_setting("name", canaries[5].as_bytes()).await.expect("setting");
+        // Scan while open (WAL and shm present) and after closing.
+        let scan = |when: &str| {
+            for entry in std::fs::read_dir(dir.path())
+                .expect("dir")
+                .chain(std::fs::read_dir(dir.path().join("vault")).expect("vault"))
+            {
+                let path = entry.expect("entry").path();
+                if path.is_file() {
+                    let bytes = std::fs::read(&path).expect("read");
+                    for canary in canaries {
+                        assert!(
+                            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+                            "{when}: {canary} in {}",
+                            path.display()
+                        );
+                    }
+                }
+            }
+        };
+        scan("open");
+        store.close().await;
+        scan("closed");
+    }
+
+    /// A flipped byte, or one row's ciphertext copied onto another, is reported naming the
+    /// row, and every other row still reads.
+    #[tokio::test]
+    async fn tampering_is_detected_per_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key(dir.path());
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        let conv =
+            store.create_conversation(&ConversationMeta { title: "t".into(), model: "m".into() }).await.expect("conv");
+        let ids = store.add_messages(conv, &[user("one"), user("two"), user("three")]).await.expect("messages");
+        // Flip a byte of message 1; copy message 2's ciphertext onto message 3.
+        let read = |id: i64| sqlx::query_scalar::<_, Vec<u8>>("SELECT body_sealed FROM messages WHERE id = ?").bind(id);
+        let mut first = read(ids[0]).fetch_one(&store.pool).await.expect("read");
+        first[10] ^= 0x01;
+        sqlx::query("UPDATE messages SET body_sealed = ? WHERE id = ?")
+            .bind(first)
+            .bind(ids[0])
+            .execute(&store.pool)
+            .await
+            .expect("flip");
+        let second: Vec<u8> = sqlx::query_scalar("SELECT body_sealed FROM messages WHERE id = ?")
+            .bind(ids[1])
+            .fetch_one(&store.pool)
+            .await
+            .expect("read");
+        sqlx::query("UPDATE messages SET body_sealed = ? WHERE id = ?")
+            .bind(second)
+            .bind(ids[2])
+            .execute(&store.pool)
+            .await
+            .expect("copy");
+        let listing = store.messages(conv).await.expect("messages");
+        assert_eq!(listing.items.iter().map(|m| m.body.content.as_str()).collect::<Vec<_>>(), ["two"]);
+        let errors: Vec<String> = listing.damaged.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains(&format!("messages.body_sealed of row {}", ids[0])), "{errors:?}");
+        assert!(errors[1].contains(&format!("messages.body_sealed of row {}", ids[2])), "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn another_vaults_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MemoryStore::open(dir.path(), &key(dir.path())).await.expect("open");
+        store.close().await;
+        let other = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(MemoryStore::open(dir.path(), &key(other.path())).await, Err(StoreError::OtherVault(_))));
+    }
+}
