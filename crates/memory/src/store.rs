@@ -298,27 +298,28 @@ impl MemoryStore {
         if exists.is_none() {
             return Err(StoreError::NotFound { table: "conversations", id: conversation_id });
         }
-        let mut id = next_id(&mut tx, Table::Messages).await.map_err(|e| self.db(e))?;
+        let first = next_id(&mut tx, Table::Messages).await.map_err(|e| self.db(e))?;
         let now = now_ms();
-        let mut ids = Vec::with_capacity(messages.len());
-        for (body, stats) in messages {
-            let sealed = self.seal_json(FieldId { table: "messages", column: "body_sealed", row: id }, body)?;
-            sqlx::query(
-                "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(conversation_id)
-            .bind(now)
-            .bind(stats.prompt_tokens)
-            .bind(stats.output_tokens)
-            .bind(stats.duration_ms)
-            .bind(sealed)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.db(e))?;
-            ids.push(id);
-            id += 1;
+        let ids: Vec<i64> = (first..first + messages.len() as i64).collect();
+        let mut sealed = Vec::with_capacity(messages.len());
+        for ((body, _), &id) in messages.iter().zip(&ids) {
+            sealed.push(self.seal_json(FieldId { table: "messages", column: "body_sealed", row: id }, body)?);
+        }
+        // Multi-row inserts: one statement per 100 messages instead of one per message.
+        for chunk in ids.iter().zip(messages).zip(sealed).collect::<Vec<_>>().chunks(100) {
+            let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed) ",
+            );
+            insert.push_values(chunk, |mut row, ((id, (_, stats)), sealed)| {
+                row.push_bind(**id)
+                    .push_bind(conversation_id)
+                    .push_bind(now)
+                    .push_bind(stats.prompt_tokens)
+                    .push_bind(stats.output_tokens)
+                    .push_bind(stats.duration_ms)
+                    .push_bind(sealed.clone());
+            });
+            insert.build().execute(&mut *tx).await.map_err(|e| self.db(e))?;
         }
         sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?")
             .bind(now)
@@ -506,6 +507,13 @@ impl MemoryStore {
             .await
             .map_err(|e| self.db(e))?;
         tx.commit().await.map_err(|e| self.db(e))
+    }
+
+    /// SQLite's `PRAGMA integrity_check`: `"ok"`, or the problems it found.
+    pub async fn integrity_check(&self) -> Result<String, StoreError> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("PRAGMA integrity_check").fetch_all(&self.pool).await.map_err(|e| self.db(e))?;
+        Ok(rows.join("\n"))
     }
 
     /// Closes the database, checkpointing the WAL.
