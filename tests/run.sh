@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+command -v age >/dev/null || { echo "the memory tests need the age tool (Debian: apt-get install age)" >&2; exit 1; }
+
 for model in smollm2-135m gemma3-270m minilm-l6; do
   cargo run --quiet -p kith-cli -- models pull "$model" >/dev/null
 done

@@ -36,6 +36,55 @@ pub(crate) enum Command {
     Bench(BenchArgs),
     /// Create the encrypted vault and manage its passphrase.
     Vault(VaultArgs),
+    /// Long-term memories, and export/import of everything Kith remembers.
+    Memory(MemoryArgs),
+}
+
+/// `kith memory`. The vault is unlocked with the passphrase, read as for `kith vault`.
+#[derive(Debug, Args)]
+pub(crate) struct MemoryArgs {
+    #[command(subcommand)]
+    pub(crate) command: MemoryCommand,
+    /// Read the vault passphrase from this file's first line.
+    #[arg(long, global = true)]
+    pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MemoryCommand {
+    /// List the memories.
+    List,
+    /// Remember a fact.
+    Add {
+        /// The text to remember.
+        text: String,
+        /// Keep it whatever its age or relevance.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Forget a memory by its id.
+    Forget {
+        /// The id `kith memory list` shows.
+        id: i64,
+    },
+    /// Write everything (conversations, messages, memories, settings) to an age file.
+    Export {
+        /// The file to write.
+        file: PathBuf,
+        /// Encrypt to this age X25519 recipient (`age1...`) instead of a passphrase
+        /// (KITH_EXPORT_PASSPHRASE, or asked for).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Restore an export: all of it or nothing.
+    Import {
+        /// The export file.
+        file: PathBuf,
+        /// Decrypt with this age identity file instead of a passphrase
+        /// (KITH_EXPORT_PASSPHRASE, or asked for).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
 }
 
 /// `kith vault`.

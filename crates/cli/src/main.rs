@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod cli;
+mod memory;
 mod models;
 mod progress;
 mod vault;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
             Command::Models(args) => models::run(args),
             Command::Bench(args) => bench::run(args).await,
             Command::Vault(args) => vault::run(args),
+            Command::Memory(args) => memory::run(args).await,
         }
     });
     match result {

@@ -58,7 +58,7 @@ pub(crate) fn run(args: VaultArgs) -> Result<ExitCode> {
 
 /// A passphrase from the environment variable, the file's first line, or the terminal
 /// (asked twice when `confirm`).
-fn passphrase(env: &str, file: Option<&Path>, prompt: &str, confirm: bool) -> Result<SecretString> {
+pub(crate) fn passphrase(env: &str, file: Option<&Path>, prompt: &str, confirm: bool) -> Result<SecretString> {
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let line = text.lines().next().unwrap_or_default().to_owned();

@@ -28,12 +28,14 @@
 //!
 //! This crate never logs content, passphrases or keys.
 
+mod export;
 mod field;
 mod store;
 mod vault;
 
 pub use age;
 pub use age::secrecy;
+pub use export::{ExportError, ExportSummary, ExportTo, ImportWith, MAX_EXPORT_BYTES, write_export};
 pub use field::{FieldCipher, FieldError, FieldId};
 pub use store::{
     Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn, StoreError,

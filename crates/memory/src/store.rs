@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
+use zeroize::Zeroizing;
 
+use crate::export::{ConversationRecord, MemoryRecord, MessageRecord, SettingRecord};
 use crate::field::{FieldCipher, FieldError, FieldId};
 use crate::vault::VaultKey;
 
@@ -506,6 +508,159 @@ impl MemoryStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))
+    }
+
+    /// Every row, decrypted, for an export; any damaged row is an error.
+    pub(crate) async fn export_records(
+        &self,
+    ) -> Result<(Vec<ConversationRecord>, Vec<MemoryRecord>, Vec<SettingRecord>), StoreError> {
+        let conversations = self.conversations().await?;
+        if let Some(err) = conversations.damaged.into_iter().next() {
+            return Err(err);
+        }
+        let mut records = Vec::with_capacity(conversations.items.len());
+        // Oldest first, so an import recreates them in their original order.
+        for conversation in conversations.items.into_iter().rev() {
+            let messages = self.messages(conversation.id).await?;
+            if let Some(err) = messages.damaged.into_iter().next() {
+                return Err(err);
+            }
+            records.push(ConversationRecord {
+                created_at: conversation.created_at,
+                updated_at: conversation.updated_at,
+                meta: conversation.meta,
+                messages: messages
+                    .items
+                    .into_iter()
+                    .map(|m| MessageRecord {
+                        created_at: m.created_at,
+                        prompt_tokens: m.stats.prompt_tokens,
+                        output_tokens: m.stats.output_tokens,
+                        duration_ms: m.stats.duration_ms,
+                        body: m.body,
+                    })
+                    .collect(),
+            });
+        }
+        let memories = self.memories().await?;
+        if let Some(err) = memories.damaged.into_iter().next() {
+            return Err(err);
+        }
+        let memories = memories
+            .items
+            .into_iter()
+            .map(|m| MemoryRecord { created_at: m.created_at, pinned: m.pinned, text: m.text, embedding: m.embedding })
+            .collect();
+        let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM settings WHERE key != ? ORDER BY id")
+            .bind(VAULT_CHECK)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        let mut settings = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(value) = self.setting(&key).await? {
+                settings.push(SettingRecord { key, value: value.to_vec() });
+            }
+        }
+        Ok((records, memories, settings))
+    }
+
+    /// Inserts exported rows in one transaction: all of them or, on error, none.
+    pub(crate) async fn import_records(
+        &self,
+        conversations: &[ConversationRecord],
+        memories: &[MemoryRecord],
+        settings: &[SettingRecord],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let mut conversation_id = next_id(&mut tx, Table::Conversations).await.map_err(|e| self.db(e))?;
+        let mut message_id = next_id(&mut tx, Table::Messages).await.map_err(|e| self.db(e))?;
+        for conversation in conversations {
+            let sealed = self.seal_json(
+                FieldId { table: "conversations", column: "meta_sealed", row: conversation_id },
+                &conversation.meta,
+            )?;
+            sqlx::query("INSERT INTO conversations (id, created_at, updated_at, meta_sealed) VALUES (?, ?, ?, ?)")
+                .bind(conversation_id)
+                .bind(conversation.created_at)
+                .bind(conversation.updated_at)
+                .bind(sealed)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db(e))?;
+            for message in &conversation.messages {
+                let sealed = self
+                    .seal_json(FieldId { table: "messages", column: "body_sealed", row: message_id }, &message.body)?;
+                let stats = message.stats();
+                sqlx::query(
+                    "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(message_id)
+                .bind(conversation_id)
+                .bind(message.created_at)
+                .bind(stats.prompt_tokens)
+                .bind(stats.output_tokens)
+                .bind(stats.duration_ms)
+                .bind(sealed)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db(e))?;
+                message_id += 1;
+            }
+            conversation_id += 1;
+        }
+        let mut memory_id = next_id(&mut tx, Table::Memories).await.map_err(|e| self.db(e))?;
+        for memory in memories {
+            let text = self
+                .cipher
+                .seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, memory.text.as_bytes())?;
+            let embedding = match &memory.embedding {
+                Some(values) => {
+                    let bytes: Zeroizing<Vec<u8>> =
+                        Zeroizing::new(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+                    Some(
+                        self.cipher
+                            .seal(FieldId { table: "memories", column: "embedding_sealed", row: memory_id }, &bytes)?,
+                    )
+                }
+                None => None,
+            };
+            sqlx::query(
+                "INSERT INTO memories (id, created_at, pinned, text_sealed, embedding_sealed) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(memory_id)
+            .bind(memory.created_at)
+            .bind(memory.pinned)
+            .bind(text)
+            .bind(embedding)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+            memory_id += 1;
+        }
+        let mut setting_id = next_id(&mut tx, Table::Settings).await.map_err(|e| self.db(e))?;
+        for setting in settings.iter().filter(|s| s.key != VAULT_CHECK) {
+            let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM settings WHERE key = ?")
+                .bind(&setting.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| self.db(e))?;
+            let id = existing.unwrap_or(setting_id);
+            let sealed =
+                self.cipher.seal(FieldId { table: "settings", column: "value_sealed", row: id }, &setting.value)?;
+            sqlx::query("INSERT INTO settings (id, key, value_sealed) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET value_sealed = excluded.value_sealed")
+                .bind(id)
+                .bind(&setting.key)
+                .bind(sealed)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db(e))?;
+            if existing.is_none() {
+                setting_id += 1;
+            }
+        }
         tx.commit().await.map_err(|e| self.db(e))
     }
 

@@ -25,7 +25,7 @@ fn help_lists_the_commands() {
     let output = kith(&["--help"], None);
     assert!(output.status.success());
     let text = stdout(&output);
-    for command in ["ask", "chat", "models", "bench", "vault"] {
+    for command in ["ask", "chat", "models", "bench", "vault", "memory"] {
         assert!(text.contains(command), "--help lacks {command}:\n{text}");
     }
     let ask = stdout(&kith(&["ask", "--help"], None));
@@ -185,4 +185,39 @@ fn vault_init_unlock_and_passwd() {
     assert!(!kith_with(&["vault", "unlock"], home, &[("KITH_PASSPHRASE", "first secret")]).status.success());
     let unlock = kith_with(&["vault", "unlock", "--passphrase-file", new_arg], home, &[]);
     assert!(unlock.status.success(), "{}", stderr(&unlock));
+}
+
+/// `kith memory`: add, list, forget, and an export restored into another vault.
+#[test]
+fn memory_commands_and_export_import() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let vault_env = [("KITH_PASSPHRASE", "vault secret"), ("KITH_EXPORT_PASSPHRASE", "export secret")];
+    let run = |home: &Path, args: &[&str]| {
+        let output = kith_with(args, home, &vault_env);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        output
+    };
+    let no_vault = kith_with(&["memory", "list"], a.path(), &vault_env);
+    assert!(!no_vault.status.success() && stderr(&no_vault).contains("kith vault init"));
+    run(a.path(), &["vault", "init"]);
+    run(a.path(), &["memory", "add", "my daughter is called Ada", "--pin"]);
+    run(a.path(), &["memory", "add", "prefers metric units"]);
+    run(a.path(), &["memory", "forget", "2"]);
+    let list = stdout(&run(a.path(), &["memory", "list"]));
+    assert!(list.contains("[pinned] my daughter is called Ada") && !list.contains("metric"), "{list}");
+
+    let export = a.path().join("memory.age");
+    let export_arg = export.to_str().expect("utf-8 path");
+    run(a.path(), &["memory", "export", export_arg]);
+    run(b.path(), &["vault", "init"]);
+    let wrong = kith_with(
+        &["memory", "import", export_arg],
+        b.path(),
+        &[("KITH_PASSPHRASE", "vault secret"), ("KITH_EXPORT_PASSPHRASE", "nope")],
+    );
+    assert!(!wrong.status.success() && stderr(&wrong).contains("does not decrypt"), "{}", stderr(&wrong));
+    assert!(stdout(&run(b.path(), &["memory", "list"])).trim().is_empty(), "nothing half-imported");
+    run(b.path(), &["memory", "import", export_arg]);
+    assert_eq!(stdout(&run(b.path(), &["memory", "list"])), list);
 }

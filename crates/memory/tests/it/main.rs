@@ -111,3 +111,34 @@ fn sigkill_never_loses_acknowledged_messages() {
     eprintln!("{kills} kills, {} acknowledged messages, none lost", acknowledged.len());
     assert!(acknowledged.len() > kills, "the writer acknowledged only {} messages", acknowledged.len());
 }
+
+/// An export opens with Debian's `age` command-line tool (installed by `.ci/run`).
+#[test]
+fn exports_open_with_the_age_command_line_tool() {
+    use kith_memory::age::secrecy::ExposeSecret;
+    use kith_memory::{ExportTo, write_export};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = Vault::new(dir.path()).with_work_factor(4).init(&passphrase(), &[]).expect("vault");
+    let identity = kith_memory::age::x25519::Identity::generate();
+    let bytes = runtime().block_on(async {
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        store.add_memory("canary-export-5e1f lives in Lyon", None, false).await.expect("memory");
+        store.export(ExportTo::Recipient(&identity.to_public())).await.expect("export").0
+    });
+    let export = dir.path().join("memory.age");
+    write_export(&export, &bytes).expect("write");
+    let identity_file = dir.path().join("identity.txt");
+    std::fs::write(&identity_file, identity.to_string().expose_secret()).expect("identity");
+    let output = Command::new("age")
+        .arg("--decrypt")
+        .arg("--identity")
+        .arg(&identity_file)
+        .arg(&export)
+        .output()
+        .expect("the `age` tool is installed (apt-get install age)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON inside");
+    assert_eq!(json["format"], "kith-memory-export");
+    assert_eq!(json["memories"][0]["text"], "canary-export-5e1f lives in Lyon");
+}
