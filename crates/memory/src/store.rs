@@ -367,11 +367,12 @@ impl MemoryStore {
 
     /// Deletes a conversation and its messages.
     pub async fn delete_conversation(&self, id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.db(e))?;
+        self.delete("DELETE FROM conversations WHERE id = ?", id).await
+    }
+
+    /// Runs a one-row `DELETE ... WHERE id = ?`; whether a row went.
+    async fn delete(&self, sql: &'static str, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(sql).bind(id).execute(&self.pool).await.map_err(|e| self.db(e))?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -401,11 +402,15 @@ impl MemoryStore {
         Ok(id)
     }
 
+    /// A memory's embedding as sealed little-endian f32s.
+    fn seal_embedding(&self, id: i64, embedding: &[f32]) -> Result<Vec<u8>, StoreError> {
+        let bytes: Zeroizing<Vec<u8>> = Zeroizing::new(embedding.iter().flat_map(|v| v.to_le_bytes()).collect());
+        Ok(self.cipher.seal(FieldId { table: "memories", column: "embedding_sealed", row: id }, &bytes)?)
+    }
+
     /// Stores a memory's embedding.
     pub async fn set_embedding(&self, id: i64, embedding: &[f32]) -> Result<(), StoreError> {
-        let bytes: zeroize::Zeroizing<Vec<u8>> =
-            zeroize::Zeroizing::new(embedding.iter().flat_map(|v| v.to_le_bytes()).collect());
-        let sealed = self.cipher.seal(FieldId { table: "memories", column: "embedding_sealed", row: id }, &bytes)?;
+        let sealed = self.seal_embedding(id, embedding)?;
         let done = sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
             .bind(sealed)
             .bind(id)
@@ -464,16 +469,11 @@ impl MemoryStore {
 
     /// Forgets one memory.
     pub async fn forget_memory(&self, id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM memories WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.db(e))?;
-        Ok(done.rows_affected() > 0)
+        self.delete("DELETE FROM memories WHERE id = ?", id).await
     }
 
     /// A setting's value.
-    pub async fn setting(&self, key: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+    pub async fn setting(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let row = sqlx::query("SELECT id, value_sealed FROM settings WHERE key = ?")
             .bind(key)
             .fetch_optional(&self.pool)
@@ -616,17 +616,8 @@ impl MemoryStore {
             let text = self
                 .cipher
                 .seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, memory.text.as_bytes())?;
-            let embedding = match &memory.embedding {
-                Some(values) => {
-                    let bytes: Zeroizing<Vec<u8>> =
-                        Zeroizing::new(values.iter().flat_map(|v| v.to_le_bytes()).collect());
-                    Some(
-                        self.cipher
-                            .seal(FieldId { table: "memories", column: "embedding_sealed", row: memory_id }, &bytes)?,
-                    )
-                }
-                None => None,
-            };
+            let embedding =
+                memory.embedding.as_deref().map(|values| self.seal_embedding(memory_id, values)).transpose()?;
             sqlx::query(
                 "INSERT INTO memories (id, created_at, pinned, text_sealed, embedding_sealed) VALUES (?, ?, ?, ?, ?)",
             )
