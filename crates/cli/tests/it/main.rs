@@ -206,6 +206,12 @@ fn memory_commands_and_export_import() {
     run(a.path(), &["memory", "forget", "2"]);
     let list = stdout(&run(a.path(), &["memory", "list"]));
     assert!(list.contains("[pinned] my daughter is called Ada") && !list.contains("metric"), "{list}");
+    // A wrong passphrase: a clear error, and the database keeps every byte.
+    let db = a.path().join("memory.db");
+    let before = std::fs::read(&db).expect("database");
+    let wrong = kith_with(&["memory", "list"], a.path(), &[("KITH_PASSPHRASE", "not the vault secret")]);
+    assert!(!wrong.status.success() && stderr(&wrong).contains("wrong passphrase"), "{}", stderr(&wrong));
+    assert_eq!(std::fs::read(&db).expect("database"), before);
 
     let export = a.path().join("memory.age");
     let export_arg = export.to_str().expect("utf-8 path");
