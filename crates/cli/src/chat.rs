@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use kith_infer::{Completion, EngineHandle, GenerateRequest, LoadOptions, LoadedModel, Prompt, StreamEvent};
+use kith_memory::{ConversationMeta, MemoryStore, MessageBody, MessageStats, RanOn, Vault};
 use kith_models::{ModelEntry, ModelKind};
 use kith_types::ChatMessage;
 use tokio::sync::mpsc;
@@ -144,8 +145,13 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
         info.context_length,
         info.device
     );
+    let model_name = info.name.clone().unwrap_or_else(|| args.model.model.clone());
+    let mut saved = SavedChat::open(&args, model_name).await?;
     let mut lines = spawn_line_reader();
     let mut history: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::system(s.clone())).collect();
+    if let Some(saved) = &saved {
+        history.extend(saved.history.iter().cloned());
+    }
     let params = args.sampling.params();
     loop {
         print!(">>> ");
@@ -165,6 +171,9 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
             "/exit" | "/quit" | "/bye" => break,
             "/reset" => {
                 history.retain(|m| m.role == kith_types::Role::System);
+                if let Some(saved) = &mut saved {
+                    saved.conversation = None;
+                }
                 eprintln!("[conversation cleared]");
                 continue;
             }
@@ -181,6 +190,11 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
                 if !answer.ends_with('\n') {
                     println!();
                 }
+                if let Some(saved) = &mut saved
+                    && let Err(err) = saved.save_turn(input, &answer, done.as_ref()).await
+                {
+                    eprintln!("warning: this turn was not saved: {err:#}");
+                }
                 history.push(ChatMessage::assistant(answer));
                 if let (true, Some(done)) = (args.stats, done) {
                     print_stats(&done);
@@ -194,7 +208,85 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
         }
     }
     engine.shutdown().await;
+    if let Some(saved) = saved {
+        if let Some(id) = saved.conversation {
+            eprintln!("[saved as conversation {id}; continue with `kith chat --resume {id}`]");
+        }
+        saved.store.close().await;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A chat saved in the encrypted memory store: the conversation is created with its first
+/// turn, and each turn (question and answer) is written in one transaction once answered.
+struct SavedChat {
+    store: MemoryStore,
+    conversation: Option<i64>,
+    model: String,
+    /// Earlier turns of a resumed conversation.
+    history: Vec<ChatMessage>,
+}
+
+impl SavedChat {
+    /// The store when there is a vault and saving is wanted; `None` (with a note) otherwise.
+    async fn open(args: &ChatArgs, model: String) -> Result<Option<Self>> {
+        let home = kith_models::Store::from_env()?.home().to_owned();
+        let vault = Vault::new(&home);
+        if args.no_save {
+            return Ok(None);
+        }
+        if !vault.exists() {
+            if args.resume.is_some() {
+                anyhow::bail!("no vault in {}: nothing to resume", home.display());
+            }
+            eprintln!("[not saved: no vault yet; `kith vault init` keeps conversations, encrypted]");
+            return Ok(None);
+        }
+        let passphrase =
+            crate::vault::passphrase("KITH_PASSPHRASE", args.passphrase_file.as_deref(), "Vault passphrase", false)?;
+        let key = vault.unlock(&passphrase).context("unlocking the vault")?;
+        let store = MemoryStore::open(&home, &key).await.context("opening the memory store")?;
+        let mut history = Vec::new();
+        if let Some(id) = args.resume {
+            let messages = store.messages(id).await?;
+            if let Some(damaged) = messages.damaged.first() {
+                anyhow::bail!("conversation {id} cannot be resumed: {damaged}");
+            }
+            if messages.items.is_empty() && !store.conversations().await?.items.iter().any(|c| c.id == id) {
+                anyhow::bail!("no conversation {id} (see `kith memory chats`)");
+            }
+            for message in messages.items {
+                history.push(match message.body.role.as_str() {
+                    "assistant" => ChatMessage::assistant(message.body.content),
+                    "system" => ChatMessage::system(message.body.content),
+                    _ => ChatMessage::user(message.body.content),
+                });
+            }
+            eprintln!("[resuming conversation {id}: {} earlier messages]", history.len());
+        }
+        Ok(Some(Self { store, conversation: args.resume, model, history }))
+    }
+
+    async fn save_turn(&mut self, question: &str, answer: &str, done: Option<&Completion>) -> Result<()> {
+        let id = match self.conversation {
+            Some(id) => id,
+            None => {
+                let title: String = question.chars().take(60).collect();
+                let id = self.store.create_conversation(&ConversationMeta { title, model: self.model.clone() }).await?;
+                self.conversation = Some(id);
+                id
+            }
+        };
+        let stats = done.map_or(MessageStats::default(), |done| MessageStats {
+            prompt_tokens: done.usage.prompt_tokens as i64,
+            output_tokens: done.usage.completion_tokens as i64,
+            duration_ms: (done.timings.prefill + done.timings.decode).as_millis() as i64,
+        });
+        let user = MessageBody { role: "user".into(), content: question.into(), ran_on: None };
+        let reply = MessageBody { role: "assistant".into(), content: answer.into(), ran_on: Some(RanOn::Local) };
+        self.store.add_messages(id, &[(user, MessageStats::default()), (reply, stats)]).await?;
+        Ok(())
+    }
 }
 
 /// Reads stdin on its own thread so the async side can wait for a line or Ctrl-C.

@@ -54,6 +54,8 @@ pub(crate) struct MemoryArgs {
 pub(crate) enum MemoryCommand {
     /// List the memories.
     List,
+    /// List saved conversations (for `kith chat --resume ID`).
+    Chats,
     /// Remember a fact.
     Add {
         /// The text to remember.
@@ -223,6 +225,15 @@ pub(crate) struct ChatArgs {
     /// Print token counts and speed on stderr after each answer.
     #[arg(long)]
     pub(crate) stats: bool,
+    /// Continue a saved conversation (ids from `kith memory chats`).
+    #[arg(long, value_name = "ID")]
+    pub(crate) resume: Option<i64>,
+    /// Do not save this conversation, even with a vault.
+    #[arg(long, conflicts_with = "resume")]
+    pub(crate) no_save: bool,
+    /// Read the vault passphrase from this file's first line (else KITH_PASSPHRASE or a prompt).
+    #[arg(long)]
+    pub(crate) passphrase_file: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     #[command(flatten)]

@@ -30,6 +30,22 @@ pub(crate) async fn run(args: MemoryArgs) -> Result<ExitCode> {
                 eprintln!("warning: {damaged}");
             }
         }
+        MemoryCommand::Chats => {
+            let conversations = store.conversations().await?;
+            for conversation in &conversations.items {
+                let messages = store.messages(conversation.id).await?;
+                println!(
+                    "{:>6}  {:>4} messages  {}  {}",
+                    conversation.id,
+                    messages.items.len(),
+                    conversation.meta.model,
+                    conversation.meta.title
+                );
+            }
+            for damaged in &conversations.damaged {
+                eprintln!("warning: {damaged}");
+            }
+        }
         MemoryCommand::Add { text, pin } => {
             let id = store.add_memory(&text, None, pin).await?;
             eprintln!("Remembered (id {id}).");

@@ -227,3 +227,49 @@ fn memory_commands_and_export_import() {
     run(b.path(), &["memory", "import", export_arg]);
     assert_eq!(stdout(&run(b.path(), &["memory", "list"])), list);
 }
+
+/// With a vault, `kith chat` saves each answered turn, encrypted; `--resume` continues it.
+#[test]
+fn chat_saves_and_resumes_conversations() {
+    use std::io::Write as _;
+    let shared = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
+    let model = stdout(&kith(&["models", "path", "smollm2-135m"], shared.as_deref())).trim().to_owned();
+    assert!(Path::new(&model).is_file(), "the default model is pulled: {model}");
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    let env = [("KITH_PASSPHRASE", "chat secret")];
+    assert!(kith_with(&["vault", "init"], home, &env).status.success());
+    let chat = |extra: &[&str], input: &[u8]| {
+        let mut args = vec!["chat", "--model", &model, "--temperature", "0", "--max-tokens", "6", "--stats"];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
+            .args(&args)
+            .env("KITH_HOME", home)
+            .env("KITH_PASSPHRASE", "chat secret")
+            .env_remove("KITH_LOG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kith chat starts");
+        child.stdin.take().expect("stdin").write_all(input).expect("write turns");
+        let output = child.wait_with_output().expect("kith chat ends");
+        assert!(output.status.success(), "{}", stderr(&output));
+        stderr(&output)
+    };
+    let first = chat(&[], b"Hi!\n/exit\n");
+    assert!(first.contains("saved as conversation 1"), "{first}");
+    let listed = stdout(&kith_with(&["memory", "chats"], home, &env));
+    assert!(listed.contains("2 messages") && listed.contains("Hi!"), "{listed}");
+    let resumed = chat(&["--resume", "1"], b"And then?\n/exit\n");
+    assert!(resumed.contains("resuming conversation 1: 2 earlier messages"), "{resumed}");
+    // The resumed turn's prompt holds the first turn too.
+    let prompt_tokens = |err: &str| -> usize {
+        let line = err.lines().find(|l| l.starts_with("[prompt ")).expect("stats line");
+        line["[prompt ".len()..].split(' ').next().expect("count").parse().expect("number")
+    };
+    assert!(prompt_tokens(&resumed) > prompt_tokens(&first) + 5, "{first}\n{resumed}");
+    assert!(stdout(&kith_with(&["memory", "chats"], home, &env)).contains("4 messages"));
+    let no_vault = chat(&["--no-save"], b"Hi!\n/exit\n");
+    assert!(!no_vault.contains("saved as"), "{no_vault}");
+}
