@@ -37,6 +37,22 @@ fn par_matmul<W: Sync, A: Sync>(
     out
 }
 
+/// Parses the raw blocks of an `n × k` matrix stored `per_block` values in `block_bytes`
+/// bytes a block, or `None` when the sizes do not fit.
+fn parse_blocks<B: Send>(
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    per_block: usize,
+    block_bytes: usize,
+    parse: impl Fn(&[u8]) -> B + Sync + Send,
+) -> Option<Vec<B>> {
+    if !k.is_multiple_of(per_block) || bytes.len() != n * k / per_block * block_bytes {
+        return None;
+    }
+    Some(bytes.par_chunks_exact(block_bytes).map(parse).collect())
+}
+
 /// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16.
 #[derive(Clone, Copy)]
 struct BlockQ4_1 {
@@ -63,21 +79,15 @@ pub(crate) struct Q4_1Matrix {
 impl Q4_1Matrix {
     /// From raw GGUF bytes (20 bytes a block: f16 d, f16 m, 16 bytes of nibbles).
     pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 20 {
-            return None;
-        }
-        let blocks = bytes
-            .par_chunks_exact(20)
-            .map(|raw| {
-                let mut qs = [0u8; QK / 2];
-                qs.copy_from_slice(&raw[4..20]);
-                BlockQ4_1 {
-                    d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-                    m: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
-                    qs,
-                }
-            })
-            .collect();
+        let blocks = parse_blocks(bytes, n, k, QK, 20, |raw| {
+            let mut qs = [0u8; QK / 2];
+            qs.copy_from_slice(&raw[4..20]);
+            BlockQ4_1 {
+                d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+                m: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
+                qs,
+            }
+        })?;
         Some(Self { n, k, blocks })
     }
 
@@ -148,19 +158,13 @@ pub(crate) struct Q8_0Matrix {
 impl Q8_0Matrix {
     /// From raw GGUF bytes (34 bytes a block: f16 d, 32 signed bytes).
     pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 34 {
-            return None;
-        }
-        let blocks = bytes
-            .par_chunks_exact(34)
-            .map(|raw| {
-                let mut qs = [0i8; QK];
-                for (q, b) in qs.iter_mut().zip(&raw[2..]) {
-                    *q = *b as i8;
-                }
-                BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
-            })
-            .collect();
+        let blocks = parse_blocks(bytes, n, k, QK, 34, |raw| {
+            let mut qs = [0i8; QK];
+            for (q, b) in qs.iter_mut().zip(&raw[2..]) {
+                *q = *b as i8;
+            }
+            BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
+        })?;
         Some(Self { n, k, blocks })
     }
 
@@ -168,22 +172,16 @@ impl Q8_0Matrix {
     /// ggml multiplies Q5_0 by Q8_0 activations with the same arithmetic as Q8_0 (llamafile's
     /// tinyBLAS), so the values are widened to bytes once and share the Q8_0 kernel.
     pub(crate) fn from_q5_0_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * 22 {
-            return None;
-        }
-        let blocks = bytes
-            .par_chunks_exact(22)
-            .map(|raw| {
-                let high = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
-                let mut qs = [0i8; QK];
-                for j in 0..QK / 2 {
-                    let bit = |i: usize| (((high >> i) & 1) << 4) as u8;
-                    qs[j] = ((raw[6 + j] & 0x0F) | bit(j)) as i8 - 16;
-                    qs[j + QK / 2] = ((raw[6 + j] >> 4) | bit(j + QK / 2)) as i8 - 16;
-                }
-                BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
-            })
-            .collect();
+        let blocks = parse_blocks(bytes, n, k, QK, 22, |raw| {
+            let high = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
+            let mut qs = [0i8; QK];
+            for j in 0..QK / 2 {
+                let bit = |i: usize| (((high >> i) & 1) << 4) as u8;
+                qs[j] = ((raw[6 + j] & 0x0F) | bit(j)) as i8 - 16;
+                qs[j + QK / 2] = ((raw[6 + j] >> 4) | bit(j + QK / 2)) as i8 - 16;
+            }
+            BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
+        })?;
         Some(Self { n, k, blocks })
     }
 
@@ -300,80 +298,68 @@ impl KMatrix {
     /// From raw Q4_K bytes (144 bytes a block: f16 d, f16 dmin, 12 bytes of packed 6-bit
     /// scales and minimums, 128 bytes of nibbles).
     pub(crate) fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK_K) || bytes.len() != n * k / QK_K * 144 {
-            return None;
-        }
-        let blocks = bytes
-            .par_chunks_exact(144)
-            .map(|raw| {
-                let packed = &raw[4..16];
-                let mut block = BlockK {
-                    d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-                    dmin: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
-                    scales: [0; 16],
-                    mins: [0; 8],
-                    qs: [0; QK_K],
+        let blocks = parse_blocks(bytes, n, k, QK_K, 144, |raw| {
+            let packed = &raw[4..16];
+            let mut block = BlockK {
+                d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+                dmin: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
+                scales: [0; 16],
+                mins: [0; 8],
+                qs: [0; QK_K],
+            };
+            for j in 0..8 {
+                let (scale, min) = if j < 4 {
+                    (packed[j] & 63, packed[j + 4] & 63)
+                } else {
+                    (
+                        (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+                        (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+                    )
                 };
-                for j in 0..8 {
-                    let (scale, min) = if j < 4 {
-                        (packed[j] & 63, packed[j + 4] & 63)
-                    } else {
-                        (
-                            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
-                            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
-                        )
-                    };
-                    block.scales[j] = i32::from(scale);
-                    block.mins[j] = i32::from(min);
+                block.scales[j] = i32::from(scale);
+                block.mins[j] = i32::from(min);
+            }
+            let nibbles = &raw[16..144];
+            for chunk in 0..4 {
+                for l in 0..32 {
+                    let byte = nibbles[chunk * 32 + l];
+                    block.qs[chunk * 64 + l] = (byte & 0x0F) as i8;
+                    block.qs[chunk * 64 + 32 + l] = (byte >> 4) as i8;
                 }
-                let nibbles = &raw[16..144];
-                for chunk in 0..4 {
-                    for l in 0..32 {
-                        let byte = nibbles[chunk * 32 + l];
-                        block.qs[chunk * 64 + l] = (byte & 0x0F) as i8;
-                        block.qs[chunk * 64 + 32 + l] = (byte >> 4) as i8;
-                    }
-                }
-                block
-            })
-            .collect();
+            }
+            block
+        })?;
         Some(Self { kind: KQuant::Q4K, n, k, blocks })
     }
 
     /// From raw Q6_K bytes (210 bytes a block: 128 bytes of low nibbles, 64 of high bit
     /// pairs, 16 signed scales, f16 d).
     pub(crate) fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !k.is_multiple_of(QK_K) || bytes.len() != n * k / QK_K * 210 {
-            return None;
-        }
-        let blocks = bytes
-            .par_chunks_exact(210)
-            .map(|raw| {
-                let (ql, qh, scales) = (&raw[0..128], &raw[128..192], &raw[192..208]);
-                let mut block = BlockK {
-                    d: f16::from_le_bytes([raw[208], raw[209]]).to_f32(),
-                    dmin: 0.0,
-                    scales: [0; 16],
-                    mins: [0; 8],
-                    qs: [0; QK_K],
-                };
-                for (slot, &scale) in block.scales.iter_mut().zip(scales) {
-                    *slot = i32::from(scale as i8);
+        let blocks = parse_blocks(bytes, n, k, QK_K, 210, |raw| {
+            let (ql, qh, scales) = (&raw[0..128], &raw[128..192], &raw[192..208]);
+            let mut block = BlockK {
+                d: f16::from_le_bytes([raw[208], raw[209]]).to_f32(),
+                dmin: 0.0,
+                scales: [0; 16],
+                mins: [0; 8],
+                qs: [0; QK_K],
+            };
+            for (slot, &scale) in block.scales.iter_mut().zip(scales) {
+                *slot = i32::from(scale as i8);
+            }
+            for half in 0..2 {
+                let (ql, qh, out) = (&ql[half * 64..], &qh[half * 32..], half * 128);
+                for l in 0..32 {
+                    // Unsigned 6-bit values; the -32 offset is applied in the dot product.
+                    let value = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8;
+                    block.qs[out + l] = value(ql[l] & 0x0F, 0);
+                    block.qs[out + l + 32] = value(ql[l + 32] & 0x0F, 2);
+                    block.qs[out + l + 64] = value(ql[l] >> 4, 4);
+                    block.qs[out + l + 96] = value(ql[l + 32] >> 4, 6);
                 }
-                for half in 0..2 {
-                    let (ql, qh, out) = (&ql[half * 64..], &qh[half * 32..], half * 128);
-                    for l in 0..32 {
-                        // Unsigned 6-bit values; the -32 offset is applied in the dot product.
-                        let value = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8;
-                        block.qs[out + l] = value(ql[l] & 0x0F, 0);
-                        block.qs[out + l + 32] = value(ql[l + 32] & 0x0F, 2);
-                        block.qs[out + l + 64] = value(ql[l] >> 4, 4);
-                        block.qs[out + l + 96] = value(ql[l + 32] >> 4, 6);
-                    }
-                }
-                block
-            })
-            .collect();
+            }
+            block
+        })?;
         Some(Self { kind: KQuant::Q6K, n, k, blocks })
     }
 

@@ -162,6 +162,20 @@ pub struct Listing<T> {
     pub damaged: Vec<StoreError>,
 }
 
+impl<T> Listing<T> {
+    /// Decodes each row: the ones that open go to `items`, the others' errors to `damaged`.
+    fn from_rows<R>(rows: Vec<R>, decode: impl Fn(&R) -> Result<T, StoreError>) -> Self {
+        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
+        for row in &rows {
+            match decode(row) {
+                Ok(item) => listing.items.push(item),
+                Err(err) => listing.damaged.push(err),
+            }
+        }
+        listing
+    }
+}
+
 /// The encrypted store of one vault.
 pub struct MemoryStore {
     pool: SqlitePool,
@@ -270,18 +284,12 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
-        for row in rows {
+        Ok(Listing::from_rows(rows, |row| {
             let id: i64 = row.get(0);
-            let sealed: Vec<u8> = row.get(3);
-            match self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, &sealed) {
-                Ok(meta) => {
-                    listing.items.push(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
-                }
-                Err(err) => listing.damaged.push(err),
-            }
-        }
-        Ok(listing)
+            let meta =
+                self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, row.get(3))?;
+            Ok(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
+        }))
     }
 
     /// Appends messages to a conversation in one transaction; returns their ids once the
@@ -343,26 +351,17 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
-        for row in rows {
+        Ok(Listing::from_rows(rows, |row| {
             let id: i64 = row.get(0);
-            let sealed: Vec<u8> = row.get(5);
-            match self.open_json(FieldId { table: "messages", column: "body_sealed", row: id }, &sealed) {
-                Ok(body) => listing.items.push(Message {
-                    id,
-                    conversation_id,
-                    created_at: row.get(1),
-                    stats: MessageStats {
-                        prompt_tokens: row.get(2),
-                        output_tokens: row.get(3),
-                        duration_ms: row.get(4),
-                    },
-                    body,
-                }),
-                Err(err) => listing.damaged.push(err),
-            }
-        }
-        Ok(listing)
+            let body = self.open_json(FieldId { table: "messages", column: "body_sealed", row: id }, row.get(5))?;
+            Ok(Message {
+                id,
+                conversation_id,
+                created_at: row.get(1),
+                stats: MessageStats { prompt_tokens: row.get(2), output_tokens: row.get(3), duration_ms: row.get(4) },
+                body,
+            })
+        }))
     }
 
     /// Deletes a conversation and its messages.
@@ -431,40 +430,32 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
-        for row in rows {
+        Ok(Listing::from_rows(rows, |row| {
             let id: i64 = row.get(0);
-            let text: Result<String, StoreError> = (|| {
-                let field = FieldId { table: "memories", column: "text_sealed", row: id };
-                let plain = self.cipher.open(field, row.get::<&[u8], _>(4))?;
-                String::from_utf8(plain.to_vec())
-                    .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })
-            })();
-            let embedding: Result<Option<Vec<f32>>, StoreError> = match row.get::<Option<&[u8]>, _>(5) {
-                None => Ok(None),
+            let field = FieldId { table: "memories", column: "text_sealed", row: id };
+            let plain = self.cipher.open(field, row.get::<&[u8], _>(4))?;
+            let text = String::from_utf8(plain.to_vec())
+                .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })?;
+            let embedding = match row.get::<Option<&[u8]>, _>(5) {
+                None => None,
                 Some(sealed) => {
                     let field = FieldId { table: "memories", column: "embedding_sealed", row: id };
-                    self.cipher.open(field, sealed).map_err(StoreError::from).and_then(|plain| {
-                        if plain.len() % 4 != 0 {
-                            return Err(StoreError::Corrupt { field: field.to_string(), reason: "length".into() });
-                        }
-                        Ok(Some(plain.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
-                    })
+                    let plain = self.cipher.open(field, sealed)?;
+                    if plain.len() % 4 != 0 {
+                        return Err(StoreError::Corrupt { field: field.to_string(), reason: "length".into() });
+                    }
+                    Some(plain.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
                 }
             };
-            match (text, embedding) {
-                (Ok(text), Ok(embedding)) => listing.items.push(Memory {
-                    id,
-                    created_at: row.get(1),
-                    pinned: row.get(2),
-                    source_message_id: row.get(3),
-                    text,
-                    embedding,
-                }),
-                (Err(err), _) | (_, Err(err)) => listing.damaged.push(err),
-            }
-        }
-        Ok(listing)
+            Ok(Memory {
+                id,
+                created_at: row.get(1),
+                pinned: row.get(2),
+                source_message_id: row.get(3),
+                text,
+                embedding,
+            })
+        }))
     }
 
     /// Forgets one memory.
