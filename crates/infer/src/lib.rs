@@ -30,6 +30,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod attention;
+mod embed;
 mod engine;
 mod error;
 mod gguf;
@@ -42,6 +43,7 @@ mod template;
 mod text;
 mod tokenizer;
 
+pub use embed::{EmbedError, Embedder, MAX_EMBED_TOKENS};
 pub use engine::{
     Completion, EngineHandle, GenerateRequest, Prompt, StopReason, StreamEvent, Timings, TokenEvent, TokenStream, Usage,
 };

@@ -2,6 +2,7 @@
 //! GGUF files the tests write themselves.
 
 mod archs;
+mod embed;
 mod engine;
 mod fixtures;
 mod hostile;

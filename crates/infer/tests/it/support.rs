@@ -42,3 +42,9 @@ pub(crate) fn model_lock() -> std::sync::MutexGuard<'static, ()> {
     // A panicking test poisons the lock; the next test can still run.
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The directory of a pulled multi-file catalog model (e.g. `minilm-l6`).
+pub(crate) fn model_dir(name: &str) -> PathBuf {
+    let path = model_path(name);
+    path.parent().map(PathBuf::from).expect("model files live in a directory")
+}
