@@ -188,7 +188,7 @@ fn config_dim(path: &Path, config: &Config) -> Result<usize, EmbedError> {
     if config.hidden_size == 0 || config.hidden_size > 4096 || config.num_attention_heads == 0 {
         return Err(fail("hidden_size must be 1..=4096 with at least one attention head"));
     }
-    if config.hidden_size % config.num_attention_heads != 0 {
+    if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
         return Err(fail("hidden_size is not a multiple of num_attention_heads"));
     }
     if config.max_position_embeddings < MAX_EMBED_TOKENS {
