@@ -94,6 +94,8 @@ pub(crate) struct MessageRecord {
     pub(crate) output_tokens: i64,
     pub(crate) duration_ms: i64,
     pub(crate) body: MessageBody,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) embedding: Option<Vec<f32>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -191,6 +193,7 @@ mod tests {
     use super::*;
     use crate::Vault;
     use crate::store::RanOn;
+    use crate::{ItemKind, ItemRef};
 
     fn secret(s: &str) -> SecretString {
         SecretString::from(s.to_owned())
@@ -210,9 +213,11 @@ mod tests {
             ran_on: Some(RanOn::Peer("12D3Koo".into())),
         };
         let stats = MessageStats { prompt_tokens: 20, output_tokens: 30, duration_ms: 400 };
-        store.add_messages(conv, &[(user, MessageStats::default()), (reply, stats)]).await.expect("messages");
+        let ids =
+            store.add_messages(conv, &[(user, MessageStats::default()), (reply, stats)]).await.expect("messages");
+        store.set_embedding(ItemRef { kind: ItemKind::Message, id: ids[0] }, &[0.1, -0.7]).await.expect("embedding");
         let memory = store.add_memory("my daughter is called Ada", None, true).await.expect("memory");
-        store.set_embedding(memory, &[0.5, 0.25]).await.expect("embedding");
+        store.set_embedding(ItemRef { kind: ItemKind::Memory, id: memory }, &[0.5, 0.25]).await.expect("embedding");
         store.set_setting("units", b"metric").await.expect("setting");
         store
     }

@@ -1,6 +1,7 @@
 //! The SQLite store: conversations, messages, memories and settings, every content field
 //! sealed with the vault key (see `field.rs`), in one database file under the data dir.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,11 +13,13 @@ use zeroize::Zeroizing;
 
 use crate::export::{ConversationRecord, MemoryRecord, MessageRecord, SettingRecord};
 use crate::field::{FieldCipher, FieldError, FieldId};
+use crate::recall::{ItemKind, ItemRef, QuantizedVector, RecallItem};
 use crate::vault::VaultKey;
 
 /// Schema migrations, embedded in the binary, applied in order; `PRAGMA user_version`
 /// records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("../migrations/0001_initial.sql"), include_str!("../migrations/0002_message_embeddings.sql")];
 
 /// The setting that proves the database belongs to the unlocked vault.
 const VAULT_CHECK: &str = "kith.vault-check";
@@ -369,6 +372,18 @@ impl MemoryStore {
         self.delete("DELETE FROM conversations WHERE id = ?", id).await
     }
 
+    /// Forgets the memories that came from a conversation's messages; how many.
+    pub async fn forget_conversation_memories(&self, conversation_id: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM memories WHERE source_message_id IN (SELECT id FROM messages WHERE conversation_id = ?)",
+        )
+        .bind(conversation_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        Ok(done.rows_affected())
+    }
+
     /// Runs a one-row `DELETE ... WHERE id = ?`; whether a row went.
     async fn delete(&self, sql: &'static str, id: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(sql).bind(id).execute(&self.pool).await.map_err(|e| self.db(e))?;
@@ -401,25 +416,79 @@ impl MemoryStore {
         Ok(id)
     }
 
-    /// A memory's embedding as sealed little-endian f32s.
-    fn seal_embedding(&self, id: i64, embedding: &[f32]) -> Result<Vec<u8>, StoreError> {
-        let bytes: Zeroizing<Vec<u8>> = Zeroizing::new(embedding.iter().flat_map(|v| v.to_le_bytes()).collect());
-        Ok(self.cipher.seal(FieldId { table: "memories", column: "embedding_sealed", row: id }, &bytes)?)
+    /// An embedding sealed to its row (int8 components and scale; see `recall.rs`).
+    fn seal_embedding(&self, item: ItemRef, embedding: &[f32]) -> Result<Vec<u8>, StoreError> {
+        let bytes = Zeroizing::new(QuantizedVector::quantize(embedding).to_bytes());
+        Ok(self.cipher.seal(embedding_field(item), &bytes)?)
     }
 
-    /// Stores a memory's embedding.
-    pub async fn set_embedding(&self, id: i64, embedding: &[f32]) -> Result<(), StoreError> {
-        let sealed = self.seal_embedding(id, embedding)?;
-        let done = sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
-            .bind(sealed)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.db(e))?;
+    fn open_embedding(&self, item: ItemRef, sealed: Option<&[u8]>) -> Result<Option<QuantizedVector>, StoreError> {
+        let Some(sealed) = sealed else { return Ok(None) };
+        let field = embedding_field(item);
+        let plain = self.cipher.open(field, sealed)?;
+        QuantizedVector::from_bytes(&plain)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt { field: field.to_string(), reason: "not an embedding".into() })
+    }
+
+    /// Stores (or replaces) a memory's or message's embedding.
+    pub async fn set_embedding(&self, item: ItemRef, embedding: &[f32]) -> Result<(), StoreError> {
+        let sealed = self.seal_embedding(item, embedding)?;
+        let sql = match item.kind {
+            ItemKind::Memory => "UPDATE memories SET embedding_sealed = ? WHERE id = ?",
+            ItemKind::Message => "UPDATE messages SET embedding_sealed = ? WHERE id = ?",
+        };
+        let done = sqlx::query(sql).bind(sealed).bind(item.id).execute(&self.pool).await.map_err(|e| self.db(e))?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { table: "memories", id });
+            return Err(StoreError::NotFound { table: table_name(item.kind), id: item.id });
         }
         Ok(())
+    }
+
+    /// Every memory and message, decrypted, for the recall index (damaged rows are
+    /// reported, not indexed).
+    pub async fn recall_items(&self) -> Result<Listing<RecallItem>, StoreError> {
+        let memories = sqlx::query("SELECT id, created_at, text_sealed, embedding_sealed FROM memories ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        let mut listing = Listing::from_rows(memories, |row| {
+            let item = ItemRef { kind: ItemKind::Memory, id: row.get(0) };
+            let field = FieldId { table: "memories", column: "text_sealed", row: item.id };
+            let text = self.open_text(field, row.get(2))?;
+            let embedding = self.open_embedding(item, row.get(3))?;
+            Ok(RecallItem { item, conversation_id: None, created_at: row.get(1), role: None, text, embedding })
+        });
+        let messages = sqlx::query(
+            "SELECT id, conversation_id, created_at, body_sealed, embedding_sealed FROM messages ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        let messages = Listing::from_rows(messages, |row| {
+            let item = ItemRef { kind: ItemKind::Message, id: row.get(0) };
+            let mut body: MessageBody =
+                self.open_json(FieldId { table: "messages", column: "body_sealed", row: item.id }, row.get(3))?;
+            let embedding = self.open_embedding(item, row.get(4))?;
+            Ok(RecallItem {
+                item,
+                conversation_id: Some(row.get(1)),
+                created_at: row.get(2),
+                role: Some(std::mem::take(&mut body.role)),
+                text: std::mem::take(&mut body.content),
+                embedding,
+            })
+        });
+        listing.items.extend(messages.items);
+        listing.damaged.extend(messages.damaged);
+        Ok(listing)
+    }
+
+    /// A sealed UTF-8 text field.
+    fn open_text(&self, field: FieldId, sealed: &[u8]) -> Result<String, StoreError> {
+        let plain = self.cipher.open(field, sealed)?;
+        String::from_utf8(plain.to_vec())
+            .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })
     }
 
     /// All memories, oldest first.
@@ -432,21 +501,10 @@ impl MemoryStore {
         .map_err(|e| self.db(e))?;
         Ok(Listing::from_rows(rows, |row| {
             let id: i64 = row.get(0);
-            let field = FieldId { table: "memories", column: "text_sealed", row: id };
-            let plain = self.cipher.open(field, row.get::<&[u8], _>(4))?;
-            let text = String::from_utf8(plain.to_vec())
-                .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })?;
-            let embedding = match row.get::<Option<&[u8]>, _>(5) {
-                None => None,
-                Some(sealed) => {
-                    let field = FieldId { table: "memories", column: "embedding_sealed", row: id };
-                    let plain = self.cipher.open(field, sealed)?;
-                    if plain.len() % 4 != 0 {
-                        return Err(StoreError::Corrupt { field: field.to_string(), reason: "length".into() });
-                    }
-                    Some(plain.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-                }
-            };
+            let text = self.open_text(FieldId { table: "memories", column: "text_sealed", row: id }, row.get(4))?;
+            let embedding = self
+                .open_embedding(ItemRef { kind: ItemKind::Memory, id }, row.get(5))?
+                .map(|v| v.dequantize());
             Ok(Memory {
                 id,
                 created_at: row.get(1),
@@ -502,6 +560,25 @@ impl MemoryStore {
         tx.commit().await.map_err(|e| self.db(e))
     }
 
+    /// The embeddings of a conversation's messages, by message id.
+    async fn message_embeddings(&self, conversation_id: i64) -> Result<HashMap<i64, Vec<f32>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, embedding_sealed FROM messages WHERE conversation_id = ? AND embedding_sealed IS NOT NULL",
+        )
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))?;
+        let mut embeddings = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let item = ItemRef { kind: ItemKind::Message, id: row.get(0) };
+            if let Some(vector) = self.open_embedding(item, row.get(1))? {
+                embeddings.insert(item.id, vector.dequantize());
+            }
+        }
+        Ok(embeddings)
+    }
+
     /// Every row, decrypted, for an export; any damaged row is an error.
     pub(crate) async fn export_records(
         &self,
@@ -517,6 +594,7 @@ impl MemoryStore {
             if let Some(err) = messages.damaged.into_iter().next() {
                 return Err(err);
             }
+            let mut embeddings = self.message_embeddings(conversation.id).await?;
             records.push(ConversationRecord {
                 created_at: conversation.created_at,
                 updated_at: conversation.updated_at,
@@ -529,6 +607,7 @@ impl MemoryStore {
                         prompt_tokens: m.stats.prompt_tokens,
                         output_tokens: m.stats.output_tokens,
                         duration_ms: m.stats.duration_ms,
+                        embedding: embeddings.remove(&m.id),
                         body: m.body,
                     })
                     .collect(),
@@ -584,9 +663,14 @@ impl MemoryStore {
                 let sealed = self
                     .seal_json(FieldId { table: "messages", column: "body_sealed", row: message_id }, &message.body)?;
                 let stats = message.stats();
+                let embedding = message
+                    .embedding
+                    .as_deref()
+                    .map(|values| self.seal_embedding(ItemRef { kind: ItemKind::Message, id: message_id }, values))
+                    .transpose()?;
                 sqlx::query(
-                    "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, conversation_id, created_at, prompt_tokens, output_tokens, duration_ms, body_sealed, embedding_sealed) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(message_id)
                 .bind(conversation_id)
@@ -595,6 +679,7 @@ impl MemoryStore {
                 .bind(stats.output_tokens)
                 .bind(stats.duration_ms)
                 .bind(sealed)
+                .bind(embedding)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.db(e))?;
@@ -608,7 +693,11 @@ impl MemoryStore {
                 .cipher
                 .seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, memory.text.as_bytes())?;
             let embedding =
-                memory.embedding.as_deref().map(|values| self.seal_embedding(memory_id, values)).transpose()?;
+                memory
+                .embedding
+                .as_deref()
+                .map(|values| self.seal_embedding(ItemRef { kind: ItemKind::Memory, id: memory_id }, values))
+                .transpose()?;
             sqlx::query(
                 "INSERT INTO memories (id, created_at, pinned, text_sealed, embedding_sealed) VALUES (?, ?, ?, ?, ?)",
             )
@@ -671,6 +760,18 @@ async fn next_id(tx: &mut Transaction<'_, Sqlite>, table: Table) -> Result<i64, 
     sqlx::query_scalar(sql).fetch_one(&mut **tx).await
 }
 
+/// The sealed embedding column of a memory or message.
+fn embedding_field(item: ItemRef) -> FieldId<'static> {
+    FieldId { table: table_name(item.kind), column: "embedding_sealed", row: item.id }
+}
+
+fn table_name(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Memory => "memories",
+        ItemKind::Message => "messages",
+    }
+}
+
 /// Tables whose ids are allocated by [`next_id`].
 #[derive(Clone, Copy)]
 enum Table {
@@ -712,7 +813,10 @@ mod tests {
         let conv = store.create_conversation(&meta).await.expect("conversation");
         let ids = store.add_messages(conv, &[user("Capital of France?"), reply("Paris.")]).await.expect("messages");
         let memory = store.add_memory("prefers metric units", Some(ids[0]), true).await.expect("memory");
-        store.set_embedding(memory, &[0.25, -1.5, 3.0]).await.expect("embedding");
+        // Exactly representable as int8 × scale (scale 1/128), so it reads back equal.
+        let vector = [0.9921875, -0.5, 0.0078125];
+        store.set_embedding(ItemRef { kind: ItemKind::Memory, id: memory }, &vector).await.expect("embedding");
+        store.set_embedding(ItemRef { kind: ItemKind::Message, id: ids[1] }, &vector).await.expect("embedding");
         store.set_setting("ui.theme", b"dark").await.expect("setting");
         store.close().await;
 
@@ -731,10 +835,28 @@ mod tests {
         let memories = store.memories().await.expect("memories");
         assert_eq!(memories.items.len(), 1);
         assert_eq!(memories.items[0].text, "prefers metric units");
-        assert_eq!(memories.items[0].embedding.as_deref(), Some(&[0.25, -1.5, 3.0][..]));
+        assert_eq!(memories.items[0].embedding.as_deref(), Some(&vector[..]));
         assert!(memories.items[0].pinned);
         assert_eq!(store.setting("ui.theme").await.expect("setting").as_deref().map(|v| &v[..]), Some(&b"dark"[..]));
-        assert!(store.forget_memory(memory).await.expect("forget"));
+        let recall = store.recall_items().await.expect("recall items");
+        assert!(recall.damaged.is_empty());
+        let found: Vec<(ItemRef, &str, bool)> =
+            recall.items.iter().map(|i| (i.item, i.text.as_str(), i.embedding.is_some())).collect();
+        assert_eq!(
+            found,
+            [
+                (ItemRef { kind: ItemKind::Memory, id: memory }, "prefers metric units", true),
+                (ItemRef { kind: ItemKind::Message, id: ids[0] }, "Capital of France?", false),
+                (ItemRef { kind: ItemKind::Message, id: ids[1] }, "Paris.", true),
+            ]
+        );
+        assert_eq!(recall.items[2].embedding.as_ref().map(QuantizedVector::dequantize), Some(vector.to_vec()));
+        assert_eq!(recall.items[1].role.as_deref(), Some("user"));
+        assert_eq!(recall.items[1].conversation_id, Some(conv));
+        let missing = ItemRef { kind: ItemKind::Message, id: 999 };
+        assert!(matches!(store.set_embedding(missing, &vector).await, Err(StoreError::NotFound { .. })));
+
+        assert_eq!(store.forget_conversation_memories(conv).await.expect("forget"), 1, "the memory came from it");
         assert!(store.memories().await.expect("memories").items.is_empty());
         assert!(store.delete_conversation(conv).await.expect("delete"));
         assert!(store.messages(conv).await.expect("messages").items.is_empty(), "messages go with their conversation");
