@@ -30,6 +30,7 @@
 
 mod export;
 mod field;
+mod par;
 mod recall;
 mod store;
 mod vault;
@@ -42,4 +43,4 @@ pub use recall::{Hit, ItemKind, ItemRef, QuantizedVector, RecallIndex, RecallIte
 pub use store::{
     Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn, StoreError,
 };
-pub use vault::{Vault, VaultError, VaultKey};
+pub use vault::{DEFAULT_WORK_FACTOR, Vault, VaultError, VaultKey};

@@ -167,7 +167,7 @@ struct Entry {
 #[derive(Default)]
 pub struct RecallIndex {
     entries: Vec<Entry>,
-    slots: HashMap<ItemRef, u32>,
+    slots: HashMap<ItemRef, u32, BuildWordHasher>,
     /// Vector length; 0 until the first embedding arrives.
     dim: usize,
     /// `entries.len() × dim` int8 components (zeros where an item has no embedding).
@@ -175,7 +175,7 @@ pub struct RecallIndex {
     /// Per entry; 0 means "no embedding".
     scales: Vec<f32>,
     /// Word → (entry, count in the entry).
-    postings: HashMap<String, Vec<(u32, u32)>>,
+    postings: HashMap<String, Vec<(u32, u32)>, BuildWordHasher>,
     live: usize,
     live_words: u64,
 }
@@ -192,10 +192,12 @@ impl std::fmt::Debug for RecallIndex {
 
 impl RecallIndex {
     /// Indexes `items`.
-    pub fn build(items: impl IntoIterator<Item = RecallItem>) -> Self {
+    pub fn build(items: Vec<RecallItem>) -> Self {
+        // Splitting texts into words is most of the work: do it on every core, then merge.
+        let words = crate::par::map(&items, |item| split_words(&item.text));
         let mut index = Self::default();
-        for item in items {
-            index.insert(item);
+        for (item, words) in items.into_iter().zip(words) {
+            index.insert_split(item, &words);
         }
         index
     }
@@ -221,16 +223,27 @@ impl RecallIndex {
     }
 
     /// Adds an item, replacing the one with the same row if indexed.
-    pub fn insert(&mut self, mut item: RecallItem) {
+    pub fn insert(&mut self, item: RecallItem) {
+        let words = split_words(&item.text);
+        self.insert_split(item, &words);
+    }
+
+    fn insert_split(&mut self, mut item: RecallItem, split: &Words) {
         self.remove(item.item);
         let slot = self.entries.len() as u32;
         let mut words = 0u32;
-        for (word, count) in word_counts(&item.text) {
-            words += count;
-            match self.postings.get_mut(word.as_str()) {
-                Some(list) => list.push((slot, count)),
+        for word in split.iter() {
+            words += 1;
+            match self.postings.get_mut(word) {
+                // A repeated word of this entry: count it again.
+                Some(list) if list.last().is_some_and(|last| last.0 == slot) => {
+                    if let Some(last) = list.last_mut() {
+                        last.1 += 1;
+                    }
+                }
+                Some(list) => list.push((slot, 1)),
                 None => {
-                    self.postings.insert(word, vec![(slot, count)]);
+                    self.postings.insert(word.to_owned(), vec![(slot, 1)]);
                 }
             }
         }
@@ -369,8 +382,8 @@ impl RecallIndex {
         let mut scores = vec![0.0f32; self.entries.len()];
         let n = self.live as f32;
         let average = (self.live_words as f32 / n.max(1.0)).max(1.0);
-        for (word, _) in word_counts(query) {
-            let Some(list) = self.postings.get(word.as_str()) else { continue };
+        for (word, _) in split_words(query).counted() {
+            let Some(list) = self.postings.get(word) else { continue };
             let live: Vec<&(u32, u32)> = list.iter().filter(|(slot, _)| self.entries[*slot as usize].alive).collect();
             if live.is_empty() {
                 continue;
@@ -426,36 +439,118 @@ impl Ord for Scored {
     }
 }
 
-/// Lower-cased words and how often each occurs: runs of letters and digits; each
-/// CJK character is a word of its own (those scripts do not separate words by spaces).
-fn word_counts(text: &str) -> Vec<(String, u32)> {
-    let lower = text.to_lowercase();
-    let mut words: Vec<&str> = Vec::new();
+/// A fast non-cryptographic hash (FxHash's multiply-rotate) for the index's own maps:
+/// their keys are the user's words and row ids, not attacker-chosen, and SipHash would
+/// be a third of the build time.
+#[derive(Default, Clone, Copy)]
+struct BuildWordHasher;
+
+impl std::hash::BuildHasher for BuildWordHasher {
+    type Hasher = WordHasher;
+    fn build_hasher(&self) -> WordHasher {
+        WordHasher(0)
+    }
+}
+
+struct WordHasher(u64);
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.add(u64::from_le_bytes(tail));
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.add(n as u64);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A text's lower-cased words: runs of letters and digits; each CJK character is a word
+/// of its own (those scripts do not separate words by spaces). The words are ranges of
+/// one lower-cased copy: one allocation per text.
+struct Words {
+    lower: String,
+    spans: Vec<(u32, u32)>,
+}
+
+impl Words {
+    /// Every word, in order, repeats included.
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        self.spans.iter().map(|&(start, end)| &self.lower[start as usize..end as usize])
+    }
+
+    /// Each distinct word and how often it occurs, sorted.
+    fn counted(&self) -> Vec<(&str, u32)> {
+        let mut words: Vec<&str> = self.iter().collect();
+        words.sort_unstable();
+        let mut counts: Vec<(&str, u32)> = Vec::with_capacity(words.len());
+        for word in words {
+            match counts.last_mut() {
+                Some((last, count)) if *last == word => *count += 1,
+                _ => counts.push((word, 1)),
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        self.lower.zeroize();
+    }
+}
+
+fn split_words(text: &str) -> Words {
+    let lower = if text.is_ascii() { text.to_ascii_lowercase() } else { text.to_lowercase() };
+    let mut spans: Vec<(u32, u32)> = Vec::new();
     let mut start = None;
     for (at, c) in lower.char_indices() {
-        if is_cjk(c) {
-            if let Some(s) = start.take() {
-                words.push(&lower[s..at]);
+        let at = at as u32;
+        if c.is_ascii() {
+            if c.is_ascii_alphanumeric() {
+                start.get_or_insert(at);
+            } else if let Some(s) = start.take() {
+                spans.push((s, at));
             }
-            words.push(&lower[at..at + c.len_utf8()]);
+        } else if is_cjk(c) {
+            if let Some(s) = start.take() {
+                spans.push((s, at));
+            }
+            spans.push((at, at + c.len_utf8() as u32));
         } else if c.is_alphanumeric() {
             start.get_or_insert(at);
         } else if let Some(s) = start.take() {
-            words.push(&lower[s..at]);
+            spans.push((s, at));
         }
     }
     if let Some(s) = start {
-        words.push(&lower[s..]);
+        spans.push((s, lower.len() as u32));
     }
-    words.sort_unstable();
-    let mut counts: Vec<(String, u32)> = Vec::with_capacity(words.len());
-    for word in words {
-        match counts.last_mut() {
-            Some((last, count)) if last == word => *count += 1,
-            _ => counts.push((word.to_owned(), 1)),
-        }
-    }
-    counts
+    Words { lower, spans }
 }
 
 fn is_cjk(c: char) -> bool {
@@ -497,14 +592,14 @@ mod tests {
 
     #[test]
     fn words_are_lowercased_counted_and_split_cjk() {
-        let counts = word_counts("Ada, ada! The café—東京 x2");
-        let words: Vec<(&str, u32)> = counts.iter().map(|(w, c)| (w.as_str(), *c)).collect();
+        let split = split_words("Ada, ada! The café—東京 x2");
+        let words = split.counted();
         assert_eq!(words, vec![("ada", 2), ("café", 1), ("the", 1), ("x2", 1), ("京", 1), ("東", 1)]);
     }
 
     #[test]
     fn keyword_only_ranks_by_bm25() {
-        let index = RecallIndex::build([
+        let index = RecallIndex::build(vec![
             item(ItemKind::Memory, 1, "my daughter is called Ada", None),
             item(ItemKind::Message, 2, "the weather is nice", None),
             item(ItemKind::Message, 3, "Ada Ada Ada loves trains", None),
@@ -521,7 +616,7 @@ mod tests {
     #[test]
     fn meaning_outranks_words_and_scores_blend() {
         let q = unit(&[1.0, 0.0, 0.2]);
-        let index = RecallIndex::build([
+        let index = RecallIndex::build(vec![
             item(ItemKind::Memory, 1, "completely different words", Some(&unit(&[1.0, 0.05, 0.2]))),
             item(ItemKind::Message, 2, "query word", Some(&unit(&[0.0, 1.0, 0.0]))),
             item(ItemKind::Message, 3, "no vector but query word", None),
@@ -543,7 +638,7 @@ mod tests {
     #[test]
     fn top_k_is_sorted_and_bounded() {
         let items = (0..100).map(|i| item(ItemKind::Message, i, &"ada ".repeat(1 + i as usize % 7), None));
-        let index = RecallIndex::build(items);
+        let index = RecallIndex::build(items.collect());
         let hits = index.recall("ada", None, 5);
         assert_eq!(hits.len(), 5);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
@@ -551,7 +646,7 @@ mod tests {
 
     #[test]
     fn insert_remove_and_replace() {
-        let mut index = RecallIndex::build([
+        let mut index = RecallIndex::build(vec![
             item(ItemKind::Memory, 1, "ada", None),
             item(ItemKind::Message, 1, "ada too", None),
             item(ItemKind::Message, 2, "ada three", None),

@@ -167,10 +167,14 @@ pub struct Listing<T> {
 
 impl<T> Listing<T> {
     /// Decodes each row: the ones that open go to `items`, the others' errors to `damaged`.
-    fn from_rows<R>(rows: Vec<R>, decode: impl Fn(&R) -> Result<T, StoreError>) -> Self {
+    /// Large reads decode on every core (decryption and JSON dominate a full read).
+    fn from_rows<R: Sync>(rows: Vec<R>, decode: impl Fn(&R) -> Result<T, StoreError> + Sync) -> Self
+    where
+        T: Send,
+    {
         let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
-        for row in &rows {
-            match decode(row) {
+        for result in crate::par::map(&rows, decode) {
+            match result {
                 Ok(item) => listing.items.push(item),
                 Err(err) => listing.damaged.push(err),
             }
@@ -207,7 +211,10 @@ impl MemoryStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("secure_delete", "ON");
+            .pragma("secure_delete", "ON")
+            // Full reads (recall at unlock) stream 100,000+ rows from sqlx's worker thread;
+            // with its default 50-row buffer the two threads hand over every few rows.
+            .row_buffer_size(4_096);
         // One connection: writes are serialised anyway, and row ids are allocated inside
         // write transactions.
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(db)?;
@@ -433,16 +440,24 @@ impl MemoryStore {
 
     /// Stores (or replaces) a memory's or message's embedding.
     pub async fn set_embedding(&self, item: ItemRef, embedding: &[f32]) -> Result<(), StoreError> {
-        let sealed = self.seal_embedding(item, embedding)?;
-        let sql = match item.kind {
-            ItemKind::Memory => "UPDATE memories SET embedding_sealed = ? WHERE id = ?",
-            ItemKind::Message => "UPDATE messages SET embedding_sealed = ? WHERE id = ?",
-        };
-        let done = sqlx::query(sql).bind(sealed).bind(item.id).execute(&self.pool).await.map_err(|e| self.db(e))?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { table: table_name(item.kind), id: item.id });
+        self.set_embeddings(&[(item, embedding.to_vec())]).await
+    }
+
+    /// Stores many embeddings in one transaction; a missing row fails them all.
+    pub async fn set_embeddings(&self, embeddings: &[(ItemRef, Vec<f32>)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        for (item, embedding) in embeddings {
+            let sealed = self.seal_embedding(*item, embedding)?;
+            let sql = match item.kind {
+                ItemKind::Memory => "UPDATE memories SET embedding_sealed = ? WHERE id = ?",
+                ItemKind::Message => "UPDATE messages SET embedding_sealed = ? WHERE id = ?",
+            };
+            let done = sqlx::query(sql).bind(sealed).bind(item.id).execute(&mut *tx).await.map_err(|e| self.db(e))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound { table: table_name(item.kind), id: item.id });
+            }
         }
-        Ok(())
+        tx.commit().await.map_err(|e| self.db(e))
     }
 
     /// Every memory and message, decrypted, for the recall index (damaged rows are
