@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use kith_infer::{Completion, EngineHandle, GenerateRequest, LoadOptions, LoadedModel, Prompt, StreamEvent};
-use kith_memory::{ConversationMeta, MemoryStore, MessageBody, MessageStats, RanOn, Vault};
+use kith_memory::{ConversationMeta, ItemKind, ItemRef, MemoryStore, MessageBody, MessageStats, RanOn, Vault};
 use kith_models::{ModelEntry, ModelKind};
 use kith_types::ChatMessage;
 use tokio::sync::mpsc;
@@ -221,6 +221,8 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
 /// turn, and each turn (question and answer) is written in one transaction once answered.
 struct SavedChat {
     store: MemoryStore,
+    /// Embeds each saved message for recall, when the embedding model is pulled.
+    embedder: Option<kith_infer::Embedder>,
     conversation: Option<i64>,
     model: String,
     /// Earlier turns of a resumed conversation.
@@ -242,10 +244,7 @@ impl SavedChat {
             eprintln!("[not saved: no vault yet; `kith vault init` keeps conversations, encrypted]");
             return Ok(None);
         }
-        let passphrase =
-            crate::vault::passphrase("KITH_PASSPHRASE", args.passphrase_file.as_deref(), "Vault passphrase", false)?;
-        let key = vault.unlock(&passphrase).context("unlocking the vault")?;
-        let store = MemoryStore::open(&home, &key).await.context("opening the memory store")?;
+        let store = crate::vault::open_store(&home, args.passphrase_file.as_deref()).await?;
         let mut history = Vec::new();
         if let Some(id) = args.resume {
             let messages = store.messages(id).await?;
@@ -264,7 +263,11 @@ impl SavedChat {
             }
             eprintln!("[resuming conversation {id}: {} earlier messages]", history.len());
         }
-        Ok(Some(Self { store, conversation: args.resume, model, history }))
+        let embedder = crate::memory::load_embedder(false).unwrap_or_else(|err| {
+            eprintln!("warning: saved messages will be searchable by words only: {err:#}");
+            None
+        });
+        Ok(Some(Self { store, embedder, conversation: args.resume, model, history }))
     }
 
     async fn save_turn(&mut self, question: &str, answer: &str, done: Option<&Completion>) -> Result<()> {
@@ -284,7 +287,21 @@ impl SavedChat {
         });
         let user = MessageBody { role: "user".into(), content: question.into(), ran_on: None };
         let reply = MessageBody { role: "assistant".into(), content: answer.into(), ran_on: Some(RanOn::Local) };
-        self.store.add_messages(id, &[(user, MessageStats::default()), (reply, stats)]).await?;
+        let ids = self.store.add_messages(id, &[(user, MessageStats::default()), (reply, stats)]).await?;
+        if let Some(embedder) = &self.embedder {
+            // The turn is saved; without vectors it is still found by its words (and
+            // `kith memory search` embeds it later).
+            let embedded = async {
+                let vectors = embedder.embed(&[question, answer])?;
+                let pairs: Vec<(ItemRef, Vec<f32>)> =
+                    ids.iter().map(|&id| ItemRef { kind: ItemKind::Message, id }).zip(vectors).collect();
+                self.store.set_embeddings(&pairs).await?;
+                anyhow::Ok(())
+            };
+            if let Err(err) = embedded.await {
+                eprintln!("warning: this turn is saved but not embedded for search: {err:#}");
+            }
+        }
         Ok(())
     }
 }

@@ -64,10 +64,29 @@ pub(crate) enum MemoryCommand {
         #[arg(long)]
         pin: bool,
     },
-    /// Forget a memory by its id.
+    /// Search memories and past messages by meaning and by words.
+    Search {
+        /// What to look for.
+        query: String,
+        /// How many results.
+        #[arg(long, short = 'k', default_value_t = 10)]
+        limit: usize,
+        /// Print JSON (one array of hits) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a memory by its id, or a whole conversation with --conversation.
+    #[command(group = clap::ArgGroup::new("what").required(true))]
     Forget {
         /// The id `kith memory list` shows.
-        id: i64,
+        #[arg(group = "what")]
+        id: Option<i64>,
+        /// Delete this conversation and its messages (ids from `kith memory chats`).
+        #[arg(long, value_name = "ID", group = "what")]
+        conversation: Option<i64>,
+        /// With --conversation: also forget the memories that came from it.
+        #[arg(long, requires = "conversation")]
+        with_memories: bool,
     },
     /// Write everything (conversations, messages, memories, settings) to an age file.
     Export {
@@ -120,8 +139,24 @@ pub(crate) enum VaultCommand {
     },
     /// Check that the passphrase opens the vault.
     Unlock,
-    /// Say whether a vault exists and where.
+    /// Say whether a vault exists, where, and whether the OS keyring unlocks it.
     Status,
+    /// Keep the vault key in the OS keyring so that the vault opens without the
+    /// passphrase (`on`), or remove it from there (`off`).
+    Keyring {
+        /// `on` or `off`.
+        #[arg(value_enum)]
+        state: KeyringState,
+    },
+}
+
+/// `kith vault keyring on|off`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum KeyringState {
+    /// Store the vault key in the OS keyring.
+    On,
+    /// Remove it from the OS keyring.
+    Off,
 }
 
 /// Which model, on which device.

@@ -1,4 +1,4 @@
-//! Progress bars on stderr for model pulls.
+//! Progress bars on stderr: model pulls and other long work.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kith_models::PullEvent;
@@ -47,4 +47,15 @@ impl PullProgress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A bar counting items of long work (hidden when stderr is not a terminal).
+pub(crate) fn count_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template("  [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
 }

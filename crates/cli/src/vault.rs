@@ -5,11 +5,11 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use kith_memory::Vault;
+use kith_memory::{Keyring, KeyringError, MemoryStore, StoreError, Vault};
 use kith_memory::secrecy::{ExposeSecret, SecretString};
 use kith_models::Store;
 
-use crate::cli::{VaultArgs, VaultCommand};
+use crate::cli::{KeyringState, VaultArgs, VaultCommand};
 
 pub(crate) fn run(args: VaultArgs) -> Result<ExitCode> {
     let store = Store::from_env()?;
@@ -48,12 +48,65 @@ pub(crate) fn run(args: VaultArgs) -> Result<ExitCode> {
         VaultCommand::Status => {
             if vault.exists() {
                 println!("vault: {}", store.home().join("vault").display());
+                println!("OS keyring: {}", if Keyring::enabled(&vault) { "on" } else { "off" });
             } else {
                 println!("no vault in {} (create one with `kith vault init`)", store.home().display());
             }
         }
+        VaultCommand::Keyring { state: KeyringState::On } => {
+            if !vault.exists() {
+                bail!("no vault in {}; create one with `kith vault init`", store.home().display());
+            }
+            // Find out first whether there is a keyring at all, before asking for anything.
+            let keyring = Keyring::platform()?;
+            let passphrase = passphrase("KITH_PASSPHRASE", args.passphrase_file.as_deref(), "Passphrase", false)?;
+            let key = vault.unlock(&passphrase).context("unlocking the vault")?;
+            keyring.remember(&vault, &key)?;
+            eprintln!("The vault key is now in the OS keyring: Kith opens the vault without the passphrase while your session is unlocked.");
+        }
+        VaultCommand::Keyring { state: KeyringState::Off } => match Keyring::platform() {
+            Ok(keyring) => {
+                let had = keyring.forget(&vault)?;
+                eprintln!("{}", if had { "Removed the vault key from the OS keyring." } else { "The OS keyring held no vault key." });
+            }
+            Err(err @ KeyringError::Unavailable(_)) => {
+                // Nothing can be removed from a keyring that is not there; stop using it.
+                Keyring::disable(&vault)?;
+                eprintln!("warning: {err}\nKith will no longer look for the key there.");
+            }
+            Err(err) => return Err(err.into()),
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Unlocks the vault under `home` (from the OS keyring where the user opted in, else
+/// with the passphrase) and opens its memory store.
+pub(crate) async fn open_store(home: &Path, passphrase_file: Option<&Path>) -> Result<MemoryStore> {
+    let vault = Vault::new(home);
+    if !vault.exists() {
+        bail!("no vault in {}; create one with `kith vault init`", home.display());
+    }
+    if Keyring::enabled(&vault) {
+        match Keyring::platform().and_then(|keyring| keyring.recall(&vault)) {
+            Ok(Some(key)) => match MemoryStore::open(home, &key).await {
+                Ok(store) => {
+                    tracing::info!("vault unlocked from the OS keyring");
+                    return Ok(store);
+                }
+                Err(StoreError::OtherVault(_)) => {
+                    eprintln!("warning: the key in the OS keyring does not open this vault; using the passphrase");
+                }
+                Err(err) => return Err(err).context("opening the memory store"),
+            },
+            Ok(None) => eprintln!("warning: the OS keyring holds no key for this vault; using the passphrase"),
+            Err(err) => eprintln!("warning: {err}"),
+        }
+    }
+    let key = vault
+        .unlock(&passphrase("KITH_PASSPHRASE", passphrase_file, "Vault passphrase", false)?)
+        .context("unlocking the vault")?;
+    MemoryStore::open(home, &key).await.context("opening the memory store")
 }
 
 /// A passphrase from the environment variable, the file's first line, or the terminal

@@ -30,6 +30,7 @@
 
 mod export;
 mod field;
+mod os_keyring;
 mod par;
 mod recall;
 mod store;
@@ -39,6 +40,7 @@ pub use age;
 pub use age::secrecy;
 pub use export::{ExportError, ExportSummary, ExportTo, ImportWith, MAX_EXPORT_BYTES, write_export};
 pub use field::{FieldCipher, FieldError, FieldId};
+pub use os_keyring::{Keyring, KeyringError};
 pub use recall::{Hit, ItemKind, ItemRef, QuantizedVector, RecallIndex, RecallItem};
 pub use store::{
     Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn, StoreError,

@@ -110,6 +110,22 @@ impl Vault {
         self
     }
 
+    /// The `vault/` directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Marks that the user keeps the vault key in the OS keyring (see `os_keyring.rs`).
+    pub(crate) fn keyring_marker(&self) -> PathBuf {
+        self.dir.join("keyring")
+    }
+
+    /// A key read back from the OS keyring (checked for length only: the store's vault
+    /// check tells whether it is this vault's).
+    pub(crate) fn key_from_keyring(&self, secret: zeroize::Zeroizing<Vec<u8>>) -> Result<VaultKey, VaultError> {
+        key_from(secret.to_vec(), &self.keyring_marker())
+    }
+
     fn passphrase_file(&self) -> PathBuf {
         self.dir.join("passphrase.age")
     }

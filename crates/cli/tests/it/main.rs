@@ -235,7 +235,7 @@ fn chat_saves_and_resumes_conversations() {
     let shared = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
     let model = stdout(&kith(&["models", "path", "smollm2-135m"], shared.as_deref())).trim().to_owned();
     assert!(Path::new(&model).is_file(), "the default model is pulled: {model}");
-    let home = tempfile::tempdir().expect("tempdir");
+    let home = home_with_models();
     let home = home.path();
     let env = [("KITH_PASSPHRASE", "chat secret")];
     assert!(kith_with(&["vault", "init"], home, &env).status.success());
@@ -261,6 +261,13 @@ fn chat_saves_and_resumes_conversations() {
     assert!(first.contains("saved as conversation 1"), "{first}");
     let listed = stdout(&kith_with(&["memory", "chats"], home, &env));
     assert!(listed.contains("2 messages") && listed.contains("Hi!"), "{listed}");
+    // Saved messages are found by meaning.
+    let found = kith_with(&["memory", "search", "hello there", "--json"], home, &env);
+    assert!(found.status.success(), "{}", stderr(&found));
+    let hits: Vec<serde_json::Value> = serde_json::from_slice(&found.stdout).expect("JSON hits");
+    let user = hits.iter().find(|h| h["text"] == "Hi!").expect("the user's message is found");
+    assert_eq!((user["kind"].as_str(), user["role"].as_str()), (Some("message"), Some("user")));
+    assert!(user["semantic"].as_f64().is_some(), "{user}");
     let resumed = chat(&["--resume", "1"], b"And then?\n/exit\n");
     assert!(resumed.contains("resuming conversation 1: 2 earlier messages"), "{resumed}");
     // The resumed turn's prompt holds the first turn too.
@@ -272,4 +279,124 @@ fn chat_saves_and_resumes_conversations() {
     assert!(stdout(&kith_with(&["memory", "chats"], home, &env)).contains("4 messages"));
     let no_vault = chat(&["--no-save"], b"Hi!\n/exit\n");
     assert!(!no_vault.contains("saved as"), "{no_vault}");
+
+    let forget = kith_with(&["memory", "forget", "--conversation", "1", "--with-memories"], home, &env);
+    assert!(forget.status.success(), "{}", stderr(&forget));
+    assert!(stderr(&forget).contains("Deleted conversation 1 and 0 memories"), "{}", stderr(&forget));
+    assert!(stdout(&kith_with(&["memory", "chats"], home, &env)).trim().is_empty());
+    let again = kith_with(&["memory", "forget", "--conversation", "1"], home, &env);
+    assert!(!again.status.success() && stderr(&again).contains("no conversation 1"), "{}", stderr(&again));
+    let neither = kith_with(&["memory", "forget"], home, &env);
+    assert!(!neither.status.success(), "forget needs an id or --conversation");
+}
+
+/// A temporary KITH_HOME that sees the pulled models of the shared one.
+fn home_with_models() -> tempfile::TempDir {
+    let shared = std::env::var_os("KITH_HOME").map(std::path::PathBuf::from);
+    let model = stdout(&kith(&["models", "path", "minilm-l6"], shared.as_deref())).trim().to_owned();
+    let models = Path::new(&model).ancestors().nth(2).expect("models directory").to_owned();
+    assert!(models.join("minilm-l6").is_dir(), "minilm-l6 is pulled: {model}");
+    let home = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(&models, home.path().join("models")).expect("link models");
+    home
+}
+
+fn search(home: &Path, query: &str) -> (Vec<serde_json::Value>, String) {
+    let output = kith_with(&["memory", "search", query, "--json"], home, &[("KITH_PASSPHRASE", "s")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    (serde_json::from_slice(&output.stdout).expect("JSON hits"), stderr(&output))
+}
+
+/// `kith memory search`: by meaning with MiniLM pulled, by words without it, and items
+/// saved before the model was there get embedded on the next search.
+#[test]
+fn memory_search_by_meaning_and_by_words() {
+    let bare = tempfile::tempdir().expect("tempdir");
+    let env = [("KITH_PASSPHRASE", "s")];
+    assert!(kith_with(&["vault", "init"], bare.path(), &env).status.success());
+    let add = kith_with(&["memory", "add", "My daughter is called Ada"], bare.path(), &env);
+    assert!(add.status.success(), "{}", stderr(&add));
+    let (hits, note) = search(bare.path(), "Ada");
+    assert!(note.contains("matches words only"), "{note}");
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0]["semantic"], serde_json::Value::Null);
+    assert_eq!(hits[0]["keyword"], 1.0);
+    let (hits, _) = search(bare.path(), "child's name?");
+    assert!(hits.is_empty(), "no shared word, no meaning without the model: {hits:?}");
+
+    let home = home_with_models();
+    let home = home.path();
+    assert!(kith_with(&["vault", "init"], home, &env).status.success());
+    for text in ["My daughter is called Ada", "I prefer metric units", "The wifi password at the cabin is on the fridge"] {
+        let add = kith_with(&["memory", "add", text], home, &env);
+        assert!(add.status.success(), "{}", stderr(&add));
+    }
+    let (hits, _) = search(home, "child's name?");
+    assert_eq!(hits[0]["text"], "My daughter is called Ada", "{hits:?}");
+    assert!(hits[0]["semantic"].as_f64().expect("semantic score") > 0.3, "{hits:?}");
+    assert!(hits[0]["score"].as_f64() > hits[1]["score"].as_f64(), "{hits:?}");
+    let (hits, _) = search(home, "fridge");
+    assert_eq!(hits[0]["text"], "The wifi password at the cabin is on the fridge");
+    assert_eq!(hits[0]["keyword"], 1.0);
+
+    // The bare vault's memory was saved without a vector: with the model, it gets one.
+    std::os::unix::fs::symlink(home.join("models"), bare.path().join("models")).expect("link models");
+    let (hits, _) = search(bare.path(), "child's name?");
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(hits[0]["semantic"].as_f64().expect("embedded now") > 0.3, "{hits:?}");
+}
+
+/// The OS keyring: with a real Secret Service (gnome-keyring in a private D-Bus session)
+/// the vault opens without the passphrase once opted in; `off` removes the key.
+#[test]
+fn vault_keyring_on_a_real_secret_service() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    let env = [("KITH_PASSPHRASE", "s")];
+    assert!(kith_with(&["vault", "init"], home, &env).status.success());
+    assert!(kith_with(&["memory", "add", "kept behind the keyring"], home, &env).status.success());
+    let kith = env!("CARGO_BIN_EXE_kith");
+    // gnome-keyring keeps its keyrings under the home directory: a private one, so the
+    // login keyring is created fresh with the password given here.
+    let session_home = tempfile::tempdir().expect("tempdir");
+    let runtime_dir = session_home.path().join("run");
+    std::fs::create_dir(&runtime_dir).expect("runtime dir");
+    std::fs::set_permissions(&runtime_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let script = format!(
+        "printf keyring-login | gnome-keyring-daemon --unlock --components=secrets >/dev/null || exit 90
+         KITH_PASSPHRASE=s {kith} vault keyring on || exit 91
+         {kith} vault status | grep -q 'OS keyring: on' || exit 92
+         {kith} memory list | grep -q 'kept behind the keyring' || exit 93
+         {kith} vault keyring off || exit 94
+         {kith} memory list && exit 95
+         exit 0"
+    );
+    let output = Command::new("dbus-run-session")
+        .args(["--", "sh", "-c", &script])
+        .env("KITH_HOME", home)
+        .env("HOME", session_home.path())
+        .env("XDG_DATA_HOME", session_home.path().join("share"))
+        .env("XDG_RUNTIME_DIR", &runtime_dir)
+        .env_remove("KITH_PASSPHRASE")
+        .env_remove("KITH_LOG")
+        .output()
+        .expect("dbus-run-session and gnome-keyring-daemon are installed (tests/run.sh installs them)");
+    assert!(output.status.success(), "step {:?} failed:\n{}", output.status.code(), stderr(&output));
+    assert!(stderr(&output).contains("no passphrase"), "after `off` the passphrase is needed again");
+    assert!(!home.join("vault").join("keyring").exists());
+}
+
+/// Without any keyring service, opting in fails clearly and changes nothing.
+#[test]
+fn vault_keyring_without_a_service_is_a_clear_error() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    let env = [("KITH_PASSPHRASE", "s"), ("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")];
+    assert!(kith_with(&["vault", "init"], home, &env).status.success());
+    let on = kith_with(&["vault", "keyring", "on"], home, &env);
+    assert!(!on.status.success());
+    assert!(stderr(&on).contains("no OS keyring is available") && stderr(&on).contains("passphrase"), "{}", stderr(&on));
+    assert!(!home.join("vault").join("keyring").exists());
+    assert!(stdout(&kith_with(&["vault", "status"], home, &env)).contains("OS keyring: off"));
+    assert!(kith_with(&["memory", "list"], home, &env).status.success(), "the passphrase still opens it");
 }
