@@ -19,7 +19,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams, TruncationStr
 pub const MAX_EMBED_TOKENS: usize = 256;
 /// Texts per forward pass: long enough to amortise per-op overhead, short enough that
 /// one long text does not pad many short ones.
-const BATCH: usize = 16;
+const BATCH: usize = 32;
 /// Files larger than this are not a MiniLM-class encoder; refuse before reading.
 const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 
