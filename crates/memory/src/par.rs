@@ -1,28 +1,34 @@
 //! Data-parallel helpers on scoped std threads (no thread pool to keep alive: the work
 //! is a few bursts at unlock).
 
+use std::ops::Range;
+
 /// Below this many items one thread is faster than starting others.
 const MIN_PER_THREAD: usize = 2_048;
 
 /// `items.iter().map(f).collect()`, on up to every core, in order.
 pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(items.len() / MIN_PER_THREAD).max(1);
+    ranges(items.len(), |range| items[range].iter().map(&f).collect::<Vec<R>>()).into_iter().flatten().collect()
+}
+
+/// Splits `0..len` into one contiguous range per core (one range when `len` is small)
+/// and runs `f` on each; the results in range order.
+pub(crate) fn ranges<R: Send>(len: usize, f: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(len / MIN_PER_THREAD).max(1);
     if threads == 1 {
-        return items.iter().map(f).collect();
+        return vec![f(0..len)];
     }
-    let chunk = items.len().div_ceil(threads);
+    let chunk = len.div_ceil(threads);
     let f = &f;
     std::thread::scope(|scope| {
-        let workers: Vec<_> =
-            items.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
-        let mut out = Vec::with_capacity(items.len());
-        for worker in workers {
-            match worker.join() {
-                Ok(part) => out.extend(part),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        out
+        let workers: Vec<_> = (0..len)
+            .step_by(chunk)
+            .map(|start| scope.spawn(move || f(start..(start + chunk).min(len))))
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
     })
 }
 

@@ -326,30 +326,35 @@ impl RecallIndex {
         let best_keyword = keyword.iter().copied().fold(0.0f32, f32::max);
         let query_vector = query_vector.filter(|v| self.dim > 0 && v.len() == self.dim).map(QuantizedVector::quantize);
 
-        let mut top: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
-        for (slot, entry) in self.entries.iter().enumerate() {
-            if !entry.alive {
-                continue;
+        // Every live entry is scored; each core keeps the best k of its share.
+        let shares = crate::par::ranges(self.entries.len(), |range| {
+            let mut top: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
+            for slot in range {
+                if !self.entries[slot].alive {
+                    continue;
+                }
+                let keyword = if best_keyword > 0.0 { keyword[slot] / best_keyword } else { 0.0 };
+                let semantic = query_vector.as_ref().and_then(|q| self.cosine(slot, q));
+                let score = match &query_vector {
+                    Some(_) => SEMANTIC_WEIGHT * semantic.unwrap_or(0.0).max(0.0) + (1.0 - SEMANTIC_WEIGHT) * keyword,
+                    None => keyword,
+                };
+                if score <= 0.0 {
+                    continue;
+                }
+                let candidate = Scored { score, slot: slot as u32, semantic, keyword };
+                if top.len() < k {
+                    top.push(Reverse(candidate));
+                } else if top.peek().is_some_and(|Reverse(worst)| candidate > *worst) {
+                    top.pop();
+                    top.push(Reverse(candidate));
+                }
             }
-            let keyword = if best_keyword > 0.0 { keyword[slot] / best_keyword } else { 0.0 };
-            let semantic = query_vector.as_ref().and_then(|q| self.cosine(slot, q));
-            let score = match &query_vector {
-                Some(_) => SEMANTIC_WEIGHT * semantic.unwrap_or(0.0).max(0.0) + (1.0 - SEMANTIC_WEIGHT) * keyword,
-                None => keyword,
-            };
-            if score <= 0.0 {
-                continue;
-            }
-            let candidate = Scored { score, slot: slot as u32, semantic, keyword };
-            if top.len() < k {
-                top.push(Reverse(candidate));
-            } else if top.peek().is_some_and(|Reverse(worst)| candidate > *worst) {
-                top.pop();
-                top.push(Reverse(candidate));
-            }
-        }
-        let mut hits: Vec<Scored> = top.into_iter().map(|Reverse(s)| s).collect();
+            top
+        });
+        let mut hits: Vec<Scored> = shares.into_iter().flatten().map(|Reverse(s)| s).collect();
         hits.sort_by(|a, b| b.cmp(a));
+        hits.truncate(k);
         hits.into_iter()
             .map(|s| {
                 let entry = &self.entries[s.slot as usize];
