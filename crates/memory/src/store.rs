@@ -172,10 +172,26 @@ impl<T> Listing<T> {
     where
         T: Send,
     {
+        Self::from_rows_partial(rows, |row| decode(row).map(|item| (item, None)))
+    }
+
+    /// As [`from_rows`](Self::from_rows), for rows that can be partly damaged: the
+    /// decoder returns the item with what it could not read (e.g. an embedding, which is
+    /// derived data and gets recomputed) as a second error.
+    fn from_rows_partial<R: Sync>(
+        rows: Vec<R>,
+        decode: impl Fn(&R) -> Result<(T, Option<StoreError>), StoreError> + Sync,
+    ) -> Self
+    where
+        T: Send,
+    {
         let mut listing = Listing { items: Vec::with_capacity(rows.len()), damaged: Vec::new() };
         for result in crate::par::map(&rows, decode) {
             match result {
-                Ok(item) => listing.items.push(item),
+                Ok((item, partial)) => {
+                    listing.items.push(item);
+                    listing.damaged.extend(partial);
+                }
                 Err(err) => listing.damaged.push(err),
             }
         }
@@ -460,19 +476,20 @@ impl MemoryStore {
         tx.commit().await.map_err(|e| self.db(e))
     }
 
-    /// Every memory and message, decrypted, for the recall index (damaged rows are
-    /// reported, not indexed).
+    /// Every memory and message, decrypted, for the recall index. Rows whose text is
+    /// damaged are reported, not indexed; a damaged embedding is reported and its row
+    /// indexed without one (so that it gets embedded again).
     pub async fn recall_items(&self) -> Result<Listing<RecallItem>, StoreError> {
         let memories = sqlx::query("SELECT id, created_at, text_sealed, embedding_sealed FROM memories ORDER BY id")
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.db(e))?;
-        let mut listing = Listing::from_rows(memories, |row| {
+        let mut listing = Listing::from_rows_partial(memories, |row| {
             let item = ItemRef { kind: ItemKind::Memory, id: row.get(0) };
             let field = FieldId { table: "memories", column: "text_sealed", row: item.id };
             let text = self.open_text(field, row.get(2))?;
-            let embedding = self.open_embedding(item, row.get(3))?;
-            Ok(RecallItem { item, conversation_id: None, created_at: row.get(1), role: None, text, embedding })
+            let (embedding, damaged) = split(self.open_embedding(item, row.get(3)));
+            Ok((RecallItem { item, conversation_id: None, created_at: row.get(1), role: None, text, embedding }, damaged))
         });
         let messages = sqlx::query(
             "SELECT id, conversation_id, created_at, body_sealed, embedding_sealed FROM messages ORDER BY id",
@@ -480,19 +497,20 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        let messages = Listing::from_rows(messages, |row| {
+        let messages = Listing::from_rows_partial(messages, |row| {
             let item = ItemRef { kind: ItemKind::Message, id: row.get(0) };
             let mut body: MessageBody =
                 self.open_json(FieldId { table: "messages", column: "body_sealed", row: item.id }, row.get(3))?;
-            let embedding = self.open_embedding(item, row.get(4))?;
-            Ok(RecallItem {
+            let (embedding, damaged) = split(self.open_embedding(item, row.get(4)));
+            let item = RecallItem {
                 item,
                 conversation_id: Some(row.get(1)),
                 created_at: row.get(2),
                 role: Some(std::mem::take(&mut body.role)),
                 text: std::mem::take(&mut body.content),
                 embedding,
-            })
+            };
+            Ok((item, damaged))
         });
         listing.items.extend(messages.items);
         listing.damaged.extend(messages.damaged);
@@ -506,7 +524,8 @@ impl MemoryStore {
             .map_err(|e| StoreError::Corrupt { field: field.to_string(), reason: e.to_string() })
     }
 
-    /// All memories, oldest first.
+    /// All memories, oldest first (one with a damaged embedding is listed without it, and
+    /// the damage reported).
     pub async fn memories(&self) -> Result<Listing<Memory>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, created_at, pinned, source_message_id, text_sealed, embedding_sealed FROM memories ORDER BY id",
@@ -514,20 +533,19 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        Ok(Listing::from_rows(rows, |row| {
+        Ok(Listing::from_rows_partial(rows, |row| {
             let id: i64 = row.get(0);
             let text = self.open_text(FieldId { table: "memories", column: "text_sealed", row: id }, row.get(4))?;
-            let embedding = self
-                .open_embedding(ItemRef { kind: ItemKind::Memory, id }, row.get(5))?
-                .map(|v| v.dequantize());
-            Ok(Memory {
+            let (embedding, damaged) = split(self.open_embedding(ItemRef { kind: ItemKind::Memory, id }, row.get(5)));
+            let memory = Memory {
                 id,
                 created_at: row.get(1),
                 pinned: row.get(2),
                 source_message_id: row.get(3),
                 text,
-                embedding,
-            })
+                embedding: embedding.map(|v| v.dequantize()),
+            };
+            Ok((memory, damaged))
         }))
     }
 
@@ -775,6 +793,14 @@ async fn next_id(tx: &mut Transaction<'_, Sqlite>, table: Table) -> Result<i64, 
     sqlx::query_scalar(sql).fetch_one(&mut **tx).await
 }
 
+/// An optional embedding, or the error that made it unreadable.
+fn split(result: Result<Option<QuantizedVector>, StoreError>) -> (Option<QuantizedVector>, Option<StoreError>) {
+    match result {
+        Ok(vector) => (vector, None),
+        Err(err) => (None, Some(err)),
+    }
+}
+
 /// The sealed embedding column of a memory or message.
 fn embedding_field(item: ItemRef) -> FieldId<'static> {
     FieldId { table: table_name(item.kind), column: "embedding_sealed", row: item.id }
@@ -961,6 +987,43 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains(&format!("messages.body_sealed of row {}", ids[0])), "{errors:?}");
         assert!(errors[1].contains(&format!("messages.body_sealed of row {}", ids[2])), "{errors:?}");
+
+        // Embeddings: one swapped onto another row, one that opens but is not a vector.
+        let vector = [0.6, -0.8];
+        store.set_embedding(ItemRef { kind: ItemKind::Message, id: ids[1] }, &vector).await.expect("embedding");
+        let memory = store.add_memory("m", None, false).await.expect("memory");
+        let moved: Vec<u8> = sqlx::query_scalar("SELECT embedding_sealed FROM messages WHERE id = ?")
+            .bind(ids[1])
+            .fetch_one(&store.pool)
+            .await
+            .expect("read");
+        sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
+            .bind(moved)
+            .bind(memory)
+            .execute(&store.pool)
+            .await
+            .expect("move");
+        // The memory's text still reads: it is recalled by words (and re-embedded by search).
+        let recall = store.recall_items().await.expect("recall items");
+        assert_eq!(recall.items.iter().map(|i| i.text.as_str()).collect::<Vec<_>>(), ["m", "two"]);
+        assert!(recall.items[0].embedding.is_none() && recall.items[1].embedding.is_some());
+        let errors: Vec<String> = recall.damaged.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains(&format!("memories.embedding_sealed of row {memory}")), "{errors:?}");
+        store.set_embedding(ItemRef { kind: ItemKind::Memory, id: memory }, &vector).await.expect("re-embed");
+        assert_eq!(store.recall_items().await.expect("recall items").damaged.len(), 2, "healed");
+
+        let not_a_vector = store.cipher.seal(embedding_field(ItemRef { kind: ItemKind::Memory, id: memory }), b"ab").expect("seal");
+        sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
+            .bind(not_a_vector)
+            .bind(memory)
+            .execute(&store.pool)
+            .await
+            .expect("write");
+        let memories = store.memories().await.expect("memories");
+        assert_eq!(memories.items.len(), 1);
+        assert_eq!(memories.items[0].embedding, None);
+        assert!(matches!(&memories.damaged[..], [StoreError::Corrupt { .. }]), "{:?}", memories.damaged);
     }
 
     #[tokio::test]
