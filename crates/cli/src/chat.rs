@@ -17,6 +17,13 @@ use crate::models;
 const EXIT_INTERRUPTED: u8 = 130;
 
 pub(crate) async fn load_engine(args: &ModelArgs) -> Result<(EngineHandle, Option<ModelEntry>)> {
+    let (loaded, entry) = load_model(args).await?;
+    let engine = EngineHandle::spawn(loaded).context("starting the engine thread")?;
+    Ok((engine, entry))
+}
+
+/// Resolves (pulling if needed) and loads a model, off the async threads.
+pub(crate) async fn load_model(args: &ModelArgs) -> Result<(LoadedModel, Option<ModelEntry>)> {
     let (path, entry) = models::resolve(args)?;
     let mut options = LoadOptions::default();
     options.device = args.device;
@@ -27,8 +34,7 @@ pub(crate) async fn load_engine(args: &ModelArgs) -> Result<(EngineHandle, Optio
         .await
         .context("model loading thread failed")?
         .with_context(|| format!("loading model {shown}"))?;
-    let engine = EngineHandle::spawn(loaded).context("starting the engine thread")?;
-    Ok((engine, entry))
+    Ok((loaded, entry))
 }
 
 fn warn_if_base(entry: Option<&ModelEntry>, raw: bool) {

@@ -38,6 +38,29 @@ pub(crate) enum Command {
     Vault(VaultArgs),
     /// Long-term memories, and export/import of everything Kith remembers.
     Memory(MemoryArgs),
+    /// Run the node headless with its local OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Print the local API's bearer token (created on first use).
+    Token,
+}
+
+/// `kith serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (loopback by default; the API accepts only loopback Host names).
+    #[arg(long, env = "KITH_LISTEN", default_value = "127.0.0.1:7878")]
+    pub(crate) listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Requests that may run or wait on the model before more are refused (HTTP 429).
+    #[arg(long, env = "KITH_QUEUE", default_value_t = kith_node::DEFAULT_QUEUE_PER_MODEL)]
+    pub(crate) queue: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "KITH_MAX_TOKENS", default_value_t = 4096)]
+    pub(crate) max_tokens: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "KITH_MAX_BODY", default_value_t = 1 << 20)]
+    pub(crate) max_body: usize,
 }
 
 /// `kith memory`. The vault is unlocked with the passphrase, read as for `kith vault`.

@@ -6,6 +6,7 @@ mod cli;
 mod memory;
 mod models;
 mod progress;
+mod serve;
 mod vault;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Vault(args) => vault::run(args),
             Command::Memory(args) => memory::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
+            Command::Token => serve::token(),
         }
     });
     match result {

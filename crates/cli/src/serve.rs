@@ -1,0 +1,79 @@
+//! `kith serve` and `kith token`: the node headless, with its local HTTP API.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use kith_models::Store;
+use kith_node::api::{self, ApiConfig};
+use kith_node::{ApiToken, NodeBuilder};
+
+use crate::cli::ServeArgs;
+
+pub(crate) fn token() -> Result<ExitCode> {
+    let home = Store::from_env()?.home().to_owned();
+    let token = ApiToken::load_or_create(&home).context("reading the API token")?;
+    println!("{}", token.as_str());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
+    let home = Store::from_env()?.home().to_owned();
+    let token = ApiToken::load_or_create(&home).context("reading the API token")?;
+    let (model, entry) = crate::chat::load_model(&args.model).await?;
+    let name = entry.map_or_else(|| args.model.model.clone(), |e| e.name);
+    let mut builder = NodeBuilder::new().model(name.clone(), model).queue_per_model(args.queue);
+    if let Some(embedder) = crate::memory::load_embedder(true)? {
+        builder = builder.embedder(crate::memory::EMBEDDING_MODEL, embedder);
+    }
+    let node = builder.build()?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    if !address.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {address}, which is not loopback; requests must still name localhost in Host"
+        );
+    }
+    let config = ApiConfig { max_body_bytes: args.max_body, max_tokens: args.max_tokens, ..ApiConfig::default() };
+    let router = api::router(node.clone(), token, config);
+    eprintln!("Kith is serving {name} on http://{address} (OpenAI-compatible API at http://{address}/v1).");
+    eprintln!("Requests need `Authorization: Bearer $(kith token)`; the token is in {}.", ApiToken::path(&home).display());
+    tracing::info!(%address, model = %name, "listening");
+
+    let stopping = node.clone();
+    api::serve(listener, router, async move {
+        shutdown_signal().await;
+        eprintln!("Shutting down: ending streams in flight…");
+        stopping.begin_shutdown();
+    })
+    .await
+    .context("serving the API")?;
+    node.shutdown().await;
+    eprintln!("Stopped.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!(error = %err, "no SIGTERM handler; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

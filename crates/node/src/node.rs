@@ -1,0 +1,309 @@
+//! The node: models behind bounded queues, the embedder, and ordered shutdown.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kith_infer::{Embedder, EngineHandle, GenerateError, GenerateRequest, LoadedModel, TokenStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+/// Requests that may wait or run on one model at a time, by default.
+pub const DEFAULT_QUEUE_PER_MODEL: usize = 16;
+
+/// Why the node refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// No loaded model has this name.
+    #[error("model {name:?} is not loaded here (loaded: {loaded})")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The names that are loaded.
+        loaded: String,
+    },
+    /// The model's queue is full; try again later.
+    #[error("model {0:?} is busy: its queue is full, try again shortly")]
+    Busy(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// No embedding model is loaded.
+    #[error("no embedding model is loaded (kith models pull minilm-l6)")]
+    NoEmbedder,
+    /// Generation failed.
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// Embedding failed.
+    #[error(transparent)]
+    Embed(#[from] kith_infer::EmbedError),
+    /// An engine thread could not start.
+    #[error("starting the engine for {name}: {source}")]
+    Spawn {
+        /// The model.
+        name: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Route {
+    /// On this machine's engine.
+    Local,
+}
+
+impl Route {
+    /// `local` (or, later, the peer).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Route::Local => "local",
+        }
+    }
+}
+
+/// Assembles a [`Node`].
+pub struct NodeBuilder {
+    models: Vec<(String, LoadedModel)>,
+    embedder: Option<(String, Embedder)>,
+    queue_per_model: usize,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeBuilder {
+    /// An empty node.
+    pub fn new() -> Self {
+        Self { models: Vec::new(), embedder: None, queue_per_model: DEFAULT_QUEUE_PER_MODEL }
+    }
+
+    /// Serves `model` under `name`; the first model added is the default.
+    pub fn model(mut self, name: impl Into<String>, model: LoadedModel) -> Self {
+        self.models.push((name.into(), model));
+        self
+    }
+
+    /// Serves embeddings with `embedder` under `name`.
+    pub fn embedder(mut self, name: impl Into<String>, embedder: Embedder) -> Self {
+        self.embedder = Some((name.into(), embedder));
+        self
+    }
+
+    /// How many requests may run or wait on one model before more are refused as busy.
+    pub fn queue_per_model(mut self, requests: usize) -> Self {
+        self.queue_per_model = requests.max(1);
+        self
+    }
+
+    /// Starts one engine thread per model.
+    pub fn build(self) -> Result<Node, NodeError> {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut models = Vec::with_capacity(self.models.len());
+        for (name, model) in self.models {
+            let engine = EngineHandle::spawn(model).map_err(|source| NodeError::Spawn { name: name.clone(), source })?;
+            tracing::info!(model = %name, "engine started");
+            models.push(ModelSlot {
+                name,
+                info: engine.info().clone(),
+                engine: std::sync::Mutex::new(Some(engine)),
+                queue: Arc::new(Semaphore::new(self.queue_per_model)),
+                created,
+            });
+        }
+        let (stopping, _) = watch::channel(false);
+        Ok(Node {
+            inner: Arc::new(Inner {
+                models,
+                embedder: self.embedder.map(|(name, e)| (name, Arc::new(e))),
+                queue_per_model: self.queue_per_model,
+                started: Instant::now(),
+                stopping,
+            }),
+        })
+    }
+}
+
+struct ModelSlot {
+    name: String,
+    /// Taken out at shutdown, so that the last sender to the engine thread goes away.
+    engine: std::sync::Mutex<Option<EngineHandle>>,
+    info: kith_infer::ModelInfo,
+    queue: Arc<Semaphore>,
+    created: u64,
+}
+
+impl ModelSlot {
+    fn engine(&self) -> Option<EngineHandle> {
+        self.engine.lock().ok().and_then(|engine| engine.clone())
+    }
+}
+
+struct Inner {
+    models: Vec<ModelSlot>,
+    embedder: Option<(String, Arc<Embedder>)>,
+    queue_per_model: usize,
+    started: Instant,
+    /// Becomes true when shutdown begins: streams end, new requests are refused.
+    stopping: watch::Sender<bool>,
+}
+
+/// The running node; clones share it.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("models", &self.inner.models.len()).finish_non_exhaustive()
+    }
+}
+
+/// A generation the node accepted: its route and its token stream. Holding it holds a
+/// place in the model's queue.
+#[derive(Debug)]
+pub struct Generation {
+    /// Where it runs.
+    pub route: Route,
+    /// The model's name.
+    pub model: String,
+    /// The tokens.
+    pub stream: TokenStream,
+    _place: OwnedSemaphorePermit,
+}
+
+/// One loaded model, as the API lists it.
+#[derive(Debug, Clone)]
+pub struct ModelStatus {
+    /// The name requests use.
+    pub name: String,
+    /// Unix seconds since it was loaded.
+    pub created: u64,
+    /// Context window in tokens.
+    pub context_length: usize,
+    /// Requests running or waiting.
+    pub queued: usize,
+    /// Whether it is an embedding model.
+    pub embedding: bool,
+}
+
+/// The node's state, for status pages.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// Loaded models, the embedding model last.
+    pub models: Vec<ModelStatus>,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+    /// Whether shutdown has begun.
+    pub stopping: bool,
+}
+
+impl Node {
+    /// The default model's name (the first added), if any.
+    pub fn default_model(&self) -> Option<&str> {
+        self.inner.models.first().map(|m| m.name.as_str())
+    }
+
+    /// The embedding model's name, if one is loaded.
+    pub fn embedding_model(&self) -> Option<&str> {
+        self.inner.embedder.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// Models and queues.
+    pub fn status(&self) -> NodeStatus {
+        let mut models: Vec<ModelStatus> = self
+            .inner
+            .models
+            .iter()
+            .map(|m| ModelStatus {
+                name: m.name.clone(),
+                created: m.created,
+                context_length: m.info.context_length,
+                queued: self.inner.queue_per_model - m.queue.available_permits(),
+                embedding: false,
+            })
+            .collect();
+        if let Some((name, _)) = &self.inner.embedder {
+            let created = models.first().map_or(0, |m| m.created);
+            models.push(ModelStatus { name: name.clone(), created, context_length: 0, queued: 0, embedding: true });
+        }
+        NodeStatus {
+            models,
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            stopping: *self.inner.stopping.borrow(),
+        }
+    }
+
+    /// Starts a generation on `model`, or refuses at once when its queue is full.
+    pub async fn generate(&self, model: &str, request: GenerateRequest) -> Result<Generation, NodeError> {
+        if *self.inner.stopping.borrow() {
+            return Err(NodeError::ShuttingDown);
+        }
+        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| NodeError::UnknownModel {
+            name: model.to_owned(),
+            loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        let place = slot.queue.clone().try_acquire_owned().map_err(|_| NodeError::Busy(slot.name.clone()))?;
+        let engine = slot.engine().ok_or(NodeError::ShuttingDown)?;
+        let stream = engine.generate(request).await?;
+        Ok(Generation { route: Route::Local, model: slot.name.clone(), stream, _place: place })
+    }
+
+    /// Unit-length sentence vectors, computed off the async threads.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, NodeError> {
+        if *self.inner.stopping.borrow() {
+            return Err(NodeError::ShuttingDown);
+        }
+        let (_, embedder) = self.inner.embedder.as_ref().ok_or(NodeError::NoEmbedder)?;
+        let embedder = embedder.clone();
+        match tokio::task::spawn_blocking(move || embedder.embed(&texts)).await {
+            Ok(result) => Ok(result?),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+
+    /// Tokens of `text` for the embedding model (usage counts).
+    pub fn embedding_tokens(&self, text: &str) -> usize {
+        self.inner
+            .embedder
+            .as_ref()
+            .and_then(|(_, e)| e.token_ids(text).ok())
+            .map_or(0, |ids| ids.len())
+    }
+
+    /// Resolves when shutdown begins (streams use it to end early and cleanly).
+    pub async fn stopping(&self) {
+        let mut rx = self.inner.stopping.subscribe();
+        let _ = rx.wait_for(|stopping| *stopping).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stopping.borrow()
+    }
+
+    /// Begins shutdown: new requests are refused and streams in flight end.
+    pub fn begin_shutdown(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    /// Shuts down in order: refuse new requests, end the streams in flight, then stop
+    /// every engine (each finishes what it is computing first).
+    pub async fn shutdown(self) {
+        self.begin_shutdown();
+        for slot in &self.inner.models {
+            // Wait until every place in the queue is given back (streams ended).
+            let _ = slot.queue.acquire_many(self.inner.queue_per_model as u32).await;
+            let engine = slot.engine.lock().ok().and_then(|mut engine| engine.take());
+            if let Some(engine) = engine {
+                engine.shutdown().await;
+            }
+            tracing::info!(model = %slot.name, "engine stopped");
+        }
+    }
+}
