@@ -5,12 +5,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v age >/dev/null || { echo "the memory tests need the age tool (Debian: apt-get install age)" >&2; exit 1; }
-for tool in dbus-run-session gnome-keyring-daemon; do
+for tool in dbus-run-session gnome-keyring-daemon node npm; do
   command -v "$tool" >/dev/null || {
-    echo "the OS-keyring test needs $tool (Debian: apt-get install dbus gnome-keyring)" >&2; exit 1; }
+    echo "the tests need $tool (Debian: apt-get install dbus gnome-keyring nodejs npm)" >&2; exit 1; }
 done
 
 for model in smollm2-135m gemma3-270m minilm-l6; do
   cargo run --quiet -p kith-cli -- models pull "$model" >/dev/null
 done
+# The official OpenAI SDKs (Python and JS) are run against a live node by tests/e2e.
+sdk=target/test-sdks
+if ! "$sdk/py/bin/python" -c 'import openai' 2>/dev/null; then
+  python3 -m venv "$sdk/py"
+  "$sdk/py/bin/pip" install --quiet "openai==3.57.0"
+fi
+if [ ! -d "$sdk/js/node_modules/openai" ]; then
+  mkdir -p "$sdk/js"
+  npm install --prefix "$sdk/js" --silent --no-audit --no-fund "openai@7.57.0"
+fi
+export KITH_TEST_PYTHON="$PWD/$sdk/py/bin/python" KITH_TEST_JS="$PWD/$sdk/js"
+
 cargo test --workspace "$@"

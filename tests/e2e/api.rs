@@ -281,3 +281,59 @@ async fn shutdown_during_a_stream_ends_it_cleanly() {
     assert!(refused.is_err() || refused.is_ok_and(|r| r.status() == 503), "nothing served after shutdown");
     node.server.await.expect("server task").expect("server ran");
 }
+
+/// Runs one of the official SDK scripts against a live node; returns its JSON report.
+async fn run_sdk(program: &str, script: &str, dir: Option<&std::path::Path>) -> Value {
+    let node = TestNode::start(4, ApiConfig::default()).await;
+    let mut script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/sdk").join(script);
+    if let Some(dir) = dir {
+        // ES modules resolve packages from the script's own folder.
+        let copy = dir.join(script.file_name().expect("file name"));
+        std::fs::copy(&script, &copy).expect("copy the script next to node_modules");
+        script = copy;
+    }
+    let mut command = tokio::process::Command::new(program);
+    command
+        .arg(&script)
+        .env("KITH_BASE_URL", node.url("/v1"))
+        .env("KITH_TOKEN", &node.token)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
+        .await
+        .expect("the SDK script finishes")
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    node.stop().await;
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+fn check_sdk_report(report: &Value) {
+    assert_eq!(report["models"], json!(["smollm2-135m", "minilm-l6"]), "{report}");
+    assert!(!report["text"].as_str().expect("text").is_empty(), "{report}");
+    assert!(report["usage"].as_u64() > Some(0), "{report}");
+    assert!(!report["streamed"].as_str().expect("streamed").is_empty(), "{report}");
+    assert!(report["finish"].is_string(), "{report}");
+    assert_eq!(report["dims"], 384, "{report}");
+    assert_eq!(report["error"]["status"], 400, "{report}");
+}
+
+/// `KITH_TEST_PYTHON`: a Python with the `openai` package (tests/run.sh makes one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_works_unmodified() {
+    let python = std::env::var("KITH_TEST_PYTHON")
+        .expect("KITH_TEST_PYTHON names a Python with the openai package (tests/run.sh sets it up)");
+    let report = run_sdk(&python, "openai_sdk.py", None).await;
+    check_sdk_report(&report);
+    assert_eq!(report["error"]["class"], "BadRequestError");
+}
+
+/// `KITH_TEST_JS`: a directory with `node_modules/openai` (tests/run.sh makes one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_js_sdk_works_unmodified() {
+    let dir = std::env::var("KITH_TEST_JS")
+        .expect("KITH_TEST_JS names a directory with node_modules/openai (tests/run.sh sets it up)");
+    let report = run_sdk("node", "openai_sdk.mjs", Some(std::path::Path::new(&dir))).await;
+    check_sdk_report(&report);
+    assert_eq!(report["error"]["class"], "BadRequestError");
+}

@@ -108,6 +108,6 @@ impl Sse {
 
     /// The last non-null finish reason.
     pub(crate) fn finish_reason(&self) -> Option<String> {
-        self.chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).last().map(str::to_owned)
+        self.chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str()).map(str::to_owned)
     }
 }
