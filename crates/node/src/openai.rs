@@ -290,6 +290,10 @@ struct SseState {
     created: u64,
     include_usage: bool,
     phase: Phase,
+    /// A content chunk's JSON around its escaped text, rendered once per stream: each
+    /// token then costs one string escape, not a JSON tree.
+    content_prefix: String,
+    content_suffix: String,
 }
 
 #[derive(PartialEq)]
@@ -302,6 +306,15 @@ enum Phase {
 }
 
 impl SseState {
+    fn content_chunk(&self, text: &str) -> Event {
+        let escaped = serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned());
+        let mut data = String::with_capacity(self.content_prefix.len() + escaped.len() + self.content_suffix.len());
+        data.push_str(&self.content_prefix);
+        data.push_str(&escaped);
+        data.push_str(&self.content_suffix);
+        Event::default().data(data)
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
         let chunk = json!({
             "id": self.id,
@@ -325,14 +338,19 @@ fn sse_events(
     id: String,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
+    let created = now();
+    let (content_prefix, content_suffix) =
+        content_affixes(&id, created, generation.route.as_str(), &generation.model);
     let state = SseState {
         node,
         generation,
         pending: Some(first),
         id,
-        created: now(),
+        created,
         include_usage,
         phase: Phase::Role,
+        content_prefix,
+        content_suffix,
     };
     stream::unfold(state, |mut state| async move {
         loop {
@@ -364,7 +382,7 @@ fn sse_events(
                 Some(Ok(StreamEvent::Done(done))) => {
                     let mut out = Vec::new();
                     if !done.text.is_empty() {
-                        out.push(state.chunk(json!({ "content": done.text }), None));
+                        out.push(state.content_chunk(&done.text));
                     }
                     out.push(state.chunk(json!({}), Some(finish_reason(&done.stop_reason))));
                     state.phase =
@@ -389,7 +407,7 @@ fn sse_events(
                     if event.text().is_empty() {
                         continue;
                     }
-                    let chunk = state.chunk(json!({ "content": event.text() }), None);
+                    let chunk = state.content_chunk(event.text());
                     return Some((Ok(chunk), state));
                 }
                 Some(Err(err)) => {
@@ -406,6 +424,19 @@ fn sse_events(
             }
         }
     })
+}
+
+/// The JSON of a content chunk before and after its escaped text: the fields and order
+/// `SseState::chunk` renders (serde_json writes keys sorted).
+fn content_affixes(id: &str, created: u64, ran_on: &str, model: &str) -> (String, String) {
+    let prefix = r#"{"choices":[{"delta":{"content":"#.to_owned();
+    let suffix = format!(
+        r#"}},"finish_reason":null,"index":0,"logprobs":null}}],"created":{created},"id":{},"kith":{{"ran_on":{}}},"model":{},"object":"chat.completion.chunk"}}"#,
+        json!(id),
+        json!(ran_on),
+        json!(model),
+    );
+    (prefix, suffix)
 }
 
 /// The next engine event, or `None` as soon as the node begins shutting down.
@@ -509,6 +540,23 @@ fn base64_f32(vector: &[f32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_content_chunks_equal_the_generic_ones() {
+        let created = 1_700_000_000u64;
+        let (id, model) = ("chatcmpl-1", "m\"odel");
+        let (prefix, suffix) = content_affixes(id, created, "local", model);
+        for text in ["hello", "quote \" and \\ and \n", "é東🙂"] {
+            let fast = format!("{prefix}{}{suffix}", serde_json::to_string(text).expect("json"));
+            let generic = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }],
+                "kith": { "ran_on": "local" },
+            });
+            assert_eq!(serde_json::from_str::<Value>(&fast).expect("valid JSON"), generic);
+            assert_eq!(fast, generic.to_string(), "byte for byte");
+        }
+    }
 
     #[test]
     fn base64_matches_the_standard_alphabet_and_padding() {
