@@ -25,7 +25,7 @@ fn help_lists_the_commands() {
     let output = kith(&["--help"], None);
     assert!(output.status.success());
     let text = stdout(&output);
-    for command in ["ask", "chat", "models", "bench", "vault", "memory"] {
+    for command in ["ask", "chat", "models", "bench", "vault", "memory", "serve", "token"] {
         assert!(text.contains(command), "--help lacks {command}:\n{text}");
     }
     let ask = stdout(&kith(&["ask", "--help"], None));
@@ -399,4 +399,50 @@ fn vault_keyring_without_a_service_is_a_clear_error() {
     assert!(!home.join("vault").join("keyring").exists());
     assert!(stdout(&kith_with(&["vault", "status"], home, &env)).contains("OS keyring: off"));
     assert!(kith_with(&["memory", "list"], home, &env).status.success(), "the passphrase still opens it");
+}
+
+/// `kith serve`: listens, answers with the token from `kith token`, refuses without it,
+/// and exits cleanly on SIGTERM.
+#[test]
+fn serve_answers_with_the_token_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let home = home_with_models();
+    let home = home.path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KITH_HOME", home)
+        .env_remove("KITH_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kith serve starts");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).expect("read") > 0, "kith serve exited early");
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    let token = stdout(&kith(&["token"], Some(home))).trim().to_owned();
+    assert!(token.starts_with("kith_"), "{token}");
+    let get = |auth: &str| {
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        write!(stream, "GET /v1/models HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+    };
+    let ok = get(&format!("Authorization: Bearer {token}\r\n"));
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("smollm2-135m"), "{ok}");
+    assert!(get("").starts_with("HTTP/1.1 401"));
+
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    assert!(killed.success());
+    let status = child.wait().expect("kith serve exits");
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("read");
+    assert!(status.success(), "{rest}");
+    assert!(rest.contains("Stopped."), "{rest}");
 }
