@@ -96,7 +96,8 @@ async fn embeddings_put_similar_sentences_closer() {
     let input = ["My cat is called Miso.", "What is the name of my cat?", "The train leaves at seven."];
     let response = node.post("/v1/embeddings").json(&json!({ "model": "minilm-l6", "input": input })).send().await;
     let body: Value = response.expect("send").json().await.expect("JSON");
-    let vectors: Vec<Vec<f64>> = body["data"].as_array().expect("data").iter().map(|d| floats(&d["embedding"])).collect();
+    let vectors: Vec<Vec<f64>> =
+        body["data"].as_array().expect("data").iter().map(|d| floats(&d["embedding"])).collect();
     assert_eq!(vectors.len(), 3);
     assert_eq!(vectors[0].len(), 384);
     assert!(cosine(&vectors[0], &vectors[1]) > cosine(&vectors[0], &vectors[2]) + 0.2, "{body}");
@@ -173,7 +174,9 @@ async fn every_request_is_checked_before_it_runs() {
     assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
     let loopback = raw(
         node.address,
-        &format!("GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
     )
     .await;
     assert!(loopback.starts_with("HTTP/1.1 200"), "{loopback}");
@@ -210,7 +213,16 @@ async fn every_request_is_checked_before_it_runs() {
     assert_eq!(preflight.status(), 204);
     assert_eq!(preflight.headers()["access-control-allow-origin"], "tauri://localhost");
 
-    let models: Value = node.client.get(node.url("/v1/models")).bearer_auth(token).send().await.expect("send").json().await.expect("JSON");
+    let models: Value = node
+        .client
+        .get(node.url("/v1/models"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("JSON");
     let names: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
     assert_eq!(names, ["smollm2-135m", "minilm-l6"]);
     node.stop().await;
@@ -305,7 +317,8 @@ async fn run_sdk(program: &str, script: &str, dir: Option<&std::path::Path>) -> 
         .unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     node.stop().await;
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
 fn check_sdk_report(report: &Value) {

@@ -49,14 +49,7 @@ impl TestNode {
         let router = api::router(node.clone(), token.clone(), config);
         let stopping = node.clone();
         let server = tokio::spawn(api::serve(listener, router, async move { stopping.stopping().await }));
-        Self {
-            node,
-            address,
-            token: token.as_str().to_owned(),
-            client: reqwest::Client::new(),
-            _dir: dir,
-            server,
-        }
+        Self { node, address, token: token.as_str().to_owned(), client: reqwest::Client::new(), _dir: dir, server }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

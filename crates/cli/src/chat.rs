@@ -291,8 +291,13 @@ impl SavedChat {
             output_tokens: done.usage.completion_tokens as i64,
             duration_ms: (done.timings.prefill + done.timings.decode).as_millis() as i64,
         });
-        let user = MessageBody { role: "user".into(), content: question.into(), ran_on: None };
-        let reply = MessageBody { role: "assistant".into(), content: answer.into(), ran_on: Some(RanOn::Local) };
+        let user = MessageBody { role: "user".into(), content: question.into(), ran_on: None, interrupted: false };
+        let reply = MessageBody {
+            role: "assistant".into(),
+            content: answer.into(),
+            ran_on: Some(RanOn::Local),
+            interrupted: false,
+        };
         let ids = self.store.add_messages(id, &[(user, MessageStats::default()), (reply, stats)]).await?;
         if let Some(embedder) = &self.embedder {
             // The turn is saved; without vectors it is still found by its words (and

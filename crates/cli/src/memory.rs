@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use kith_infer::Embedder;
 use kith_memory::age::x25519;
-use kith_memory::{ExportTo, Hit, ImportWith, ItemKind, ItemRef, MemoryStore, QuantizedVector, RecallIndex, write_export};
+use kith_memory::{
+    ExportTo, Hit, ImportWith, ItemKind, ItemRef, MemoryStore, QuantizedVector, RecallIndex, write_export,
+};
 use kith_models::{Catalog, Store};
 
 use crate::cli::{MemoryArgs, MemoryCommand};

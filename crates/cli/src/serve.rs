@@ -27,19 +27,19 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     }
     let node = builder.build()?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
     if !address.ip().is_loopback() {
-        eprintln!(
-            "warning: listening on {address}, which is not loopback; requests must still name localhost in Host"
-        );
+        eprintln!("warning: listening on {address}, which is not loopback; requests must still name localhost in Host");
     }
     let config = ApiConfig { max_body_bytes: args.max_body, max_tokens: args.max_tokens, ..ApiConfig::default() };
     let router = api::router(node.clone(), token, config);
     eprintln!("Kith is serving {name} on http://{address} (OpenAI-compatible API at http://{address}/v1).");
-    eprintln!("Requests need `Authorization: Bearer $(kith token)`; the token is in {}.", ApiToken::path(&home).display());
+    eprintln!(
+        "Requests need `Authorization: Bearer $(kith token)`; the token is in {}.",
+        ApiToken::path(&home).display()
+    );
     tracing::info!(%address, model = %name, "listening");
 
     let stopping = node.clone();

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use kith_memory::{Keyring, KeyringError, MemoryStore, StoreError, Vault};
 use kith_memory::secrecy::{ExposeSecret, SecretString};
+use kith_memory::{Keyring, KeyringError, MemoryStore, StoreError, Vault};
 use kith_models::Store;
 
 use crate::cli::{KeyringState, VaultArgs, VaultCommand};
@@ -62,12 +62,21 @@ pub(crate) fn run(args: VaultArgs) -> Result<ExitCode> {
             let passphrase = passphrase("KITH_PASSPHRASE", args.passphrase_file.as_deref(), "Passphrase", false)?;
             let key = vault.unlock(&passphrase).context("unlocking the vault")?;
             keyring.remember(&vault, &key)?;
-            eprintln!("The vault key is now in the OS keyring: Kith opens the vault without the passphrase while your session is unlocked.");
+            eprintln!(
+                "The vault key is now in the OS keyring: Kith opens the vault without the passphrase while your session is unlocked."
+            );
         }
         VaultCommand::Keyring { state: KeyringState::Off } => match Keyring::platform() {
             Ok(keyring) => {
                 let had = keyring.forget(&vault)?;
-                eprintln!("{}", if had { "Removed the vault key from the OS keyring." } else { "The OS keyring held no vault key." });
+                eprintln!(
+                    "{}",
+                    if had {
+                        "Removed the vault key from the OS keyring."
+                    } else {
+                        "The OS keyring held no vault key."
+                    }
+                );
             }
             Err(err @ KeyringError::Unavailable(_)) => {
                 // Nothing can be removed from a keyring that is not there; stop using it.

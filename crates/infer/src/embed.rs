@@ -160,10 +160,8 @@ impl Embedder {
     }
 
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         let rows = encodings.len();
         let len = encodings.first().map_or(0, |e| e.get_ids().len());
         let flat = |f: fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {

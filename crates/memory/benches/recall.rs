@@ -10,9 +10,7 @@
 use std::time::{Duration, Instant};
 
 use kith_memory::secrecy::SecretString;
-use kith_memory::{
-    ConversationMeta, ItemKind, ItemRef, MemoryStore, MessageBody, MessageStats, RecallIndex, Vault,
-};
+use kith_memory::{ConversationMeta, ItemKind, ItemRef, MemoryStore, MessageBody, MessageStats, RecallIndex, Vault};
 
 const MESSAGES: usize = 100_000;
 const MEMORIES: usize = 10_000;
@@ -79,7 +77,7 @@ fn main() {
                 .map(|i| {
                     let role = if i % 2 == 0 { "user" } else { "assistant" };
                     let content = rng.text(&words, 30, 60);
-                    (MessageBody { role: role.into(), content, ran_on: None }, MessageStats::default())
+                    (MessageBody { role: role.into(), content, ran_on: None, interrupted: false }, MessageStats::default())
                 })
                 .collect();
             let ids = store.add_messages(conversation, &batch).await.expect("insert");

@@ -27,7 +27,10 @@ fn main() {
         let batch: Vec<(MessageBody, MessageStats)> = (0..BATCH)
             .map(|i| {
                 let role = if i % 2 == 0 { "user" } else { "assistant" };
-                (MessageBody { role: role.into(), content: text.clone(), ran_on: None }, MessageStats::default())
+                (
+                    MessageBody { role: role.into(), content: text.clone(), ran_on: None, interrupted: false },
+                    MessageStats::default(),
+                )
             })
             .collect();
         let started = Instant::now();

@@ -206,15 +206,20 @@ mod tests {
             .create_conversation(&ConversationMeta { title: "Trip".into(), model: "smollm2-135m".into() })
             .await
             .expect("conversation");
-        let user = MessageBody { role: "user".into(), content: "Plan a trip to Lyon".into(), ran_on: None };
+        let user = MessageBody {
+            role: "user".into(),
+            content: "Plan a trip to Lyon".into(),
+            ran_on: None,
+            interrupted: false,
+        };
         let reply = MessageBody {
             role: "assistant".into(),
             content: "Day 1: ...".into(),
             ran_on: Some(RanOn::Peer("12D3Koo".into())),
+            interrupted: false,
         };
         let stats = MessageStats { prompt_tokens: 20, output_tokens: 30, duration_ms: 400 };
-        let ids =
-            store.add_messages(conv, &[(user, MessageStats::default()), (reply, stats)]).await.expect("messages");
+        let ids = store.add_messages(conv, &[(user, MessageStats::default()), (reply, stats)]).await.expect("messages");
         store.set_embedding(ItemRef { kind: ItemKind::Message, id: ids[0] }, &[0.1, -0.7]).await.expect("embedding");
         let memory = store.add_memory("my daughter is called Ada", None, true).await.expect("memory");
         store.set_embedding(ItemRef { kind: ItemKind::Memory, id: memory }, &[0.5, 0.25]).await.expect("embedding");

@@ -21,10 +21,8 @@ pub(crate) fn ranges<R: Send>(len: usize, f: impl Fn(Range<usize>) -> R + Sync) 
     let chunk = len.div_ceil(threads);
     let f = &f;
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..len)
-            .step_by(chunk)
-            .map(|start| scope.spawn(move || f(start..(start + chunk).min(len))))
-            .collect();
+        let workers: Vec<_> =
+            (0..len).step_by(chunk).map(|start| scope.spawn(move || f(start..(start + chunk).min(len)))).collect();
         workers
             .into_iter()
             .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))

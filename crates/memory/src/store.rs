@@ -111,6 +111,9 @@ pub struct MessageBody {
     pub content: String,
     /// Where a reply ran (None for the user's own messages).
     pub ran_on: Option<RanOn>,
+    /// The reply was cut short (the node shut down or the client went away).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// Counts and timing of a message (stored in plaintext: sizes, not content).
@@ -489,7 +492,10 @@ impl MemoryStore {
             let field = FieldId { table: "memories", column: "text_sealed", row: item.id };
             let text = self.open_text(field, row.get(2))?;
             let (embedding, damaged) = split(self.open_embedding(item, row.get(3)));
-            Ok((RecallItem { item, conversation_id: None, created_at: row.get(1), role: None, text, embedding }, damaged))
+            Ok((
+                RecallItem { item, conversation_id: None, created_at: row.get(1), role: None, text, embedding },
+                damaged,
+            ))
         });
         let messages = sqlx::query(
             "SELECT id, conversation_id, created_at, body_sealed, embedding_sealed FROM messages ORDER BY id",
@@ -725,8 +731,7 @@ impl MemoryStore {
             let text = self
                 .cipher
                 .seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, memory.text.as_bytes())?;
-            let embedding =
-                memory
+            let embedding = memory
                 .embedding
                 .as_deref()
                 .map(|values| self.seal_embedding(ItemRef { kind: ItemKind::Memory, id: memory_id }, values))
@@ -837,12 +842,23 @@ mod tests {
     }
 
     fn user(text: &str) -> (MessageBody, MessageStats) {
-        (MessageBody { role: "user".into(), content: text.into(), ran_on: None }, MessageStats::default())
+        (
+            MessageBody { role: "user".into(), content: text.into(), ran_on: None, interrupted: false },
+            MessageStats::default(),
+        )
     }
 
     fn reply(text: &str) -> (MessageBody, MessageStats) {
         let stats = MessageStats { prompt_tokens: 12, output_tokens: 7, duration_ms: 80 };
-        (MessageBody { role: "assistant".into(), content: text.into(), ran_on: Some(RanOn::Local) }, stats)
+        (
+            MessageBody {
+                role: "assistant".into(),
+                content: text.into(),
+                ran_on: Some(RanOn::Local),
+                interrupted: false,
+            },
+            stats,
+        )
     }
 
     #[tokio::test]
@@ -1013,7 +1029,8 @@ mod tests {
         store.set_embedding(ItemRef { kind: ItemKind::Memory, id: memory }, &vector).await.expect("re-embed");
         assert_eq!(store.recall_items().await.expect("recall items").damaged.len(), 2, "healed");
 
-        let not_a_vector = store.cipher.seal(embedding_field(ItemRef { kind: ItemKind::Memory, id: memory }), b"ab").expect("seal");
+        let not_a_vector =
+            store.cipher.seal(embedding_field(ItemRef { kind: ItemKind::Memory, id: memory }), b"ab").expect("seal");
         sqlx::query("UPDATE memories SET embedding_sealed = ? WHERE id = ?")
             .bind(not_a_vector)
             .bind(memory)

@@ -105,7 +105,8 @@ impl NodeBuilder {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut models = Vec::with_capacity(self.models.len());
         for (name, model) in self.models {
-            let engine = EngineHandle::spawn(model).map_err(|source| NodeError::Spawn { name: name.clone(), source })?;
+            let engine =
+                EngineHandle::spawn(model).map_err(|source| NodeError::Spawn { name: name.clone(), source })?;
             tracing::info!(model = %name, "engine started");
             models.push(ModelSlot {
                 name,
@@ -232,11 +233,7 @@ impl Node {
             let created = models.first().map_or(0, |m| m.created);
             models.push(ModelStatus { name: name.clone(), created, context_length: 0, queued: 0, embedding: true });
         }
-        NodeStatus {
-            models,
-            uptime_s: self.inner.started.elapsed().as_secs(),
-            stopping: *self.inner.stopping.borrow(),
-        }
+        NodeStatus { models, uptime_s: self.inner.started.elapsed().as_secs(), stopping: *self.inner.stopping.borrow() }
     }
 
     /// Starts a generation on `model`, or refuses at once when its queue is full.
@@ -269,11 +266,7 @@ impl Node {
 
     /// Tokens of `text` for the embedding model (usage counts).
     pub fn embedding_tokens(&self, text: &str) -> usize {
-        self.inner
-            .embedder
-            .as_ref()
-            .and_then(|(_, e)| e.token_ids(text).ok())
-            .map_or(0, |ids| ids.len())
+        self.inner.embedder.as_ref().and_then(|(_, e)| e.token_ids(text).ok()).map_or(0, |ids| ids.len())
     }
 
     /// Resolves when shutdown begins (streams use it to end early and cleanly).

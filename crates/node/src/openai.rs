@@ -116,7 +116,10 @@ impl ChatCompletionRequest {
                 "user" => Role::User,
                 "assistant" => Role::Assistant,
                 other => {
-                    return Err(ApiError::invalid("messages", format!("messages[{i}]: role {other:?} is not supported")));
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("messages[{i}]: role {other:?} is not supported"),
+                    ));
                 }
             };
             let content = match &message.content {
@@ -339,8 +342,7 @@ fn sse_events(
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let created = now();
-    let (content_prefix, content_suffix) =
-        content_affixes(&id, created, generation.route.as_str(), &generation.model);
+    let (content_prefix, content_suffix) = content_affixes(&id, created, generation.route.as_str(), &generation.model);
     let state = SseState {
         node,
         generation,
@@ -385,8 +387,7 @@ fn sse_events(
                         out.push(state.content_chunk(&done.text));
                     }
                     out.push(state.chunk(json!({}), Some(finish_reason(&done.stop_reason))));
-                    state.phase =
-                        if state.include_usage { Phase::Usage(usage_json(&done)) } else { Phase::Done };
+                    state.phase = if state.include_usage { Phase::Usage(usage_json(&done)) } else { Phase::Done };
                     tracing::debug!(
                         prompt_tokens = done.usage.prompt_tokens,
                         completion_tokens = done.usage.completion_tokens,
@@ -440,10 +441,7 @@ fn content_affixes(id: &str, created: u64, ran_on: &str, model: &str) -> (String
 }
 
 /// The next engine event, or `None` as soon as the node begins shutting down.
-async fn next_or_stop(
-    node: &Node,
-    stream: &mut TokenStream,
-) -> Option<Result<StreamEvent, kith_infer::GenerateError>> {
+async fn next_or_stop(node: &Node, stream: &mut TokenStream) -> Option<Result<StreamEvent, kith_infer::GenerateError>> {
     if node.is_stopping() {
         return None;
     }
@@ -577,7 +575,10 @@ mod tests {
         }));
         let engine = ok.to_engine(100).expect("valid");
         assert!(engine.params.is_greedy());
-        assert_eq!((engine.params.max_tokens, engine.params.seed, engine.params.stop.clone()), (7, 3, vec!["x".into()]));
+        assert_eq!(
+            (engine.params.max_tokens, engine.params.seed, engine.params.stop.clone()),
+            (7, 3, vec!["x".into()])
+        );
         match &engine.prompt {
             Prompt::Chat(messages) => assert_eq!(messages[1].content, "hi"),
             other => panic!("{other:?}"),

@@ -327,7 +327,9 @@ fn memory_search_by_meaning_and_by_words() {
     let home = home_with_models();
     let home = home.path();
     assert!(kith_with(&["vault", "init"], home, &env).status.success());
-    for text in ["My daughter is called Ada", "I prefer metric units", "The wifi password at the cabin is on the fridge"] {
+    for text in
+        ["My daughter is called Ada", "I prefer metric units", "The wifi password at the cabin is on the fridge"]
+    {
         let add = kith_with(&["memory", "add", text], home, &env);
         assert!(add.status.success(), "{}", stderr(&add));
     }
@@ -395,7 +397,11 @@ fn vault_keyring_without_a_service_is_a_clear_error() {
     assert!(kith_with(&["vault", "init"], home, &env).status.success());
     let on = kith_with(&["vault", "keyring", "on"], home, &env);
     assert!(!on.status.success());
-    assert!(stderr(&on).contains("no OS keyring is available") && stderr(&on).contains("passphrase"), "{}", stderr(&on));
+    assert!(
+        stderr(&on).contains("no OS keyring is available") && stderr(&on).contains("passphrase"),
+        "{}",
+        stderr(&on)
+    );
     assert!(!home.join("vault").join("keyring").exists());
     assert!(stdout(&kith_with(&["vault", "status"], home, &env)).contains("OS keyring: off"));
     assert!(kith_with(&["memory", "list"], home, &env).status.success(), "the passphrase still opens it");

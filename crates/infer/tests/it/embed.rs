@@ -75,7 +75,8 @@ fn broken_model_directories_are_refused_clearly() {
     assert!(matches!(err, EmbedError::Weights(_)), "{err}");
 
     // A hostile header claiming a huge tensor.
-    let header = br#"{"embeddings.word_embeddings.weight":{"dtype":"F32","shape":[4000000000,384],"data_offsets":[0,16]}}"#;
+    let header =
+        br#"{"embeddings.word_embeddings.weight":{"dtype":"F32","shape":[4000000000,384],"data_offsets":[0,16]}}"#;
     let mut hostile = (header.len() as u64).to_le_bytes().to_vec();
     hostile.extend_from_slice(header);
     hostile.extend_from_slice(&[0u8; 16]);

@@ -40,8 +40,12 @@ fn crash_writer() {
                 .expect("conversation"),
         };
         for n in 0.. {
-            let body =
-                MessageBody { role: "user".into(), content: format!("message {n} {}", "x".repeat(200)), ran_on: None };
+            let body = MessageBody {
+                role: "user".into(),
+                content: format!("message {n} {}", "x".repeat(200)),
+                ran_on: None,
+                interrupted: false,
+            };
             let batch = vec![(body.clone(), MessageStats::default()), (body, MessageStats::default())];
             let ids = store.add_messages(conversation, &batch).await.expect("write");
             println!("ack {} {}", ids[0], ids[1]);
