@@ -2,4 +2,5 @@
 //! HTTP as any OpenAI client would.
 
 mod api;
+mod memory;
 mod support;

@@ -27,29 +27,50 @@ pub(crate) struct TestNode {
     pub(crate) address: SocketAddr,
     pub(crate) token: String,
     pub(crate) client: reqwest::Client,
-    _dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     pub(crate) server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The passphrase of test vaults.
+pub(crate) const PASSPHRASE: &str = "e2e secret";
+
+/// Opens (creating on first use) the vault and memory store in `dir`.
+pub(crate) async fn open_store(dir: &std::path::Path) -> kith_memory::MemoryStore {
+    use kith_memory::secrecy::SecretString;
+    let vault = kith_memory::Vault::new(dir).with_work_factor(4);
+    let passphrase = SecretString::from(PASSPHRASE.to_owned());
+    let key = if vault.exists() { vault.unlock(&passphrase) } else { vault.init(&passphrase, &[]) }.expect("vault");
+    kith_memory::MemoryStore::open(dir, &key).await.expect("store")
 }
 
 impl TestNode {
     /// SmolLM2 and MiniLM behind the API, with a queue of `queue` per model.
     pub(crate) async fn start(queue: usize, config: ApiConfig) -> Self {
+        Self::start_with(queue, config, false).await
+    }
+
+    /// As `start`, with a vault in the node's data directory when `memory`.
+    pub(crate) async fn start_with(queue: usize, config: ApiConfig, memory: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = ApiToken::load_or_create(dir.path()).expect("token");
         let minilm = model_path("minilm-l6");
         let embedder = Embedder::load(minilm.parent().expect("dir")).expect("MiniLM loads");
-        let node = NodeBuilder::new()
+        let mut builder = NodeBuilder::new()
             .model("smollm2-135m", load_smollm())
             .embedder("minilm-l6", embedder)
-            .queue_per_model(queue)
-            .build()
-            .expect("node starts");
+            .queue_per_model(queue);
+        if memory {
+            let store = open_store(dir.path()).await;
+            let items = store.recall_items().await.expect("recall items");
+            builder = builder.memory(store, kith_memory::RecallIndex::build(items.items));
+        }
+        let node = builder.build().expect("node starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let router = api::router(node.clone(), token.clone(), config);
         let stopping = node.clone();
         let server = tokio::spawn(api::serve(listener, router, async move { stopping.stopping().await }));
-        Self { node, address, token: token.as_str().to_owned(), client: reqwest::Client::new(), _dir: dir, server }
+        Self { node, address, token: token.as_str().to_owned(), client: reqwest::Client::new(), dir, server }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -60,10 +81,12 @@ impl TestNode {
         self.client.post(self.url(path)).bearer_auth(&self.token)
     }
 
-    /// Shuts the node down and waits for the server to stop.
-    pub(crate) async fn stop(self) {
+    /// Shuts the node down and waits for the server to stop; returns the data directory
+    /// (deleted when dropped).
+    pub(crate) async fn stop(self) -> tempfile::TempDir {
         self.node.clone().shutdown().await;
         self.server.await.expect("server task").expect("server ran");
+        self.dir
     }
 }
 

@@ -61,6 +61,13 @@ pub(crate) struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "KITH_MAX_BODY", default_value_t = 1 << 20)]
     pub(crate) max_body: usize,
+    /// Do not unlock the vault: `kith/` models (chat with memory) are then unavailable.
+    #[arg(long)]
+    pub(crate) no_memory: bool,
+    /// Read the vault passphrase from this file's first line (else the OS keyring where
+    /// enabled, KITH_PASSPHRASE, or a prompt).
+    #[arg(long)]
+    pub(crate) passphrase_file: Option<std::path::PathBuf>,
 }
 
 /// `kith memory`. The vault is unlocked with the passphrase, read as for `kith vault`.

@@ -25,6 +25,17 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     if let Some(embedder) = crate::memory::load_embedder(true)? {
         builder = builder.embedder(crate::memory::EMBEDDING_MODEL, embedder);
     }
+    let memory = !args.no_memory && kith_memory::Vault::new(&home).exists();
+    if memory {
+        let store = crate::vault::open_store(&home, args.passphrase_file.as_deref()).await?;
+        let items = store.recall_items().await?;
+        for damaged in &items.damaged {
+            eprintln!("warning: not recalled: {damaged}");
+        }
+        let index = kith_memory::RecallIndex::build(items.items);
+        eprintln!("Vault unlocked: {} memories and messages to recall from.", index.len());
+        builder = builder.memory(store, index);
+    }
     let node = builder.build()?;
 
     let listener =
@@ -36,6 +47,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     let config = ApiConfig { max_body_bytes: args.max_body, max_tokens: args.max_tokens, ..ApiConfig::default() };
     let router = api::router(node.clone(), token, config);
     eprintln!("Kith is serving {name} on http://{address} (OpenAI-compatible API at http://{address}/v1).");
+    if memory {
+        eprintln!("Use model \"kith/{name}\" for chats with memory, saved encrypted (plain \"{name}\" stores nothing).");
+    }
     eprintln!(
         "Requests need `Authorization: Bearer $(kith token)`; the token is in {}.",
         ApiToken::path(&home).display()

@@ -183,6 +183,14 @@ impl From<NodeError> for ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", err.to_string())
             },
             NodeError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", err.to_string()),
+            NodeError::NoMemory => Self {
+                param: Some("model"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+            },
+            NodeError::NoConversation(_) => Self {
+                code: Some("conversation_not_found"),
+                ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())
+            },
             NodeError::NoEmbedder => Self {
                 param: Some("model"),
                 ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())

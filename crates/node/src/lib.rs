@@ -20,6 +20,8 @@ pub mod api;
 mod node;
 mod openai;
 mod token;
+mod turn;
 
 pub use node::{DEFAULT_QUEUE_PER_MODEL, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Route};
 pub use token::ApiToken;
+pub use turn::{ChatTurn, MEMORY_CLOSE, MEMORY_OPEN, Recalled, Turn, remember_request};

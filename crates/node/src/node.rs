@@ -36,6 +36,15 @@ pub enum NodeError {
     /// Embedding failed.
     #[error(transparent)]
     Embed(#[from] kith_infer::EmbedError),
+    /// The node has no unlocked vault.
+    #[error("this node has no memory (no vault was unlocked when it started)")]
+    NoMemory,
+    /// No such conversation.
+    #[error("no conversation {0}")]
+    NoConversation(i64),
+    /// The memory store failed.
+    #[error(transparent)]
+    Store(#[from] kith_memory::StoreError),
     /// An engine thread could not start.
     #[error("starting the engine for {name}: {source}")]
     Spawn {
@@ -67,6 +76,7 @@ impl Route {
 pub struct NodeBuilder {
     models: Vec<(String, LoadedModel)>,
     embedder: Option<(String, Embedder)>,
+    memory: Option<(kith_memory::MemoryStore, kith_memory::RecallIndex)>,
     queue_per_model: usize,
 }
 
@@ -79,7 +89,7 @@ impl Default for NodeBuilder {
 impl NodeBuilder {
     /// An empty node.
     pub fn new() -> Self {
-        Self { models: Vec::new(), embedder: None, queue_per_model: DEFAULT_QUEUE_PER_MODEL }
+        Self { models: Vec::new(), embedder: None, memory: None, queue_per_model: DEFAULT_QUEUE_PER_MODEL }
     }
 
     /// Serves `model` under `name`; the first model added is the default.
@@ -91,6 +101,12 @@ impl NodeBuilder {
     /// Serves embeddings with `embedder` under `name`.
     pub fn embedder(mut self, name: impl Into<String>, embedder: Embedder) -> Self {
         self.embedder = Some((name.into(), embedder));
+        self
+    }
+
+    /// Serves chat turns with this unlocked store and its recall index.
+    pub fn memory(mut self, store: kith_memory::MemoryStore, index: kith_memory::RecallIndex) -> Self {
+        self.memory = Some((store, index));
         self
     }
 
@@ -121,6 +137,9 @@ impl NodeBuilder {
             inner: Arc::new(Inner {
                 models,
                 embedder: self.embedder.map(|(name, e)| (name, Arc::new(e))),
+                memory: std::sync::Mutex::new(self.memory.map(|(store, index)| {
+                    Arc::new(crate::turn::NodeMemory { store, index: tokio::sync::Mutex::new(index) })
+                })),
                 queue_per_model: self.queue_per_model,
                 started: Instant::now(),
                 stopping,
@@ -147,6 +166,8 @@ impl ModelSlot {
 struct Inner {
     models: Vec<ModelSlot>,
     embedder: Option<(String, Arc<Embedder>)>,
+    /// Taken out (and closed) at shutdown.
+    memory: std::sync::Mutex<Option<Arc<crate::turn::NodeMemory>>>,
     queue_per_model: usize,
     started: Instant,
     /// Becomes true when shutdown begins: streams end, new requests are refused.
@@ -251,6 +272,23 @@ impl Node {
         Ok(Generation { route: Route::Local, model: slot.name.clone(), stream, _place: place })
     }
 
+    pub(crate) fn memory(&self) -> Option<Arc<crate::turn::NodeMemory>> {
+        self.inner.memory.lock().ok().and_then(|memory| memory.clone())
+    }
+
+    /// Whether the node has an unlocked vault (chat turns with memory).
+    pub fn has_memory(&self) -> bool {
+        self.memory().is_some()
+    }
+
+    pub(crate) fn engine_handle(&self, model: &str) -> Result<EngineHandle, NodeError> {
+        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| NodeError::UnknownModel {
+            name: model.to_owned(),
+            loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        slot.engine().ok_or(NodeError::ShuttingDown)
+    }
+
     /// Unit-length sentence vectors, computed off the async threads.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, NodeError> {
         if *self.inner.stopping.borrow() {
@@ -297,6 +335,15 @@ impl Node {
                 engine.shutdown().await;
             }
             tracing::info!(model = %slot.name, "engine stopped");
+        }
+        // Every exchange is saved (turns hold their queue place until then): close the vault.
+        let memory = self.inner.memory.lock().ok().and_then(|mut memory| memory.take());
+        if let Some(memory) = memory {
+            match Arc::try_unwrap(memory) {
+                Ok(memory) => memory.store.close().await,
+                Err(_) => tracing::warn!("the memory store is still in use; it closes when released"),
+            }
+            tracing::info!("vault closed");
         }
     }
 }

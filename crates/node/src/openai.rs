@@ -15,7 +15,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream};
-use kith_infer::{Completion, GenerateRequest, Prompt, StopReason, StreamEvent, TokenStream};
+use kith_infer::{Completion, GenerateRequest, Prompt, StopReason, StreamEvent};
 use kith_types::{ChatMessage, Role, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -65,6 +65,14 @@ struct ChatCompletionRequest {
     stop: Option<Stop>,
     seed: Option<u64>,
     n: Option<u64>,
+    /// Kith's extension: `{"conversation": ID}` continues a saved conversation (with a
+    /// `kith/` model).
+    kith: Option<KithExtension>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KithExtension {
+    conversation: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,38 +223,114 @@ async fn chat_completions(State(state): State<AppState>, JsonBody(body): JsonBod
 
 async fn chat(state: AppState, body: ChatCompletionRequest) -> Result<Response, ApiError> {
     let request = body.to_engine(state.config.max_tokens)?;
-    let model = match body.model.as_deref() {
-        Some(name) if !name.is_empty() => name.to_owned(),
-        _ => state.node.default_model().ok_or_else(|| ApiError::invalid("model", "no model is loaded"))?.to_owned(),
+    let asked = body.model.clone().unwrap_or_default();
+    let (answer, mut first) = match asked.strip_prefix(KITH_PREFIX) {
+        Some(model) => with_memory(&state, &body, model, request).await?,
+        None => {
+            let model = match asked.as_str() {
+                "" => state.node.default_model().ok_or_else(|| ApiError::invalid("model", "no model is loaded"))?,
+                name => name,
+            }
+            .to_owned();
+            let generation = state.node.generate(&model, request).await?;
+            let route = generation.route.as_str().to_owned();
+            let answer =
+                Answer { model, kith: json!({ "ran_on": route }), route, source: Source::Engine(generation) };
+            (answer, None)
+        }
     };
-    let mut generation = state.node.generate(&model, request).await?;
+    let mut answer = answer;
     // The first event decides the status: a prompt that does not fit is a 400, not a
     // stream that breaks after its headers.
-    let first = match generation.stream.next().await {
-        Some(Ok(event)) => event,
-        Some(Err(err)) => return Err(crate::node::NodeError::Generate(err).into()),
-        None => return Err(crate::node::NodeError::Generate(kith_infer::GenerateError::EngineStopped).into()),
+    let first = match first.take() {
+        Some(event) => event,
+        None => match answer.source.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(err)) => return Err(crate::node::NodeError::Generate(err).into()),
+            None => return Err(crate::node::NodeError::Generate(kith_infer::GenerateError::EngineStopped).into()),
+        },
     };
     let id = request_id("chatcmpl");
-    let ran_on = HeaderValue::from_str(generation.route.as_str()).unwrap_or(HeaderValue::from_static("local"));
+    let ran_on = HeaderValue::from_str(&answer.route).unwrap_or(HeaderValue::from_static("local"));
     let mut response = if body.stream {
         let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let events = sse_events(state.node.clone(), generation, first, id, include_usage);
-        Sse::new(events).into_response()
+        Sse::new(sse_events(state.node.clone(), answer, first, id, include_usage)).into_response()
     } else {
-        one_answer(state.node.clone(), generation, first, id).await?.into_response()
+        one_answer(state.node.clone(), answer, first, id).await?.into_response()
     };
     response.headers_mut().insert("x-kith-ran-on", ran_on);
     Ok(response)
 }
 
+/// Models named `kith/<model>` opt in to Kith's memory: the last message is the user's new
+/// one, a system message (if any) is kept, earlier messages come from the vault.
+const KITH_PREFIX: &str = "kith/";
+
+async fn with_memory(
+    state: &AppState,
+    body: &ChatCompletionRequest,
+    model: &str,
+    request: GenerateRequest,
+) -> Result<(Answer, Option<StreamEvent>), ApiError> {
+    let Prompt::Chat(messages) = request.prompt else {
+        return Err(ApiError::invalid("messages", "chat messages expected"));
+    };
+    let last = messages.last().filter(|m| m.role == Role::User).ok_or_else(|| {
+        ApiError::invalid("messages", "with a kith/ model the last message must be the user's new message")
+    })?;
+    let system = messages.iter().find(|m| m.role == Role::System).map(|m| m.content.clone());
+    let turn = crate::turn::ChatTurn {
+        model: (!model.is_empty()).then(|| model.to_owned()),
+        conversation: body.kith.as_ref().and_then(|k| k.conversation),
+        system,
+        message: last.content.clone(),
+        params: request.params,
+    };
+    let turn = state.node.chat_turn(turn).await?;
+    let recalled: Vec<Value> =
+        turn.recalled.iter().map(|m| json!({ "id": m.id, "text": m.text, "score": m.score })).collect();
+    let kith = json!({
+        "ran_on": turn.route.as_str(),
+        "conversation": turn.conversation,
+        "recalled": recalled,
+        "remembered": turn.remembered,
+        "dropped_messages": turn.dropped,
+    });
+    let answer = Answer {
+        model: format!("{KITH_PREFIX}{}", turn.model),
+        route: turn.route.as_str().to_owned(),
+        kith,
+        source: Source::Turn(turn.events),
+    };
+    Ok((answer, None))
+}
+
+/// Where an answer's events come from: the engine directly (stateless), or a chat turn's
+/// task (which saves the exchange).
+enum Source {
+    Engine(Generation),
+    Turn(tokio::sync::mpsc::Receiver<Result<StreamEvent, kith_infer::GenerateError>>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<StreamEvent, kith_infer::GenerateError>> {
+        match self {
+            Source::Engine(generation) => generation.stream.next().await,
+            Source::Turn(events) => events.recv().await,
+        }
+    }
+}
+
+/// What an answer reports besides its text: model, and Kith's extension object.
+struct Answer {
+    source: Source,
+    model: String,
+    route: String,
+    kith: Value,
+}
+
 /// Collects a whole answer (non-streaming).
-async fn one_answer(
-    node: Node,
-    mut generation: Generation,
-    first: StreamEvent,
-    id: String,
-) -> Result<axum::Json<Value>, ApiError> {
+async fn one_answer(node: Node, mut answer: Answer, first: StreamEvent, id: String) -> Result<axum::Json<Value>, ApiError> {
     let mut text = first.text().to_owned();
     let mut done = match first {
         StreamEvent::Done(done) => Some(done),
@@ -254,7 +338,7 @@ async fn one_answer(
     };
     while done.is_none() {
         let event = tokio::select! {
-            event = generation.stream.next() => event,
+            event = answer.source.next() => event,
             () = node.stopping() => return Err(crate::node::NodeError::ShuttingDown.into()),
         };
         match event {
@@ -264,7 +348,7 @@ async fn one_answer(
             }
             Some(Ok(event)) => text.push_str(event.text()),
             Some(Err(err)) => return Err(crate::node::NodeError::Generate(err).into()),
-            None => return Err(crate::node::NodeError::Generate(kith_infer::GenerateError::EngineStopped).into()),
+            None => return Err(crate::node::NodeError::ShuttingDown.into()),
         }
     }
     let done = done.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no end"))?;
@@ -272,7 +356,7 @@ async fn one_answer(
         "id": id,
         "object": "chat.completion",
         "created": now(),
-        "model": generation.model,
+        "model": answer.model,
         "choices": [{
             "index": 0,
             "message": { "role": "assistant", "content": text },
@@ -280,14 +364,14 @@ async fn one_answer(
             "finish_reason": finish_reason(&done.stop_reason),
         }],
         "usage": usage_json(&done),
-        "kith": { "ran_on": generation.route.as_str() },
+        "kith": answer.kith,
     })))
 }
 
 /// State of an SSE answer between events.
 struct SseState {
     node: Node,
-    generation: Generation,
+    answer: Answer,
     pending: Option<StreamEvent>,
     id: String,
     created: u64,
@@ -323,9 +407,9 @@ impl SseState {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.generation.model,
+            "model": self.answer.model,
             "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
-            "kith": { "ran_on": self.generation.route.as_str() },
+            "kith": self.answer.kith,
         });
         Event::default().data(chunk.to_string())
     }
@@ -336,16 +420,16 @@ impl SseState {
 /// shuts down mid-answer the stream ends with finish reason `"interrupted"` and `[DONE]`.
 fn sse_events(
     node: Node,
-    generation: Generation,
+    answer: Answer,
     first: StreamEvent,
     id: String,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let created = now();
-    let (content_prefix, content_suffix) = content_affixes(&id, created, generation.route.as_str(), &generation.model);
+    let (content_prefix, content_suffix) = content_affixes(&id, created, &answer.kith, &answer.model);
     let state = SseState {
         node,
-        generation,
+        answer,
         pending: Some(first),
         id,
         created,
@@ -366,7 +450,7 @@ fn sse_events(
                     state.phase = Phase::Done;
                     let chunk = json!({
                         "id": state.id, "object": "chat.completion.chunk", "created": state.created,
-                        "model": state.generation.model, "choices": [], "usage": usage,
+                        "model": state.answer.model, "choices": [], "usage": usage,
                     });
                     return Some((Ok(Event::default().data(chunk.to_string())), state));
                 }
@@ -378,7 +462,7 @@ fn sse_events(
             }
             let event = match state.pending.take() {
                 Some(event) => Some(Ok(event)),
-                None => next_or_stop(&state.node, &mut state.generation.stream).await,
+                None => next_or_stop(&state.node, &mut state.answer.source).await,
             };
             match event {
                 Some(Ok(StreamEvent::Done(done))) => {
@@ -429,24 +513,24 @@ fn sse_events(
 
 /// The JSON of a content chunk before and after its escaped text: the fields and order
 /// `SseState::chunk` renders (serde_json writes keys sorted).
-fn content_affixes(id: &str, created: u64, ran_on: &str, model: &str) -> (String, String) {
+fn content_affixes(id: &str, created: u64, kith: &Value, model: &str) -> (String, String) {
     let prefix = r#"{"choices":[{"delta":{"content":"#.to_owned();
     let suffix = format!(
-        r#"}},"finish_reason":null,"index":0,"logprobs":null}}],"created":{created},"id":{},"kith":{{"ran_on":{}}},"model":{},"object":"chat.completion.chunk"}}"#,
+        r#"}},"finish_reason":null,"index":0,"logprobs":null}}],"created":{created},"id":{},"kith":{},"model":{},"object":"chat.completion.chunk"}}"#,
         json!(id),
-        json!(ran_on),
+        kith,
         json!(model),
     );
     (prefix, suffix)
 }
 
 /// The next engine event, or `None` as soon as the node begins shutting down.
-async fn next_or_stop(node: &Node, stream: &mut TokenStream) -> Option<Result<StreamEvent, kith_infer::GenerateError>> {
+async fn next_or_stop(node: &Node, source: &mut Source) -> Option<Result<StreamEvent, kith_infer::GenerateError>> {
     if node.is_stopping() {
         return None;
     }
     tokio::select! {
-        event = stream.next() => event,
+        event = source.next() => event,
         () = node.stopping() => None,
     }
 }
@@ -543,13 +627,14 @@ mod tests {
     fn fast_content_chunks_equal_the_generic_ones() {
         let created = 1_700_000_000u64;
         let (id, model) = ("chatcmpl-1", "m\"odel");
-        let (prefix, suffix) = content_affixes(id, created, "local", model);
+        let kith = json!({ "ran_on": "local", "conversation": 4 });
+        let (prefix, suffix) = content_affixes(id, created, &kith, model);
         for text in ["hello", "quote \" and \\ and \n", "é東🙂"] {
             let fast = format!("{prefix}{}{suffix}", serde_json::to_string(text).expect("json"));
             let generic = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }],
-                "kith": { "ran_on": "local" },
+                "kith": kith,
             });
             assert_eq!(serde_json::from_str::<Value>(&fast).expect("valid JSON"), generic);
             assert_eq!(fast, generic.to_string(), "byte for byte");
