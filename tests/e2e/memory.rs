@@ -88,7 +88,8 @@ async fn kith_models_over_http_keep_conversations() {
         }
         node.post("/v1/chat/completions").json(&body).send()
     };
-    let told: Value = ask("Remember that my dog is called Rex.", false, None).await.expect("send").json().await.expect("JSON");
+    let told: Value =
+        ask("Remember that my dog is called Rex.", false, None).await.expect("send").json().await.expect("JSON");
     assert!(told["kith"]["remembered"].is_number(), "{told}");
     assert_eq!(told["model"], "kith/smollm2-135m");
 
@@ -146,6 +147,11 @@ async fn shutdown_mid_answer_saves_the_partial_exchange_marked() {
     let reply = &saved.items[1].body;
     assert!(reply.interrupted, "and marked as interrupted");
     assert!(!reply.content.is_empty());
-    assert!(sse.text().starts_with(&reply.content) || reply.content.starts_with(&sse.text()), "{} / {}", sse.text(), reply.content);
+    assert!(
+        sse.text().starts_with(&reply.content) || reply.content.starts_with(&sse.text()),
+        "{} / {}",
+        sse.text(),
+        reply.content
+    );
     assert_eq!(store.integrity_check().await.expect("check"), "ok");
 }

@@ -42,6 +42,9 @@ pub(crate) enum Command {
     Serve(ServeArgs),
     /// Print the local API's bearer token (created on first use).
     Token,
+    /// Show the effective settings of `kith serve` and where each comes from (flag,
+    /// KITH_* variable, config file or default).
+    Config,
 }
 
 /// `kith serve`.

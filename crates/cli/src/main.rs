@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod cli;
+mod config;
 mod memory;
 mod models;
 mod progress;
@@ -11,12 +12,41 @@ mod vault;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // The config file fills in what flags and KITH_* variables left at their defaults.
+    let file = match config::load() {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let threads_given = cli.threads;
+    if cli.threads.is_none() {
+        cli.threads = file.threads;
+    }
+    if let Some((_, sub)) = matches.subcommand() {
+        let applied = match &mut cli.command {
+            Command::Ask(args) => config::apply_model(&file, &mut args.model, sub),
+            Command::Chat(args) => config::apply_model(&file, &mut args.model, sub),
+            Command::Bench(args) => config::apply_model(&file, &mut args.model, sub),
+            Command::Serve(args) => config::apply_serve(&file, args, sub),
+            _ => Ok(()),
+        };
+        if let Err(err) = applied {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(threads) = cli.threads {
         set_thread_count(threads);
     }
@@ -38,6 +68,9 @@ fn main() -> ExitCode {
             Command::Memory(args) => memory::run(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Token => serve::token(),
+            Command::Config => {
+                config::show(threads_given, if threads_given.is_some() { "flag or KITH_THREADS" } else { "default" })
+            }
         }
     });
     match result {

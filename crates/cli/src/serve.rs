@@ -48,7 +48,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     let router = api::router(node.clone(), token, config);
     eprintln!("Kith is serving {name} on http://{address} (OpenAI-compatible API at http://{address}/v1).");
     if memory {
-        eprintln!("Use model \"kith/{name}\" for chats with memory, saved encrypted (plain \"{name}\" stores nothing).");
+        eprintln!(
+            "Use model \"kith/{name}\" for chats with memory, saved encrypted (plain \"{name}\" stores nothing)."
+        );
     }
     eprintln!(
         "Requests need `Authorization: Bearer $(kith token)`; the token is in {}.",

@@ -234,8 +234,7 @@ async fn chat(state: AppState, body: ChatCompletionRequest) -> Result<Response, 
             .to_owned();
             let generation = state.node.generate(&model, request).await?;
             let route = generation.route.as_str().to_owned();
-            let answer =
-                Answer { model, kith: json!({ "ran_on": route }), route, source: Source::Engine(generation) };
+            let answer = Answer { model, kith: json!({ "ran_on": route }), route, source: Source::Engine(generation) };
             (answer, None)
         }
     };
@@ -330,7 +329,12 @@ struct Answer {
 }
 
 /// Collects a whole answer (non-streaming).
-async fn one_answer(node: Node, mut answer: Answer, first: StreamEvent, id: String) -> Result<axum::Json<Value>, ApiError> {
+async fn one_answer(
+    node: Node,
+    mut answer: Answer,
+    first: StreamEvent,
+    id: String,
+) -> Result<axum::Json<Value>, ApiError> {
     let mut text = first.text().to_owned();
     let mut done = match first {
         StreamEvent::Done(done) => Some(done),

@@ -104,7 +104,10 @@ impl Node {
         let memory = self.memory().ok_or(NodeError::NoMemory)?;
         let model = match &turn.model {
             Some(name) => name.clone(),
-            None => self.default_model().ok_or_else(|| NodeError::UnknownModel { name: String::new(), loaded: String::new() })?.to_owned(),
+            None => self
+                .default_model()
+                .ok_or_else(|| NodeError::UnknownModel { name: String::new(), loaded: String::new() })?
+                .to_owned(),
         };
         let engine = self.engine_handle(&model)?;
         if turn.message.trim().is_empty() {
@@ -139,7 +142,10 @@ impl Node {
             }
         };
         let earlier = memory.store.messages(conversation).await?;
-        if turn.conversation.is_some() && earlier.items.is_empty() && !conversation_exists(&memory.store, conversation).await? {
+        if turn.conversation.is_some()
+            && earlier.items.is_empty()
+            && !conversation_exists(&memory.store, conversation).await?
+        {
             return Err(NodeError::NoConversation(conversation));
         }
         if let Some(damaged) = earlier.damaged.first() {
@@ -247,7 +253,10 @@ fn fit(
             return Ok((messages, keep_from));
         }
         if keep_from >= history.len() {
-            return Err(NodeError::Generate(GenerateError::ContextOverflow { prompt_tokens: count, context_length: context }));
+            return Err(NodeError::Generate(GenerateError::ContextOverflow {
+                prompt_tokens: count,
+                context_length: context,
+            }));
         }
         // Drop the oldest turn (a user message and its answer).
         keep_from = (keep_from + 2).min(history.len());

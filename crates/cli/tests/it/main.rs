@@ -452,3 +452,28 @@ fn serve_answers_with_the_token_and_stops_on_sigterm() {
     assert!(status.success(), "{rest}");
     assert!(rest.contains("Stopped."), "{rest}");
 }
+
+/// The config file fills in defaults; flags and KITH_* variables win; `kith config` shows
+/// each setting's source; a bad file is an error naming it.
+#[test]
+fn config_file_flags_and_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "threads = 1\nmodel = \"gemma3-270m\"\n[serve]\nqueue = 3\nlisten = \"127.0.0.1:9000\"\n")
+        .expect("write");
+    let file_arg = file.to_str().expect("utf-8 path");
+    let shown = stdout(&kith_with(&["config"], dir.path(), &[("KITH_CONFIG", file_arg), ("KITH_QUEUE", "5")]));
+    for line in [
+        "threads = 1  # config file",
+        "model = \"gemma3-270m\"  # config file",
+        "listen = \"127.0.0.1:9000\"  # config file",
+        "queue = 5  # environment",
+        "max_tokens = 4096  # default",
+    ] {
+        assert!(shown.contains(line), "missing {line:?} in:\n{shown}");
+    }
+    std::fs::write(&file, "[serve]\nqueue = \"many\"\n").expect("write");
+    let bad = kith_with(&["config"], dir.path(), &[("KITH_CONFIG", file_arg)]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains(file_arg) && stderr(&bad).contains("queue"), "{}", stderr(&bad));
+}
