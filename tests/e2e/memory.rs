@@ -155,3 +155,73 @@ async fn shutdown_mid_answer_saves_the_partial_exchange_marked() {
     );
     assert_eq!(store.integrity_check().await.expect("check"), "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_api_lists_searches_and_deletes() {
+    let node = TestNode::start_with(4, ApiConfig::default(), true).await;
+    let get = |path: &str| node.client.get(node.url(path)).bearer_auth(&node.token).send();
+    let delete = |path: &str| node.client.delete(node.url(path)).bearer_auth(&node.token).send();
+
+    let created = node.post("/api/memories").json(&json!({ "text": "my cat is called Miso", "pinned": true })).send();
+    let created = created.await.expect("send");
+    assert_eq!(created.status(), 201);
+    let memory: Value = created.json().await.expect("JSON");
+    let miso = memory["id"].as_i64().expect("id");
+    let empty = node.post("/api/memories").json(&json!({ "text": "  " })).send().await.expect("send");
+    assert_eq!(empty.status(), 400);
+
+    let chat = json!({
+        "model": "kith/smollm2-135m", "messages": [{ "role": "user", "content": "What is my cat called?" }],
+        "temperature": 0, "max_tokens": 6,
+    });
+    let answer: Value =
+        node.post("/v1/chat/completions").json(&chat).send().await.expect("send").json().await.expect("JSON");
+    assert_eq!(answer["kith"]["recalled"][0]["id"], miso, "{answer}");
+    let conversation = answer["kith"]["conversation"].as_i64().expect("conversation");
+
+    let status: Value = get("/api/status").await.expect("send").json().await.expect("JSON");
+    assert_eq!(status["memory"], true);
+    assert_eq!(status["models"].as_array().map(Vec::len), Some(2));
+
+    let page: Value = get("/api/conversations?limit=1").await.expect("send").json().await.expect("JSON");
+    assert_eq!(page["items"][0]["id"], conversation);
+    assert_eq!(page["next_offset"], Value::Null);
+    let detail: Value =
+        get(&format!("/api/conversations/{conversation}")).await.expect("send").json().await.expect("JSON");
+    let roles: Vec<&str> =
+        detail["messages"].as_array().expect("messages").iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles, ["user", "assistant"]);
+    assert_eq!(detail["messages"][1]["ran_on"], "local");
+
+    let hits: Value = get("/api/memories/search?q=what%20is%20my%20cat%20called&k=3")
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!((hits[0]["kind"].as_str(), hits[0]["id"].as_i64()), (Some("memory"), Some(miso)), "{hits}");
+    let memories: Value = get("/api/memories").await.expect("send").json().await.expect("JSON");
+    assert_eq!(memories["items"][0]["pinned"], true);
+
+    assert_eq!(delete(&format!("/api/memories/{miso}")).await.expect("send").status(), 200);
+    assert_eq!(delete(&format!("/api/memories/{miso}")).await.expect("send").status(), 404);
+    let hits: Value = get("/api/memories/search?q=cat").await.expect("send").json().await.expect("JSON");
+    assert!(hits.as_array().expect("hits").iter().all(|h| h["kind"] != "memory"), "{hits}");
+    assert_eq!(delete(&format!("/api/conversations/{conversation}")).await.expect("send").status(), 200);
+    assert_eq!(get(&format!("/api/conversations/{conversation}")).await.expect("send").status(), 404);
+
+    let spec: Value = get("/api/openapi.json").await.expect("send").json().await.expect("JSON");
+    assert!(spec["paths"]["/api/conversations/{id}"]["delete"].is_object(), "{spec}");
+    assert!(spec["components"]["schemas"]["SearchHit"].is_object());
+    let anonymous = node.client.get(node.url("/api/status")).send().await.expect("send");
+    assert_eq!(anonymous.status(), 401);
+    node.stop().await;
+
+    // A node without a vault says so.
+    let bare = TestNode::start(4, ApiConfig::default()).await;
+    let refused = bare.client.get(bare.url("/api/conversations")).bearer_auth(&bare.token).send().await.expect("send");
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.expect("JSON");
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("no memory")), "{error}");
+    bare.stop().await;
+}

@@ -62,6 +62,7 @@ pub fn router(node: Node, token: ApiToken, config: ApiConfig) -> Router {
     let state = AppState { node, token, config };
     Router::new()
         .merge(crate::openai::routes())
+        .merge(crate::native::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), guard))

@@ -17,11 +17,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+mod native;
 mod node;
 mod openai;
 mod token;
 mod turn;
 
+pub use native::NativeApi;
 pub use node::{DEFAULT_QUEUE_PER_MODEL, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Route};
 pub use token::ApiToken;
 pub use turn::{ChatTurn, MEMORY_CLOSE, MEMORY_OPEN, Recalled, Turn, remember_request};
