@@ -257,7 +257,7 @@ impl SavedChat {
             if let Some(damaged) = messages.damaged.first() {
                 anyhow::bail!("conversation {id} cannot be resumed: {damaged}");
             }
-            if messages.items.is_empty() && !store.conversations().await?.items.iter().any(|c| c.id == id) {
+            if messages.items.is_empty() && store.conversation(id).await?.is_none() {
                 anyhow::bail!("no conversation {id} (see `kith memory chats`)");
             }
             for message in messages.items {

@@ -321,6 +321,21 @@ impl MemoryStore {
         }))
     }
 
+    /// One conversation, if it exists.
+    pub async fn conversation(&self, id: i64) -> Result<Option<Conversation>, StoreError> {
+        let row = sqlx::query("SELECT id, created_at, updated_at, meta_sealed FROM conversations WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        row.map(|row| {
+            let meta =
+                self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, row.get(3))?;
+            Ok(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
+        })
+        .transpose()
+    }
+
     /// Appends messages to a conversation in one transaction; returns their ids once the
     /// commit is on disk.
     pub async fn add_messages(
@@ -915,7 +930,9 @@ mod tests {
 
         assert_eq!(store.forget_conversation_memories(conv).await.expect("forget"), 1, "the memory came from it");
         assert!(store.memories().await.expect("memories").items.is_empty());
+        assert_eq!(store.conversation(conv).await.expect("one").map(|c| c.meta), Some(meta.clone()));
         assert!(store.delete_conversation(conv).await.expect("delete"));
+        assert!(store.conversation(conv).await.expect("one").is_none());
         assert!(store.messages(conv).await.expect("messages").items.is_empty(), "messages go with their conversation");
         assert!(matches!(store.add_messages(conv, &[user("late")]).await, Err(StoreError::NotFound { .. })));
     }

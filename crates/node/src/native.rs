@@ -228,15 +228,8 @@ async fn get_conversation(
     Path(id): Path<i64>,
 ) -> Result<axum::Json<ConversationDetail>, ApiError> {
     let memory = memory(&state)?;
-    let conversation = memory
-        .store
-        .conversations()
-        .await
-        .map_err(NodeError::from)?
-        .items
-        .into_iter()
-        .find(|c| c.id == id)
-        .ok_or(NodeError::NoConversation(id))?;
+    let conversation =
+        memory.store.conversation(id).await.map_err(NodeError::from)?.ok_or(NodeError::NoConversation(id))?;
     let messages = memory.store.messages(id).await.map_err(NodeError::from)?;
     Ok(axum::Json(ConversationDetail {
         conversation: ConversationSummary {

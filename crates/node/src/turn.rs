@@ -114,6 +114,13 @@ impl Node {
             return Err(NodeError::Generate(GenerateError::EmptyPrompt));
         }
 
+        // A conversation to continue must exist before anything is saved.
+        if let Some(id) = turn.conversation
+            && memory.store.conversation(id).await?.is_none()
+        {
+            return Err(NodeError::NoConversation(id));
+        }
+
         // "Remember that …": saved now, found by the recall below like any memory.
         let mut remembered = None;
         if let Some(fact) = remember_request(&turn.message) {
@@ -142,12 +149,6 @@ impl Node {
             }
         };
         let earlier = memory.store.messages(conversation).await?;
-        if turn.conversation.is_some()
-            && earlier.items.is_empty()
-            && !conversation_exists(&memory.store, conversation).await?
-        {
-            return Err(NodeError::NoConversation(conversation));
-        }
         if let Some(damaged) = earlier.damaged.first() {
             tracing::warn!(error = %damaged, "a damaged message is left out of the prompt");
         }
@@ -198,10 +199,6 @@ impl Node {
         }
         Ok(self.embed(vec![text.to_owned()]).await?.pop())
     }
-}
-
-async fn conversation_exists(store: &MemoryStore, id: i64) -> Result<bool, NodeError> {
-    Ok(store.conversations().await?.items.iter().any(|c| c.id == id))
 }
 
 fn system_message(system: Option<&str>, recalled: &[Recalled]) -> Option<String> {
