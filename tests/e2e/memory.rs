@@ -70,6 +70,10 @@ async fn a_memory_told_in_one_conversation_is_in_the_next_prompt() {
     let memories = store.memories().await.expect("memories");
     assert_eq!(memories.items[0].text, "my cat is called Miso");
     assert!(memories.items[0].embedding.is_some());
+    // The memory points at the message that told it: deleting that conversation can take it.
+    let told = store.messages(first.conversation).await.expect("messages");
+    assert_eq!(memories.items[0].source_message_id, Some(told.items[0].id));
+    assert_eq!(store.forget_conversation_memories(first.conversation).await.expect("forget"), 1);
     let bytes = std::fs::read(dir.join("memory.db")).expect("database");
     assert!(!bytes.windows(4).any(|w| w == b"Miso"), "nothing readable on disk");
 }
@@ -199,7 +203,11 @@ async fn the_native_api_lists_searches_and_deletes() {
         .json()
         .await
         .expect("JSON");
-    assert_eq!((hits[0]["kind"].as_str(), hits[0]["id"].as_i64()), (Some("memory"), Some(miso)), "{hits}");
+    // The answer has ended, so the exchange is saved and indexed: the question itself is
+    // now the best match for itself, and the memory is among the hits.
+    let hits = hits.as_array().expect("hits");
+    assert_eq!((hits[0]["kind"].as_str(), hits[0]["text"].as_str()), (Some("message"), Some("What is my cat called?")));
+    assert!(hits.iter().any(|h| h["kind"] == "memory" && h["id"] == miso), "{hits:?}");
     let memories: Value = get("/api/memories").await.expect("send").json().await.expect("JSON");
     assert_eq!(memories["items"][0]["pinned"], true);
 
@@ -207,8 +215,15 @@ async fn the_native_api_lists_searches_and_deletes() {
     assert_eq!(delete(&format!("/api/memories/{miso}")).await.expect("send").status(), 404);
     let hits: Value = get("/api/memories/search?q=cat").await.expect("send").json().await.expect("JSON");
     assert!(hits.as_array().expect("hits").iter().all(|h| h["kind"] != "memory"), "{hits}");
-    assert_eq!(delete(&format!("/api/conversations/{conversation}")).await.expect("send").status(), 200);
+    let deleted: Value = delete(&format!("/api/conversations/{conversation}?with_memories=true"))
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(deleted["deleted"], true);
     assert_eq!(get(&format!("/api/conversations/{conversation}")).await.expect("send").status(), 404);
+    assert_eq!(delete(&format!("/api/conversations/{conversation}")).await.expect("send").status(), 404);
 
     let spec: Value = get("/api/openapi.json").await.expect("send").json().await.expect("JSON");
     assert!(spec["paths"]["/api/conversations/{id}"]["delete"].is_object(), "{spec}");

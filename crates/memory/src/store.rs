@@ -570,6 +570,21 @@ impl MemoryStore {
         }))
     }
 
+    /// Records the message a memory came from (so deleting that conversation can take
+    /// the memory with it).
+    pub async fn set_memory_source(&self, memory_id: i64, message_id: i64) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE memories SET source_message_id = ? WHERE id = ?")
+            .bind(message_id)
+            .bind(memory_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { table: "memories", id: memory_id });
+        }
+        Ok(())
+    }
+
     /// Forgets one memory.
     pub async fn forget_memory(&self, id: i64) -> Result<bool, StoreError> {
         self.delete("DELETE FROM memories WHERE id = ?", id).await

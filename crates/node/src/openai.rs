@@ -318,6 +318,14 @@ impl Source {
             Source::Turn(events) => events.recv().await,
         }
     }
+
+    /// After the last event: waits until a chat turn's exchange is saved (its channel
+    /// closes), so the answer's end means the conversation can be read back.
+    async fn settle(&mut self) {
+        if let Source::Turn(events) = self {
+            while events.recv().await.is_some() {}
+        }
+    }
 }
 
 /// What an answer reports besides its text: model, and Kith's extension object.
@@ -356,6 +364,7 @@ async fn one_answer(
         }
     }
     let done = done.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no end"))?;
+    answer.source.settle().await;
     Ok(axum::Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -460,6 +469,7 @@ fn sse_events(
                 }
                 Phase::Done => {
                     state.phase = Phase::Finished;
+                    state.answer.source.settle().await;
                     return Some((Ok(Event::default().data("[DONE]")), state));
                 }
                 Phase::Finished => return None,

@@ -80,7 +80,8 @@ pub struct Turn {
     pub remembered: Option<i64>,
     /// Earlier messages left out to fit the context window.
     pub dropped: usize,
-    /// The answer's events (ends after `Done`, an error, or an interruption).
+    /// The answer's events. The channel closes once the exchange is saved, so a caller
+    /// that waits for the close can read the conversation back.
     pub events: mpsc::Receiver<Result<StreamEvent, GenerateError>>,
 }
 
@@ -188,7 +189,7 @@ impl Node {
         let node = self.clone();
         let message = turn.message.clone();
         tokio::spawn(async move {
-            collect_and_save(node, memory, generation, conversation, message, tx).await;
+            collect_and_save(node, memory, generation, conversation, message, remembered, tx).await;
         });
         Ok(Turn { conversation, model, route, prompt, recalled, remembered, dropped, events })
     }
@@ -267,6 +268,7 @@ async fn collect_and_save(
     mut generation: crate::node::Generation,
     conversation: i64,
     question: String,
+    remembered: Option<i64>,
     tx: mpsc::Sender<Result<StreamEvent, GenerateError>>,
 ) {
     let mut answer = String::new();
@@ -307,7 +309,6 @@ async fn collect_and_save(
             None => break,
         }
     }
-    drop(tx);
     let route = match generation.route {
         Route::Local => RanOn::Local,
     };
@@ -322,6 +323,12 @@ async fn collect_and_save(
             return;
         }
     };
+    // A memory told in this message came from it.
+    if let (Some(memory_id), Some(&message_id)) = (remembered, ids.first())
+        && let Err(err) = memory.store.set_memory_source(memory_id, message_id).await
+    {
+        tracing::warn!(error = %err, "linking a memory to its message failed");
+    }
     let vectors = if node.embedding_model().is_some() { node.embed(texts.to_vec()).await.ok() } else { None };
     let mut index = memory.index.lock().await;
     for (i, (id, text)) in ids.iter().zip(texts).enumerate() {
@@ -342,6 +349,8 @@ async fn collect_and_save(
         });
     }
     tracing::debug!(conversation, interrupted, "exchange saved");
+    // The caller's events end only now: an answer that has ended is on disk.
+    drop(tx);
     // `generation` (and its place in the queue) is released only now, so a shutdown
     // waits for the exchange to be on disk.
     drop(generation);
