@@ -17,15 +17,16 @@ fn turn(message: &str, conversation: Option<i64>) -> ChatTurn {
     ChatTurn { model: None, conversation, system: None, message: message.into(), params }
 }
 
+/// The answer's text; returns once the channel closes, i.e. once the exchange is saved.
 async fn drain(turn: &mut Turn) -> String {
     let mut text = String::new();
+    let mut done = false;
     while let Some(event) = turn.events.recv().await {
         let event = event.expect("event");
         text.push_str(event.text());
-        if matches!(event, StreamEvent::Done(_)) {
-            break;
-        }
+        done |= matches!(event, StreamEvent::Done(_));
     }
+    assert!(done, "the answer ended with Done");
     text
 }
 
