@@ -313,12 +313,14 @@ impl MemoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db(e))?;
-        Ok(Listing::from_rows(rows, |row| {
-            let id: i64 = row.get(0);
-            let meta =
-                self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, row.get(3))?;
-            Ok(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
-        }))
+        Ok(Listing::from_rows(rows, |row| self.decode_conversation(row)))
+    }
+
+    /// A `SELECT id, created_at, updated_at, meta_sealed FROM conversations` row.
+    fn decode_conversation(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Conversation, StoreError> {
+        let id: i64 = row.get(0);
+        let meta = self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, row.get(3))?;
+        Ok(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
     }
 
     /// One conversation, if it exists.
@@ -328,12 +330,7 @@ impl MemoryStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.db(e))?;
-        row.map(|row| {
-            let meta =
-                self.open_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, row.get(3))?;
-            Ok(Conversation { id, created_at: row.get(1), updated_at: row.get(2), meta })
-        })
-        .transpose()
+        row.map(|row| self.decode_conversation(&row)).transpose()
     }
 
     /// Appends messages to a conversation in one transaction; returns their ids once the
