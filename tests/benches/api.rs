@@ -55,7 +55,7 @@ async fn direct(engine: &EngineHandle) -> Run {
 
 async fn through_node(node: &kith_node::Node) -> Run {
     let started = Instant::now();
-    let generation = node.generate("smollm2-135m", request()).await.expect("generate");
+    let generation = node.generate("smollm2-135m", request(), kith_types::Privacy::LocalOnly).await.expect("generate");
     collect(started, generation.stream).await
 }
 

@@ -3,4 +3,6 @@
 
 mod api;
 mod memory;
+mod models;
+mod review;
 mod support;

@@ -20,6 +20,10 @@ pub(crate) struct Cli {
     /// More log output on stderr (-v info, -vv debug). KITH_LOG overrides.
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,
+    /// Work in-process even when a node (`kith serve`) is running; by default `ask`,
+    /// `chat`, `memory` and `models` go through a running node's local API.
+    #[arg(long, global = true, env = "KITH_NO_NODE")]
+    pub(crate) no_node: bool,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -67,6 +71,11 @@ pub(crate) struct ServeArgs {
     /// Do not unlock the vault: `kith/` models (chat with memory) are then unavailable.
     #[arg(long)]
     pub(crate) no_memory: bool,
+    /// Privacy mode of new conversations and of requests that name none: local-only
+    /// (never leaves this machine) or friends-allowed (may run on a trusted friend's node
+    /// you allowed offloading to).
+    #[arg(long, env = "KITH_PRIVACY", default_value = "friends-allowed")]
+    pub(crate) privacy: kith_types::Privacy,
     /// Read the vault passphrase from this file's first line (else the OS keyring where
     /// enabled, KITH_PASSPHRASE, or a prompt).
     #[arg(long)]
@@ -97,6 +106,13 @@ pub(crate) enum MemoryCommand {
         #[arg(long)]
         pin: bool,
     },
+    /// Review the memories Kith suggested from your chats: keep, edit or discard each
+    /// (answers are read line by line from stdin, so they can be piped).
+    Review {
+        /// Only list the suggestions waiting.
+        #[arg(long)]
+        list: bool,
+    },
     /// Search memories and past messages by meaning and by words.
     Search {
         /// What to look for.
@@ -117,7 +133,8 @@ pub(crate) enum MemoryCommand {
         /// Delete this conversation and its messages (ids from `kith memory chats`).
         #[arg(long, value_name = "ID", group = "what")]
         conversation: Option<i64>,
-        /// With --conversation: also forget the memories that came from it.
+        /// With --conversation: also forget the memories that came from it (without it you
+        /// are asked, on a terminal).
         #[arg(long, requires = "conversation")]
         with_memories: bool,
     },
@@ -299,6 +316,11 @@ pub(crate) struct ChatArgs {
     /// Do not save this conversation, even with a vault.
     #[arg(long, conflicts_with = "resume")]
     pub(crate) no_save: bool,
+    /// Where this conversation may run from now on: local-only (never leaves this
+    /// machine) or friends-allowed (default for new conversations; may run on a trusted
+    /// friend's node you allowed offloading to). Saved with the conversation.
+    #[arg(long)]
+    pub(crate) privacy: Option<kith_types::Privacy>,
     /// Read the vault passphrase from this file's first line (else KITH_PASSPHRASE or a prompt).
     #[arg(long)]
     pub(crate) passphrase_file: Option<PathBuf>,

@@ -14,6 +14,7 @@
 //! max_tokens = 4096
 //! max_body = 1048576
 //! no_memory = false
+//! privacy = "friends-allowed"
 //! ```
 
 use std::path::PathBuf;
@@ -46,6 +47,7 @@ pub(crate) struct ServeSection {
     pub(crate) max_tokens: Option<usize>,
     pub(crate) max_body: Option<usize>,
     pub(crate) no_memory: Option<bool>,
+    pub(crate) privacy: Option<kith_types::Privacy>,
 }
 
 /// Where the config file is looked for.
@@ -120,6 +122,11 @@ pub(crate) fn apply_serve(file: &FileConfig, args: &mut ServeArgs, matches: &Arg
     {
         args.no_memory = no_memory;
     }
+    if let Some(privacy) = serve.privacy
+        && unset(matches, "privacy")
+    {
+        args.privacy = privacy;
+    }
     Ok(())
 }
 
@@ -160,5 +167,6 @@ pub(crate) fn show(threads: Option<usize>, threads_source: &str) -> Result<std::
     println!("max_tokens = {}  # {}", args.max_tokens, source("max_tokens", file.serve.max_tokens.is_some()));
     println!("max_body = {}  # {}", args.max_body, source("max_body", file.serve.max_body.is_some()));
     println!("no_memory = {}  # {}", args.no_memory, source("no_memory", file.serve.no_memory.is_some()));
+    println!("privacy = \"{}\"  # {}", args.privacy, source("privacy", file.serve.privacy.is_some()));
     Ok(std::process::ExitCode::SUCCESS)
 }

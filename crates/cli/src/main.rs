@@ -7,6 +7,7 @@ mod config;
 mod memory;
 mod models;
 mod progress;
+mod remote;
 mod serve;
 mod vault;
 
@@ -51,6 +52,9 @@ fn main() -> ExitCode {
         set_thread_count(threads);
     }
     init_logging(cli.verbose);
+    if cli.no_node {
+        remote::force_in_process();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -62,7 +66,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Ask(args) => chat::ask(args).await,
             Command::Chat(args) => chat::chat(args).await,
-            Command::Models(args) => models::run(args),
+            Command::Models(args) => models::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Vault(args) => vault::run(args),
             Command::Memory(args) => memory::run(args).await,

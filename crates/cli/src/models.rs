@@ -4,14 +4,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use kith_models::{Catalog, ModelEntry, PullOptions, Store};
+use kith_models::{Catalog, ModelEntry, PullEvent, PullOptions, Store};
 
 use crate::cli::{ModelArgs, ModelsArgs, ModelsCommand, looks_like_path};
 use crate::progress::PullProgress;
 
-pub(crate) fn run(args: ModelsArgs) -> Result<ExitCode> {
+pub(crate) async fn run(args: ModelsArgs) -> Result<ExitCode> {
     let catalog = Catalog::builtin()?;
     let store = Store::from_env()?;
+    let through_node = match &args.command {
+        ModelsCommand::List | ModelsCommand::Rm { .. } | ModelsCommand::Pull { source: None, .. } => true,
+        ModelsCommand::Pull { source: Some(_), .. } | ModelsCommand::Path { .. } => false,
+    };
+    if through_node && let Some(remote) = crate::remote::connect(store.home()).await? {
+        return through(&remote, args.command).await;
+    }
     match args.command {
         ModelsCommand::List => {
             println!("{:<14} {:<10} {:>9}  {:<10} DESCRIPTION", "NAME", "KIND", "SIZE", "INSTALLED");
@@ -54,6 +61,69 @@ pub(crate) fn run(args: ModelsArgs) -> Result<ExitCode> {
                 None => bail!("{name} is not installed; run `kith models pull {name}`"),
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kith models list|pull|rm` through a running node.
+async fn through(remote: &crate::remote::Remote, command: ModelsCommand) -> Result<ExitCode> {
+    match command {
+        ModelsCommand::List => {
+            let models = remote.get("/api/models").await?;
+            println!("{:<14} {:<10} {:>9}  {:<10} {:<7} DESCRIPTION", "NAME", "KIND", "SIZE", "INSTALLED", "LOADED");
+            for model in models.as_array().into_iter().flatten() {
+                let name = model["name"].as_str().unwrap_or_default();
+                let name = if model["default"].as_bool() == Some(true) { format!("{name} *") } else { name.to_owned() };
+                let yes = |key: &str| if model[key].as_bool() == Some(true) { "yes" } else { "-" };
+                let installed = if model["pulling"].as_bool() == Some(true) { "pulling" } else { yes("installed") };
+                println!(
+                    "{:<14} {:<10} {:>9}  {:<10} {:<7} {}",
+                    name,
+                    model["kind"].as_str().unwrap_or_default(),
+                    human_size(model["size"].as_u64().unwrap_or(0)),
+                    installed,
+                    yes("loaded"),
+                    model["description"].as_str().unwrap_or_default()
+                );
+            }
+            println!("\n* default model. Listed by the running node at {}.", remote.url());
+        }
+        ModelsCommand::Pull { name, .. } => {
+            let mut events = remote.events("/api/models/pull", &serde_json::json!({ "name": name })).await?;
+            let mut progress = PullProgress::default();
+            let mut size = 0;
+            while let Some(event) = events.next().await? {
+                let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+                let update = match event["event"].as_str().unwrap_or_default() {
+                    "source" => PullEvent::SourceStarted { source: text("source") },
+                    "source_failed" => PullEvent::SourceFailed { source: text("source"), reason: text("reason") },
+                    "downloading" => PullEvent::Downloading { what: text("what") },
+                    "file" => {
+                        size = event["size"].as_u64().unwrap_or(0);
+                        PullEvent::FileStarted { file: text("file"), size }
+                    }
+                    "progress" => PullEvent::FileProgress { done: event["done"].as_u64().unwrap_or(0).min(size) },
+                    "file_done" => PullEvent::FileDone { file: text("file") },
+                    "done" => {
+                        println!("{}", text("path"));
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    "failed" => bail!("pulling model {name}: {}", text("error")),
+                    _ => continue,
+                };
+                progress.on_event(update);
+            }
+            bail!("the node's pull stream ended without a result");
+        }
+        ModelsCommand::Rm { name } => {
+            let removed = remote.send(reqwest::Method::DELETE, &format!("/api/models/{name}"), None).await?;
+            if removed["removed"].as_bool() == Some(true) {
+                eprintln!("removed {name}");
+            } else {
+                eprintln!("{name} was not installed");
+            }
+        }
+        ModelsCommand::Path { .. } => bail!("`kith models path` reads the model directory directly"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use kith_models::Store;
 use kith_node::api::{self, ApiConfig};
-use kith_node::{ApiToken, NodeBuilder};
+use kith_node::{ApiToken, NodeBuilder, NodeFile};
 
 use crate::cli::ServeArgs;
 
@@ -21,7 +21,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     let token = ApiToken::load_or_create(&home).context("reading the API token")?;
     let (model, entry) = crate::chat::load_model(&args.model).await?;
     let name = entry.map_or_else(|| args.model.model.clone(), |e| e.name);
-    let mut builder = NodeBuilder::new().model(name.clone(), model).queue_per_model(args.queue);
+    let mut builder = NodeBuilder::new()
+        .model(name.clone(), model)
+        .queue_per_model(args.queue)
+        .privacy(args.privacy)
+        .model_store(Store::new(home.clone()), kith_models::PullOptions::from_env());
     if let Some(embedder) = crate::memory::load_embedder(true)? {
         builder = builder.embedder(crate::memory::EMBEDDING_MODEL, embedder);
     }
@@ -57,6 +61,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         ApiToken::path(&home).display()
     );
     tracing::info!(%address, model = %name, "listening");
+    // `kith ask`, `kith memory …`, `kith models …` find the node through this file.
+    let published = NodeFile::publish(&home, address).context("writing node.json")?;
 
     let stopping = node.clone();
     api::serve(listener, router, async move {
@@ -66,6 +72,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     })
     .await
     .context("serving the API")?;
+    drop(published);
     node.shutdown().await;
     eprintln!("Stopped.");
     Ok(ExitCode::SUCCESS)

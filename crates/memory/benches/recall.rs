@@ -69,7 +69,7 @@ fn main() {
         let store = MemoryStore::open(dir.path(), &key).await.expect("open");
         let started = Instant::now();
         let conversation = store
-            .create_conversation(&ConversationMeta { title: "bench".into(), model: "none".into() })
+            .create_conversation(&ConversationMeta::new("bench", "none"))
             .await
             .expect("conversation");
         for _ in 0..MESSAGES / 1_000 {

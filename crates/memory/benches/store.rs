@@ -18,10 +18,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let store = MemoryStore::open(dir.path(), &key).await.expect("open");
-        let conversation = store
-            .create_conversation(&ConversationMeta { title: "bench".into(), model: "none".into() })
-            .await
-            .expect("conversation");
+        let conversation =
+            store.create_conversation(&ConversationMeta::new("bench", "none")).await.expect("conversation");
         let text =
             "The quick brown fox jumps over the lazy dog while the assistant explains, at some length, why. ".repeat(4);
         let batch: Vec<(MessageBody, MessageStats)> = (0..BATCH)

@@ -202,10 +202,8 @@ mod tests {
     async fn filled(dir: &std::path::Path) -> MemoryStore {
         let key = Vault::new(dir).with_work_factor(4).init(&secret("pass"), &[]).expect("vault");
         let store = MemoryStore::open(dir, &key).await.expect("open");
-        let conv = store
-            .create_conversation(&ConversationMeta { title: "Trip".into(), model: "smollm2-135m".into() })
-            .await
-            .expect("conversation");
+        let conv =
+            store.create_conversation(&ConversationMeta::new("Trip", "smollm2-135m")).await.expect("conversation");
         let user = MessageBody {
             role: "user".into(),
             content: "Plan a trip to Lyon".into(),

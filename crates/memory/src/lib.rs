@@ -43,6 +43,7 @@ pub use field::{FieldCipher, FieldError, FieldId};
 pub use os_keyring::{Keyring, KeyringError};
 pub use recall::{Hit, ItemKind, ItemRef, QuantizedVector, RecallIndex, RecallItem};
 pub use store::{
-    Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn, StoreError,
+    Candidate, Conversation, ConversationMeta, Listing, Memory, MemoryStore, Message, MessageBody, MessageStats, RanOn,
+    StoreError,
 };
 pub use vault::{DEFAULT_WORK_FACTOR, Vault, VaultError, VaultKey};

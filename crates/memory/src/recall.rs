@@ -222,6 +222,13 @@ impl RecallIndex {
             .collect()
     }
 
+    /// Whether a memory with this text (ignoring case) is indexed.
+    pub fn has_memory_text(&self, text: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|entry| entry.alive && entry.item.kind == ItemKind::Memory && entry.text.eq_ignore_ascii_case(text))
+    }
+
     /// Adds an item, replacing the one with the same row if indexed.
     pub fn insert(&mut self, item: RecallItem) {
         let words = split_words(&item.text);

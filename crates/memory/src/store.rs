@@ -15,11 +15,15 @@ use crate::export::{ConversationRecord, MemoryRecord, MessageRecord, SettingReco
 use crate::field::{FieldCipher, FieldError, FieldId};
 use crate::recall::{ItemKind, ItemRef, QuantizedVector, RecallItem};
 use crate::vault::VaultKey;
+use kith_types::Privacy;
 
 /// Schema migrations, embedded in the binary, applied in order; `PRAGMA user_version`
 /// records how many have run.
-const MIGRATIONS: &[&str] =
-    &[include_str!("../migrations/0001_initial.sql"), include_str!("../migrations/0002_message_embeddings.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_initial.sql"),
+    include_str!("../migrations/0002_message_embeddings.sql"),
+    include_str!("../migrations/0003_memory_candidates.sql"),
+];
 
 /// The setting that proves the database belongs to the unlocked vault.
 const VAULT_CHECK: &str = "kith.vault-check";
@@ -87,6 +91,16 @@ pub struct ConversationMeta {
     pub title: String,
     /// Model name.
     pub model: String,
+    /// Where its turns may run (conversations saved before this field: the default).
+    #[serde(default)]
+    pub privacy: Privacy,
+}
+
+impl ConversationMeta {
+    /// A title and model, with the default privacy mode.
+    pub fn new(title: impl Into<String>, model: impl Into<String>) -> Self {
+        Self { title: title.into(), model: model.into(), privacy: Privacy::default() }
+    }
 }
 
 /// A stored conversation.
@@ -157,6 +171,19 @@ pub struct Memory {
     pub text: String,
     /// Its sentence embedding, once computed.
     pub embedding: Option<Vec<f32>>,
+}
+
+/// A memory the node suggested, waiting for the user to keep, edit or discard it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Row id (of the candidates table, not a memory id).
+    pub id: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// The message it was found in.
+    pub source_message_id: Option<i64>,
+    /// The suggested text.
+    pub text: String,
 }
 
 /// Rows read from a table: the ones that opened, and an error naming each one that did not.
@@ -305,6 +332,21 @@ impl MemoryStore {
         Ok(id)
     }
 
+    /// Replaces a conversation's title, model or privacy mode.
+    pub async fn set_conversation_meta(&self, id: i64, meta: &ConversationMeta) -> Result<(), StoreError> {
+        let sealed = self.seal_json(FieldId { table: "conversations", column: "meta_sealed", row: id }, meta)?;
+        let done = sqlx::query("UPDATE conversations SET meta_sealed = ? WHERE id = ?")
+            .bind(sealed)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db(e))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { table: "conversations", id });
+        }
+        Ok(())
+    }
+
     /// All conversations, newest first.
     pub async fn conversations(&self) -> Result<Listing<Conversation>, StoreError> {
         let rows = sqlx::query(
@@ -420,6 +462,18 @@ impl MemoryStore {
         .await
         .map_err(|e| self.db(e))?;
         Ok(done.rows_affected())
+    }
+
+    /// The memories that came from a conversation's messages (kept ones, not suggestions).
+    pub async fn conversation_memories(&self, conversation_id: i64) -> Result<Vec<i64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM memories WHERE source_message_id IN (SELECT id FROM messages WHERE conversation_id = ?) \
+             ORDER BY id",
+        )
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db(e))
     }
 
     /// Runs a one-row `DELETE ... WHERE id = ?`; whether a row went.
@@ -585,6 +639,88 @@ impl MemoryStore {
     /// Forgets one memory.
     pub async fn forget_memory(&self, id: i64) -> Result<bool, StoreError> {
         self.delete("DELETE FROM memories WHERE id = ?", id).await
+    }
+
+    /// Puts suggested memories in the review queue, all or none; their ids.
+    pub async fn add_candidates(
+        &self,
+        source_message_id: Option<i64>,
+        texts: &[String],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let first = next_id(&mut tx, Table::Candidates).await.map_err(|e| self.db(e))?;
+        let now = now_ms();
+        let mut ids = Vec::with_capacity(texts.len());
+        for (id, text) in (first..).zip(texts) {
+            let sealed = self.cipher.seal(candidate_field(id), text.as_bytes())?;
+            sqlx::query(
+                "INSERT INTO memory_candidates (id, created_at, source_message_id, text_sealed) VALUES (?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(source_message_id)
+            .bind(sealed)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+            ids.push(id);
+        }
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok(ids)
+    }
+
+    /// The review queue, oldest first.
+    pub async fn candidates(&self) -> Result<Listing<Candidate>, StoreError> {
+        let rows =
+            sqlx::query("SELECT id, created_at, source_message_id, text_sealed FROM memory_candidates ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.db(e))?;
+        Ok(Listing::from_rows(rows, |row| {
+            let id: i64 = row.get(0);
+            let text = self.open_text(candidate_field(id), row.get(3))?;
+            Ok(Candidate { id, created_at: row.get(1), source_message_id: row.get(2), text })
+        }))
+    }
+
+    /// Keeps a candidate as a memory (with `text` instead of the suggestion, when the user
+    /// edited it), in one transaction; the new memory's id and text.
+    pub async fn keep_candidate(&self, id: i64, text: Option<&str>) -> Result<(i64, String), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
+        let row = sqlx::query("SELECT source_message_id, text_sealed FROM memory_candidates WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?
+            .ok_or(StoreError::NotFound { table: "memory_candidates", id })?;
+        let source: Option<i64> = row.get(0);
+        let suggested = self.open_text(candidate_field(id), row.get(1))?;
+        let text = text.map_or(suggested, str::to_owned);
+        let memory_id = next_id(&mut tx, Table::Memories).await.map_err(|e| self.db(e))?;
+        let sealed =
+            self.cipher.seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, text.as_bytes())?;
+        sqlx::query(
+            "INSERT INTO memories (id, created_at, pinned, source_message_id, text_sealed) VALUES (?, ?, 0, ?, ?)",
+        )
+        .bind(memory_id)
+        .bind(now_ms())
+        .bind(source)
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.db(e))?;
+        sqlx::query("DELETE FROM memory_candidates WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db(e))?;
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok((memory_id, text))
+    }
+
+    /// Discards a candidate; whether it was there.
+    pub async fn discard_candidate(&self, id: i64) -> Result<bool, StoreError> {
+        self.delete("DELETE FROM memory_candidates WHERE id = ?", id).await
     }
 
     /// A setting's value.
@@ -821,6 +957,7 @@ async fn next_id(tx: &mut Transaction<'_, Sqlite>, table: Table) -> Result<i64, 
         Table::Messages => "SELECT COALESCE(MAX(id), 0) + 1 FROM messages",
         Table::Memories => "SELECT COALESCE(MAX(id), 0) + 1 FROM memories",
         Table::Settings => "SELECT COALESCE(MAX(id), 0) + 1 FROM settings",
+        Table::Candidates => "SELECT COALESCE(MAX(id), 0) + 1 FROM memory_candidates",
     };
     sqlx::query_scalar(sql).fetch_one(&mut **tx).await
 }
@@ -831,6 +968,11 @@ fn split(result: Result<Option<QuantizedVector>, StoreError>) -> (Option<Quantiz
         Ok(vector) => (vector, None),
         Err(err) => (None, Some(err)),
     }
+}
+
+/// The sealed text of a memory candidate.
+fn candidate_field(id: i64) -> FieldId<'static> {
+    FieldId { table: "memory_candidates", column: "text_sealed", row: id }
 }
 
 /// The sealed embedding column of a memory or message.
@@ -852,6 +994,7 @@ enum Table {
     Messages,
     Memories,
     Settings,
+    Candidates,
 }
 
 fn now_ms() -> i64 {
@@ -893,7 +1036,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = key(dir.path());
         let store = MemoryStore::open(dir.path(), &key).await.expect("open");
-        let meta = ConversationMeta { title: "Paris".into(), model: "smollm2-135m".into() };
+        let meta = ConversationMeta::new("Paris", "smollm2-135m");
         let conv = store.create_conversation(&meta).await.expect("conversation");
         let ids = store.add_messages(conv, &[user("Capital of France?"), reply("Paris.")]).await.expect("messages");
         let memory = store.add_memory("prefers metric units", Some(ids[0]), true).await.expect("memory");
@@ -949,6 +1092,61 @@ mod tests {
         assert!(matches!(store.add_messages(conv, &[user("late")]).await, Err(StoreError::NotFound { .. })));
     }
 
+    #[tokio::test]
+    async fn review_queue_keeps_edits_discards_and_follows_its_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key(dir.path());
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        let conv = store.create_conversation(&ConversationMeta::new("t", "m")).await.expect("conv");
+        let ids = store.add_messages(conv, &[user("My name is Ada and I prefer tea")]).await.expect("messages");
+        let texts = ["The user's name is Ada".to_owned(), "The user prefers tea".to_owned(), "x".to_owned()];
+        let queued = store.add_candidates(Some(ids[0]), &texts).await.expect("queue");
+        assert_eq!(queued.len(), 3);
+        let listed = store.candidates().await.expect("list");
+        assert_eq!(listed.items.iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), texts.map(|t| t.clone()));
+        assert!(listed.items.iter().all(|c| c.source_message_id == Some(ids[0])));
+        assert!(store.memories().await.expect("memories").items.is_empty(), "candidates are not memories");
+
+        let (kept, kept_text) = store.keep_candidate(queued[0], None).await.expect("keep");
+        assert_eq!(kept_text, "The user's name is Ada");
+        let (edited, _) = store.keep_candidate(queued[1], Some("The user prefers green tea")).await.expect("edit");
+        assert!(store.discard_candidate(queued[2]).await.expect("discard"));
+        assert!(!store.discard_candidate(queued[2]).await.expect("again"), "already gone");
+        assert!(matches!(store.keep_candidate(queued[2], None).await, Err(StoreError::NotFound { .. })));
+        let memories = store.memories().await.expect("memories").items;
+        let found: Vec<(i64, &str, Option<i64>)> =
+            memories.iter().map(|m| (m.id, m.text.as_str(), m.source_message_id)).collect();
+        assert_eq!(
+            found,
+            [(kept, "The user's name is Ada", Some(ids[0])), (edited, "The user prefers green tea", Some(ids[0]))]
+        );
+        assert!(store.candidates().await.expect("list").items.is_empty());
+
+        // A waiting candidate goes with its conversation; a kept one can be forgotten with it.
+        assert_eq!(store.conversation_memories(conv).await.expect("from it"), [kept, edited]);
+        store.add_candidates(Some(ids[0]), &["The user likes rain".to_owned()]).await.expect("queue");
+        assert_eq!(store.forget_conversation_memories(conv).await.expect("forget"), 2);
+        assert!(store.delete_conversation(conv).await.expect("delete"));
+        assert!(store.candidates().await.expect("list").items.is_empty());
+    }
+
+    #[tokio::test]
+    async fn privacy_mode_is_sealed_and_old_meta_reads_as_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key(dir.path());
+        let store = MemoryStore::open(dir.path(), &key).await.expect("open");
+        let conv = store.create_conversation(&ConversationMeta::new("t", "m")).await.expect("conv");
+        let mut meta = store.conversation(conv).await.expect("get").expect("there").meta;
+        assert_eq!(meta.privacy, Privacy::FriendsAllowed);
+        meta.privacy = Privacy::LocalOnly;
+        store.set_conversation_meta(conv, &meta).await.expect("set");
+        assert_eq!(store.conversation(conv).await.expect("get").expect("there").meta.privacy, Privacy::LocalOnly);
+        assert!(matches!(store.set_conversation_meta(999, &meta).await, Err(StoreError::NotFound { .. })));
+        // Meta written before the field existed.
+        let old: ConversationMeta = serde_json::from_str(r#"{"title":"a","model":"b"}"#).expect("old meta");
+        assert_eq!(old.privacy, Privacy::FriendsAllowed);
+    }
+
     /// Unique canaries in every kind of content, then every file in the data directory
     /// (database, WAL, shared memory, vault files) is scanned for them.
     #[tokio::test]
@@ -963,14 +1161,14 @@ mod tests {
             "canary-reply-55b0",
             "canary-memory-e4d7",
             "canary-setting-0b6c",
+            "canary-candidate-9d31",
         ];
-        let conv = store
-            .create_conversation(&ConversationMeta { title: canaries[0].into(), model: canaries[1].into() })
-            .await
-            .expect("conversation");
+        let conv =
+            store.create_conversation(&ConversationMeta::new(canaries[0], canaries[1])).await.expect("conversation");
         store.add_messages(conv, &[user(canaries[2]), reply(canaries[3])]).await.expect("messages");
         store.add_memory(canaries[4], None, false).await.expect("memory");
         store.set_setting("name", canaries[5].as_bytes()).await.expect("setting");
+        store.add_candidates(None, &[canaries[6].to_owned()]).await.expect("candidate");
         // Scan while open (WAL and shm present) and after closing.
         let scan = |when: &str| {
             for entry in std::fs::read_dir(dir.path())
@@ -1002,8 +1200,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = key(dir.path());
         let store = MemoryStore::open(dir.path(), &key).await.expect("open");
-        let conv =
-            store.create_conversation(&ConversationMeta { title: "t".into(), model: "m".into() }).await.expect("conv");
+        let conv = store.create_conversation(&ConversationMeta::new("t", "m")).await.expect("conv");
         let ids = store.add_messages(conv, &[user("one"), user("two"), user("three")]).await.expect("messages");
         // Flip a byte of message 1; copy message 2's ciphertext onto message 3.
         let read = |id: i64| sqlx::query_scalar::<_, Vec<u8>>("SELECT body_sealed FROM messages WHERE id = ?").bind(id);

@@ -192,6 +192,29 @@ impl From<NodeError> for ApiError {
                 code: Some("conversation_not_found"),
                 ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())
             },
+            NodeError::LocalOnly { .. } => Self {
+                code: Some("local_only"),
+                param: Some("model"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+            },
+            NodeError::NoCandidate(_) | NodeError::NoMemoryItem(_) => Self {
+                code: Some("not_found"),
+                ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())
+            },
+            NodeError::EmptyMemory => Self {
+                param: Some("text"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+            },
+            NodeError::NotInCatalog { .. } => Self {
+                code: Some("model_not_found"),
+                param: Some("name"),
+                ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())
+            },
+            NodeError::ModelInUse(_) | NodeError::PullInProgress(_) => Self {
+                code: Some("conflict"),
+                ..Self::new(StatusCode::CONFLICT, "invalid_request_error", err.to_string())
+            },
+            NodeError::NoModelStore => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string()),
             NodeError::NoEmbedder => Self {
                 param: Some("model"),
                 ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())

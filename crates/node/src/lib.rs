@@ -17,12 +17,20 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+mod discovery;
+mod extract;
+mod memory;
+mod models;
 mod native;
 mod node;
 mod openai;
 mod token;
 mod turn;
 
+pub use discovery::{NodeFile, Published};
+pub use extract::extract_candidates;
+pub use memory::{Review, SavedMemory};
+pub use models::{ModelListing, PullUpdate};
 pub use native::NativeApi;
 pub use node::{DEFAULT_QUEUE_PER_MODEL, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Route};
 pub use token::ApiToken;

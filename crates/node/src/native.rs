@@ -1,5 +1,7 @@
 //! The native API under `/api/`, for the desktop app and scripts: node status,
-//! conversations, memories and memory search, described at `/api/openapi.json`.
+//! conversations (with their privacy mode), memories, memory search, the review queue of
+//! suggested memories, and models (list, pull with streamed progress, remove), described
+//! at `/api/openapi.json`.
 //!
 //! Lists are paginated with `offset` and `limit` (at most 500) and return `next_offset`
 //! while more remain. Ids are the vault's row ids: stable for the life of a row.
@@ -7,9 +9,10 @@
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use kith_memory::{ItemKind, ItemRef, QuantizedVector, RecallItem};
+use kith_types::Privacy;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -22,10 +25,15 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/status", get(status))
         .route("/api/conversations", get(list_conversations))
-        .route("/api/conversations/{id}", get(get_conversation).delete(delete_conversation))
+        .route("/api/conversations/{id}", get(get_conversation).delete(delete_conversation).patch(update_conversation))
         .route("/api/memories", get(list_memories).post(add_memory))
         .route("/api/memories/search", get(search_memories))
+        .route("/api/memories/review", get(review_queue))
+        .route("/api/memories/review/{id}", axum::routing::post(review))
         .route("/api/memories/{id}", axum::routing::delete(forget_memory))
+        .route("/api/models", get(list_models))
+        .route("/api/models/pull", axum::routing::post(pull_model))
+        .route("/api/models/{name}", axum::routing::delete(remove_model))
         .route("/api/openapi.json", get(openapi))
 }
 
@@ -38,10 +46,16 @@ pub(crate) fn routes() -> Router<AppState> {
         list_conversations,
         get_conversation,
         delete_conversation,
+        update_conversation,
         list_memories,
         add_memory,
         search_memories,
-        forget_memory
+        forget_memory,
+        review_queue,
+        review,
+        list_models,
+        pull_model,
+        remove_model
     ),
     components(schemas(
         Status,
@@ -55,6 +69,15 @@ pub(crate) fn routes() -> Router<AppState> {
         NewMemory,
         SearchHit,
         Deleted,
+        ConversationUpdate,
+        CandidateView,
+        CandidatePage,
+        ReviewDecision,
+        Reviewed,
+        crate::models::ModelListing,
+        crate::models::PullUpdate,
+        PullRequest,
+        Removed,
         ErrorBody,
         ErrorDetail
     ))
@@ -155,6 +178,21 @@ struct ConversationSummary {
     created_at: i64,
     /// Unix milliseconds of the last message.
     updated_at: i64,
+    /// `local-only` or `friends-allowed`.
+    privacy: String,
+}
+
+impl From<kith_memory::Conversation> for ConversationSummary {
+    fn from(c: kith_memory::Conversation) -> Self {
+        Self {
+            id: c.id,
+            title: c.meta.title,
+            model: c.meta.model,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+            privacy: c.meta.privacy.as_str().to_owned(),
+        }
+    }
 }
 
 /// A page of conversations, most recently updated first.
@@ -178,17 +216,7 @@ async fn list_conversations(
 ) -> Result<axum::Json<ConversationPage>, ApiError> {
     let memory = memory(&state)?;
     let listing = memory.store.conversations().await.map_err(NodeError::from)?;
-    let items = listing
-        .items
-        .into_iter()
-        .map(|c| ConversationSummary {
-            id: c.id,
-            title: c.meta.title,
-            model: c.meta.model,
-            created_at: c.created_at,
-            updated_at: c.updated_at,
-        })
-        .collect();
+    let items = listing.items.into_iter().map(ConversationSummary::from).collect();
     let (items, next_offset) = page.cut(items);
     Ok(axum::Json(ConversationPage {
         items,
@@ -218,6 +246,8 @@ struct MessageView {
 struct ConversationDetail {
     conversation: ConversationSummary,
     messages: Vec<MessageView>,
+    /// Memories that came from its messages (a UI offers to forget them with it).
+    memory_ids: Vec<i64>,
     damaged: Vec<String>,
 }
 
@@ -231,14 +261,10 @@ async fn get_conversation(
     let conversation =
         memory.store.conversation(id).await.map_err(NodeError::from)?.ok_or(NodeError::NoConversation(id))?;
     let messages = memory.store.messages(id).await.map_err(NodeError::from)?;
+    let memory_ids = memory.store.conversation_memories(id).await.map_err(NodeError::from)?;
     Ok(axum::Json(ConversationDetail {
-        conversation: ConversationSummary {
-            id,
-            title: conversation.meta.title,
-            model: conversation.meta.model,
-            created_at: conversation.created_at,
-            updated_at: conversation.updated_at,
-        },
+        conversation: conversation.into(),
+        memory_ids,
         messages: messages
             .items
             .into_iter()
@@ -282,23 +308,31 @@ async fn delete_conversation(
     Path(id): Path<i64>,
     Query(options): Query<DeleteOptions>,
 ) -> Result<axum::Json<Deleted>, ApiError> {
-    let memory = memory(&state)?;
-    let memories_deleted = if options.with_memories.unwrap_or(false) {
-        memory.store.forget_conversation_memories(id).await.map_err(NodeError::from)?
-    } else {
-        0
-    };
-    if !memory.store.delete_conversation(id).await.map_err(NodeError::from)? {
-        return Err(NodeError::NoConversation(id).into());
-    }
-    let mut index = memory.index.lock().await;
-    index.remove_conversation(id);
-    if memories_deleted > 0 {
-        // Rebuild the memory side of the index from what remains.
-        let remaining = memory.store.recall_items().await.map_err(NodeError::from)?;
-        *index = kith_memory::RecallIndex::build(remaining.items);
-    }
+    let memories_deleted = state.node.delete_conversation(id, options.with_memories.unwrap_or(false)).await?;
     Ok(axum::Json(Deleted { deleted: true, memories_deleted }))
+}
+
+/// What to change in a conversation.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ConversationUpdate {
+    /// `local-only` (every turn stays on this machine) or `friends-allowed`.
+    #[schema(value_type = String)]
+    privacy: Privacy,
+}
+
+/// Changes a conversation's privacy mode; takes effect from its next turn.
+#[utoipa::path(patch, path = "/api/conversations/{id}", params(("id" = i64, Path)), request_body = ConversationUpdate, responses((status = 200, body = ConversationSummary), (status = 404, body = ErrorBody)))]
+async fn update_conversation(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    JsonBody(update): JsonBody<ConversationUpdate>,
+) -> Result<axum::Json<ConversationSummary>, ApiError> {
+    state.node.set_privacy(id, update.privacy).await?;
+    let memory = memory(&state)?;
+    let conversation =
+        memory.store.conversation(id).await.map_err(NodeError::from)?.ok_or(NodeError::NoConversation(id))?;
+    Ok(axum::Json(conversation.into()))
 }
 
 /// A memory.
@@ -357,40 +391,21 @@ struct NewMemory {
 /// Saves a memory (embedded for recall when the embedding model is loaded).
 #[utoipa::path(post, path = "/api/memories", request_body = NewMemory, responses((status = 201, body = MemoryView), (status = 400, body = ErrorBody)))]
 async fn add_memory(State(state): State<AppState>, JsonBody(new): JsonBody<NewMemory>) -> Result<Response, ApiError> {
-    let memory = memory(&state)?;
-    let text = new.text.trim().to_owned();
-    if text.is_empty() {
-        return Err(ApiError::invalid("text", "a memory needs some text"));
-    }
-    let id = memory.store.add_memory(&text, None, new.pinned).await.map_err(NodeError::from)?;
-    let vector =
-        if state.node.embedding_model().is_some() { state.node.embed(vec![text.clone()]).await?.pop() } else { None };
-    let item = ItemRef { kind: ItemKind::Memory, id };
-    if let Some(vector) = &vector {
-        memory.store.set_embedding(item, vector).await.map_err(NodeError::from)?;
-    }
-    let created_at =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    memory.index.lock().await.insert(RecallItem {
-        item,
-        conversation_id: None,
-        created_at,
-        role: None,
-        text: text.clone(),
-        embedding: vector.as_deref().map(QuantizedVector::quantize),
-    });
-    let view = MemoryView { id, text, pinned: new.pinned, created_at, source_message_id: None };
+    let saved = state.node.add_memory(&new.text, new.pinned).await?;
+    let view = MemoryView {
+        id: saved.id,
+        text: new.text.trim().to_owned(),
+        pinned: new.pinned,
+        created_at: saved.created_at,
+        source_message_id: None,
+    };
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
 /// Forgets a memory.
 #[utoipa::path(delete, path = "/api/memories/{id}", params(("id" = i64, Path)), responses((status = 200, body = Deleted), (status = 404, body = ErrorBody)))]
 async fn forget_memory(State(state): State<AppState>, Path(id): Path<i64>) -> Result<axum::Json<Deleted>, ApiError> {
-    let memory = memory(&state)?;
-    if !memory.store.forget_memory(id).await.map_err(NodeError::from)? {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no memory {id}")));
-    }
-    memory.index.lock().await.remove(ItemRef { kind: ItemKind::Memory, id });
+    state.node.forget_memory(id).await?;
     Ok(axum::Json(Deleted { deleted: true, memories_deleted: 1 }))
 }
 
@@ -446,4 +461,134 @@ async fn search_memories(
             })
             .collect(),
     ))
+}
+
+/// A suggested memory waiting for review.
+#[derive(Serialize, ToSchema)]
+struct CandidateView {
+    /// The suggestion's id (not a memory id).
+    id: i64,
+    text: String,
+    created_at: i64,
+    /// The message it was found in.
+    source_message_id: Option<i64>,
+}
+
+/// A page of suggestions, oldest first.
+#[derive(Serialize, ToSchema)]
+struct CandidatePage {
+    items: Vec<CandidateView>,
+    next_offset: Option<usize>,
+    damaged: Vec<String>,
+}
+
+/// Memories the node suggested after chat turns, waiting for the user to keep, edit or
+/// discard them (never recalled before that).
+#[utoipa::path(get, path = "/api/memories/review", params(Page), responses((status = 200, body = CandidatePage)))]
+async fn review_queue(
+    State(state): State<AppState>,
+    Query(page): Query<Page>,
+) -> Result<axum::Json<CandidatePage>, ApiError> {
+    let listing = state.node.review_queue().await?;
+    let items = listing
+        .items
+        .into_iter()
+        .map(|c| CandidateView {
+            id: c.id,
+            text: c.text,
+            created_at: c.created_at,
+            source_message_id: c.source_message_id,
+        })
+        .collect();
+    let (items, next_offset) = page.cut(items);
+    Ok(axum::Json(CandidatePage {
+        items,
+        next_offset,
+        damaged: listing.damaged.iter().map(ToString::to_string).collect(),
+    }))
+}
+
+/// The decision on a suggestion.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ReviewDecision {
+    /// `keep`, `edit` (with `text`) or `discard`.
+    action: String,
+    /// The memory's text for `edit`.
+    text: Option<String>,
+}
+
+/// What a review did.
+#[derive(Serialize, ToSchema)]
+struct Reviewed {
+    /// The memory kept, or none when discarded.
+    memory_id: Option<i64>,
+}
+
+/// Keeps (as suggested or edited) or discards a suggested memory.
+#[utoipa::path(post, path = "/api/memories/review/{id}", params(("id" = i64, Path)), request_body = ReviewDecision, responses((status = 200, body = Reviewed), (status = 404, body = ErrorBody), (status = 400, body = ErrorBody)))]
+async fn review(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    JsonBody(decision): JsonBody<ReviewDecision>,
+) -> Result<axum::Json<Reviewed>, ApiError> {
+    let decision = match (decision.action.as_str(), decision.text) {
+        ("keep", None) => crate::Review::Keep,
+        ("edit", Some(text)) => crate::Review::Edit(text),
+        ("discard", None) => crate::Review::Discard,
+        ("edit", None) => return Err(ApiError::invalid("text", "`edit` needs the memory's new `text`")),
+        ("keep" | "discard", Some(_)) => {
+            return Err(ApiError::invalid("text", "`text` goes only with `edit`"));
+        }
+        _ => return Err(ApiError::invalid("action", "action must be keep, edit or discard")),
+    };
+    let kept = state.node.review(id, decision).await?;
+    Ok(axum::Json(Reviewed { memory_id: kept.map(|m| m.id) }))
+}
+
+/// The model catalog with what is installed, loaded and being pulled.
+#[utoipa::path(get, path = "/api/models", responses((status = 200, body = [crate::models::ModelListing])))]
+async fn list_models(State(state): State<AppState>) -> Result<axum::Json<Vec<crate::models::ModelListing>>, ApiError> {
+    Ok(axum::Json(state.node.models()?))
+}
+
+/// A model to pull.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PullRequest {
+    /// Catalog name.
+    name: String,
+}
+
+/// Pulls a catalog model: a stream of server-sent events, each a JSON `PullUpdate`
+/// (`source`, `downloading`, `file`, `progress` {done, total}, `file_done`), ending with
+/// `done` or `failed`. The pull goes on if the client disconnects.
+#[utoipa::path(post, path = "/api/models/pull", request_body = PullRequest, responses((status = 200, description = "text/event-stream of PullUpdate", body = crate::models::PullUpdate), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn pull_model(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<PullRequest>,
+) -> Result<Response, ApiError> {
+    let updates = state.node.pull_model(&request.name)?;
+    let events = futures_util::stream::unfold(updates, |mut updates| async move {
+        let update = updates.recv().await?;
+        let event = Event::default().json_data(&update).unwrap_or_else(|_| Event::default().data("{}"));
+        Some((Ok::<_, std::convert::Infallible>(event), updates))
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+/// What a removal did.
+#[derive(Serialize, ToSchema)]
+struct Removed {
+    /// Whether files were there to delete.
+    removed: bool,
+}
+
+/// Deletes an installed model's files (refused while it is loaded or being pulled).
+#[utoipa::path(delete, path = "/api/models/{name}", params(("name" = String, Path)), responses((status = 200, body = Removed), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Removed>, ApiError> {
+    Ok(axum::Json(Removed { removed: state.node.remove_model(&name)? }))
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kith_infer::{Embedder, EngineHandle, GenerateError, GenerateRequest, LoadedModel, TokenStream};
+use kith_types::Privacy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// Requests that may wait or run on one model at a time, by default.
@@ -45,6 +46,44 @@ pub enum NodeError {
     /// The memory store failed.
     #[error(transparent)]
     Store(#[from] kith_memory::StoreError),
+    /// The model is not on this machine and the conversation may not leave it.
+    #[error("model {model:?} is not on this machine, and this conversation is local-only")]
+    LocalOnly {
+        /// The model asked for.
+        model: String,
+    },
+    /// No memory suggestion has this id.
+    #[error("no memory suggestion {0} waiting for review")]
+    NoCandidate(i64),
+    /// A memory must have some text.
+    #[error("a memory needs some text")]
+    EmptyMemory,
+    /// No memory has this id.
+    #[error("no memory {0}")]
+    NoMemoryItem(i64),
+    /// The catalog has no model by this name.
+    #[error("unknown model {name:?}; known models: {known}")]
+    NotInCatalog {
+        /// The name asked for.
+        name: String,
+        /// The catalog's names.
+        known: String,
+    },
+    /// The model is loaded (or being pulled) and cannot be removed now.
+    #[error("model {0:?} is in use by this node")]
+    ModelInUse(String),
+    /// The model is being pulled already.
+    #[error("model {0:?} is being pulled already")]
+    PullInProgress(String),
+    /// This node has no model directory.
+    #[error("this node manages no model directory")]
+    NoModelStore,
+    /// The built-in catalog did not load.
+    #[error(transparent)]
+    Catalog(#[from] kith_models::CatalogError),
+    /// A pull or remove failed.
+    #[error(transparent)]
+    Models(#[from] kith_models::PullError),
     /// An engine thread could not start.
     #[error("starting the engine for {name}: {source}")]
     Spawn {
@@ -55,7 +94,7 @@ pub enum NodeError {
     },
 }
 
-/// Where a request runs.
+/// Where a request runs, decided per request by [`Node::route`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Route {
@@ -78,6 +117,8 @@ pub struct NodeBuilder {
     embedder: Option<(String, Embedder)>,
     memory: Option<(kith_memory::MemoryStore, kith_memory::RecallIndex)>,
     queue_per_model: usize,
+    privacy: Privacy,
+    model_store: Option<(kith_models::Store, kith_models::PullOptions)>,
 }
 
 impl Default for NodeBuilder {
@@ -89,7 +130,14 @@ impl Default for NodeBuilder {
 impl NodeBuilder {
     /// An empty node.
     pub fn new() -> Self {
-        Self { models: Vec::new(), embedder: None, memory: None, queue_per_model: DEFAULT_QUEUE_PER_MODEL }
+        Self {
+            models: Vec::new(),
+            embedder: None,
+            memory: None,
+            queue_per_model: DEFAULT_QUEUE_PER_MODEL,
+            privacy: Privacy::default(),
+            model_store: None,
+        }
     }
 
     /// Serves `model` under `name`; the first model added is the default.
@@ -113,6 +161,18 @@ impl NodeBuilder {
     /// How many requests may run or wait on one model before more are refused as busy.
     pub fn queue_per_model(mut self, requests: usize) -> Self {
         self.queue_per_model = requests.max(1);
+        self
+    }
+
+    /// The privacy mode of new conversations and of requests that name none.
+    pub fn privacy(mut self, privacy: Privacy) -> Self {
+        self.privacy = privacy;
+        self
+    }
+
+    /// Lists, pulls and removes models in this directory (the native API's `/api/models`).
+    pub fn model_store(mut self, store: kith_models::Store, options: kith_models::PullOptions) -> Self {
+        self.model_store = Some((store, options));
         self
     }
 
@@ -141,6 +201,9 @@ impl NodeBuilder {
                     Arc::new(crate::turn::NodeMemory { store, index: tokio::sync::Mutex::new(index) })
                 })),
                 queue_per_model: self.queue_per_model,
+                privacy: self.privacy,
+                model_store: self.model_store,
+                pulling: std::sync::Mutex::new(std::collections::HashSet::new()),
                 started: Instant::now(),
                 stopping,
             }),
@@ -169,6 +232,11 @@ struct Inner {
     /// Taken out (and closed) at shutdown.
     memory: std::sync::Mutex<Option<Arc<crate::turn::NodeMemory>>>,
     queue_per_model: usize,
+    /// For new conversations and requests that name none.
+    privacy: Privacy,
+    pub(crate) model_store: Option<(kith_models::Store, kith_models::PullOptions)>,
+    /// Models being pulled now.
+    pub(crate) pulling: std::sync::Mutex<std::collections::HashSet<String>>,
     started: Instant,
     /// Becomes true when shutdown begins: streams end, new requests are refused.
     stopping: watch::Sender<bool>,
@@ -257,19 +325,62 @@ impl Node {
         NodeStatus { models, uptime_s: self.inner.started.elapsed().as_secs(), stopping: *self.inner.stopping.borrow() }
     }
 
-    /// Starts a generation on `model`, or refuses at once when its queue is full.
-    pub async fn generate(&self, model: &str, request: GenerateRequest) -> Result<Generation, NodeError> {
+    /// The privacy mode of new conversations and of requests that name none.
+    pub fn default_privacy(&self) -> Privacy {
+        self.inner.privacy
+    }
+
+    /// Decides where a request for `model` runs under `privacy`. Today every route is
+    /// this machine: a model that is not loaded here is refused, naming the privacy mode
+    /// when that is what keeps it here (the mesh will add peers for `friends-allowed`).
+    pub fn route(&self, model: &str, privacy: Privacy) -> Result<Route, NodeError> {
+        if self.inner.models.iter().any(|m| m.name == model) {
+            return Ok(Route::Local);
+        }
+        match privacy {
+            Privacy::LocalOnly => Err(NodeError::LocalOnly { model: model.to_owned() }),
+            Privacy::FriendsAllowed => Err(self.unknown_model(model)),
+        }
+    }
+
+    fn unknown_model(&self, model: &str) -> NodeError {
+        NodeError::UnknownModel {
+            name: model.to_owned(),
+            loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    /// Whether `model` is loaded here.
+    pub fn is_loaded(&self, model: &str) -> bool {
+        self.inner.models.iter().any(|m| m.name == model)
+            || self.inner.embedder.as_ref().is_some_and(|(name, _)| name == model)
+    }
+
+    /// Starts a generation on `model` where [`route`](Self::route) sends it, or refuses at
+    /// once when that model's queue is full.
+    pub async fn generate(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        privacy: Privacy,
+    ) -> Result<Generation, NodeError> {
         if *self.inner.stopping.borrow() {
             return Err(NodeError::ShuttingDown);
         }
-        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| NodeError::UnknownModel {
-            name: model.to_owned(),
-            loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
-        })?;
+        let Route::Local = self.route(model, privacy)?;
+        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| self.unknown_model(model))?;
         let place = slot.queue.clone().try_acquire_owned().map_err(|_| NodeError::Busy(slot.name.clone()))?;
         let engine = slot.engine().ok_or(NodeError::ShuttingDown)?;
         let stream = engine.generate(request).await?;
         Ok(Generation { route: Route::Local, model: slot.name.clone(), stream, _place: place })
+    }
+
+    pub(crate) fn inner_models_store(&self) -> Option<&(kith_models::Store, kith_models::PullOptions)> {
+        self.inner.model_store.as_ref()
+    }
+
+    pub(crate) fn pulling(&self) -> &std::sync::Mutex<std::collections::HashSet<String>> {
+        &self.inner.pulling
     }
 
     pub(crate) fn memory(&self) -> Option<Arc<crate::turn::NodeMemory>> {
@@ -282,10 +393,7 @@ impl Node {
     }
 
     pub(crate) fn engine_handle(&self, model: &str) -> Result<EngineHandle, NodeError> {
-        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| NodeError::UnknownModel {
-            name: model.to_owned(),
-            loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
-        })?;
+        let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| self.unknown_model(model))?;
         slot.engine().ok_or(NodeError::ShuttingDown)
     }
 

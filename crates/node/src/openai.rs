@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::stream::{self, Stream};
 use kith_infer::{Completion, GenerateRequest, Prompt, StopReason, StreamEvent};
-use kith_types::{ChatMessage, Role, SamplingParams};
+use kith_types::{ChatMessage, Privacy, Role, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -66,13 +66,16 @@ struct ChatCompletionRequest {
     seed: Option<u64>,
     n: Option<u64>,
     /// Kith's extension: `{"conversation": ID}` continues a saved conversation (with a
-    /// `kith/` model).
+    /// `kith/` model); `{"privacy": "local-only"}` keeps this request (and, with a `kith/`
+    /// model, its conversation from now on) on this machine.
     kith: Option<KithExtension>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KithExtension {
     conversation: Option<i64>,
+    privacy: Option<Privacy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,9 +235,11 @@ async fn chat(state: AppState, body: ChatCompletionRequest) -> Result<Response, 
                 name => name,
             }
             .to_owned();
-            let generation = state.node.generate(&model, request).await?;
+            let privacy = body.kith.as_ref().and_then(|k| k.privacy).unwrap_or_else(|| state.node.default_privacy());
+            let generation = state.node.generate(&model, request, privacy).await?;
             let route = generation.route.as_str().to_owned();
-            let answer = Answer { model, kith: json!({ "ran_on": route }), route, source: Source::Engine(generation) };
+            let kith = json!({ "ran_on": route, "privacy": privacy });
+            let answer = Answer { model, kith, route, source: Source::Engine(generation) };
             (answer, None)
         }
     };
@@ -284,6 +289,7 @@ async fn with_memory(
         system,
         message: last.content.clone(),
         params: request.params,
+        privacy: body.kith.as_ref().and_then(|k| k.privacy),
     };
     let turn = state.node.chat_turn(turn).await?;
     let recalled: Vec<Value> =
@@ -294,6 +300,8 @@ async fn with_memory(
         "recalled": recalled,
         "remembered": turn.remembered,
         "dropped_messages": turn.dropped,
+        "privacy": turn.privacy,
+        "suggested_memories": turn.suggested,
     });
     let answer = Answer {
         model: format!("{KITH_PREFIX}{}", turn.model),

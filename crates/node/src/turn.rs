@@ -17,7 +17,7 @@ use kith_memory::{
     ConversationMeta, ItemKind, ItemRef, MemoryStore, MessageBody, MessageStats, QuantizedVector, RanOn, RecallIndex,
     RecallItem,
 };
-use kith_types::{ChatMessage, Role, SamplingParams};
+use kith_types::{ChatMessage, Privacy, Role, SamplingParams};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::node::{Node, NodeError, Route};
@@ -50,6 +50,9 @@ pub struct ChatTurn {
     pub message: String,
     /// Sampling.
     pub params: SamplingParams,
+    /// Where this conversation may run from now on (default: as saved, or the node's
+    /// default for a new conversation).
+    pub privacy: Option<Privacy>,
 }
 
 /// A memory put in the prompt.
@@ -80,6 +83,11 @@ pub struct Turn {
     pub remembered: Option<i64>,
     /// Earlier messages left out to fit the context window.
     pub dropped: usize,
+    /// The conversation's privacy mode.
+    pub privacy: Privacy,
+    /// Facts in the message suggested as memories, new ones only (queued for review with
+    /// the exchange).
+    pub suggested: Vec<String>,
     /// The answer's events. The channel closes once the exchange is saved, so a caller
     /// that waits for the close can read the conversation back.
     pub events: mpsc::Receiver<Result<StreamEvent, GenerateError>>,
@@ -115,38 +123,39 @@ impl Node {
             return Err(NodeError::Generate(GenerateError::EmptyPrompt));
         }
 
-        // A conversation to continue must exist before anything is saved.
-        if let Some(id) = turn.conversation
-            && memory.store.conversation(id).await?.is_none()
-        {
-            return Err(NodeError::NoConversation(id));
-        }
+        // A conversation to continue must exist before anything is saved, and the route
+        // must be allowed by its privacy mode.
+        let saved = match turn.conversation {
+            Some(id) => Some(memory.store.conversation(id).await?.ok_or(NodeError::NoConversation(id))?),
+            None => None,
+        };
+        let privacy =
+            turn.privacy.or_else(|| saved.as_ref().map(|c| c.meta.privacy)).unwrap_or_else(|| self.default_privacy());
+        self.route(&model, privacy)?;
 
         // "Remember that …": saved now, found by the recall below like any memory.
         let mut remembered = None;
         if let Some(fact) = remember_request(&turn.message) {
             let id = memory.store.add_memory(fact, None, false).await?;
-            let vector = self.embed_optional(fact).await?;
-            if let Some(vector) = &vector {
-                memory.store.set_embedding(ItemRef { kind: ItemKind::Memory, id }, vector).await?;
-            }
-            memory.index.lock().await.insert(RecallItem {
-                item: ItemRef { kind: ItemKind::Memory, id },
-                conversation_id: None,
-                created_at: now_ms(),
-                role: None,
-                text: fact.to_owned(),
-                embedding: vector.as_deref().map(QuantizedVector::quantize),
-            });
-            remembered = Some(id);
+            remembered = Some(self.index_memory(&memory, id, fact).await?.id);
         }
+        let suggested = new_suggestions(&memory, crate::extract::extract_candidates(&turn.message)).await?;
 
         // The conversation so far.
-        let conversation = match turn.conversation {
-            Some(id) => id,
+        let conversation = match saved {
+            Some(saved) => {
+                if saved.meta.privacy != privacy {
+                    let mut meta = saved.meta;
+                    meta.privacy = privacy;
+                    memory.store.set_conversation_meta(saved.id, &meta).await?;
+                }
+                saved.id
+            }
             None => {
                 let title: String = turn.message.chars().take(60).collect();
-                memory.store.create_conversation(&ConversationMeta { title, model: model.clone() }).await?
+                let mut meta = ConversationMeta::new(title, model.clone());
+                meta.privacy = privacy;
+                memory.store.create_conversation(&meta).await?
             }
         };
         let earlier = memory.store.messages(conversation).await?;
@@ -182,16 +191,17 @@ impl Node {
         let system = system_message(turn.system.as_deref(), &recalled);
         let (prompt, dropped) = fit(&engine, system, history, &turn.message, turn.params.max_tokens)?;
         let request = GenerateRequest::new(Prompt::Chat(prompt.clone()), turn.params.clone());
-        let generation = self.generate(&model, request).await?;
+        let generation = self.generate(&model, request, privacy).await?;
         let route = generation.route.clone();
 
         let (tx, events) = mpsc::channel(64);
         let node = self.clone();
-        let message = turn.message.clone();
+        let exchange =
+            Exchange { conversation, question: turn.message.clone(), remembered, suggested: suggested.clone() };
         tokio::spawn(async move {
-            collect_and_save(node, memory, generation, conversation, message, remembered, tx).await;
+            collect_and_save(node, memory, generation, exchange, tx).await;
         });
-        Ok(Turn { conversation, model, route, prompt, recalled, remembered, dropped, events })
+        Ok(Turn { conversation, model, route, prompt, recalled, remembered, dropped, privacy, suggested, events })
     }
 
     async fn embed_optional(&self, text: &str) -> Result<Option<Vec<f32>>, NodeError> {
@@ -208,7 +218,9 @@ fn system_message(system: Option<&str>, recalled: &[Recalled]) -> Option<String>
         if !text.is_empty() {
             text.push_str("\n\n");
         }
-        text.push_str("What you remember about the user (from Kith's memory; each has an id):\n");
+        text.push_str(
+            "What you remember about the user (from Kith's memory, in the user's own words; each has an id):\n",
+        );
         text.push_str(MEMORY_OPEN);
         text.push('\n');
         for memory in recalled {
@@ -261,16 +273,25 @@ fn fit(
     }
 }
 
+/// What a turn saves besides the answer.
+struct Exchange {
+    conversation: i64,
+    question: String,
+    /// A memory told in the question ("remember that …").
+    remembered: Option<i64>,
+    /// Suggested memories found in the question.
+    suggested: Vec<String>,
+}
+
 /// Forwards the answer to the caller and saves the exchange when it ends.
 async fn collect_and_save(
     node: Node,
     memory: Arc<NodeMemory>,
     mut generation: crate::node::Generation,
-    conversation: i64,
-    question: String,
-    remembered: Option<i64>,
+    exchange: Exchange,
     tx: mpsc::Sender<Result<StreamEvent, GenerateError>>,
 ) {
+    let Exchange { conversation, question, remembered, suggested } = exchange;
     let mut answer = String::new();
     let mut stats = MessageStats::default();
     let mut interrupted = true;
@@ -329,6 +350,7 @@ async fn collect_and_save(
     {
         tracing::warn!(error = %err, "linking a memory to its message failed");
     }
+    queue_suggestions(&memory, suggested, ids.first().copied()).await;
     let vectors = if node.embedding_model().is_some() { node.embed(texts.to_vec()).await.ok() } else { None };
     let mut index = memory.index.lock().await;
     for (i, (id, text)) in ids.iter().zip(texts).enumerate() {
@@ -342,7 +364,7 @@ async fn collect_and_save(
         index.insert(RecallItem {
             item,
             conversation_id: Some(conversation),
-            created_at: now_ms(),
+            created_at: crate::memory::now_ms(),
             role: Some(if i == 0 { "user" } else { "assistant" }.into()),
             text,
             embedding: vector.map(|v| QuantizedVector::quantize(v)),
@@ -356,8 +378,28 @@ async fn collect_and_save(
     drop(generation);
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+/// The suggestions that are neither remembered already nor waiting for review.
+async fn new_suggestions(memory: &NodeMemory, suggested: Vec<String>) -> Result<Vec<String>, NodeError> {
+    if suggested.is_empty() {
+        return Ok(suggested);
+    }
+    let waiting: Vec<String> = memory.store.candidates().await?.items.into_iter().map(|c| c.text).collect();
+    let index = memory.index.lock().await;
+    Ok(suggested
+        .into_iter()
+        .filter(|s| !index.has_memory_text(s) && !waiting.iter().any(|w| w.eq_ignore_ascii_case(s)))
+        .collect())
+}
+
+/// Puts suggestions in the review queue, linked to the message they came from.
+async fn queue_suggestions(memory: &NodeMemory, suggested: Vec<String>, source: Option<i64>) {
+    if suggested.is_empty() {
+        return;
+    }
+    match memory.store.add_candidates(source, &suggested).await {
+        Ok(ids) => tracing::info!(suggestions = ids.len(), "memories suggested for review"),
+        Err(err) => tracing::warn!(error = %err, "queueing suggested memories failed"),
+    }
 }
 
 #[cfg(test)]

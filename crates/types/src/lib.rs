@@ -121,3 +121,46 @@ impl SamplingParams {
         self.temperature <= 0.0 || self.top_k == 1
     }
 }
+
+/// Where a conversation's turns may run: the per-conversation privacy mode.
+///
+/// `FriendsAllowed` permits offloading to a trusted friend's node, which still needs a
+/// friend the user allowed offloading to (the mesh's trust list); `LocalOnly` keeps every
+/// turn on this machine, and a turn that cannot run here fails rather than leave it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Privacy {
+    /// Only this machine.
+    LocalOnly,
+    /// This machine or a trusted friend's node.
+    #[default]
+    FriendsAllowed,
+}
+
+impl Privacy {
+    /// `local-only` or `friends-allowed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Privacy::LocalOnly => "local-only",
+            Privacy::FriendsAllowed => "friends-allowed",
+        }
+    }
+}
+
+impl std::fmt::Display for Privacy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Privacy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local-only" | "local" => Ok(Privacy::LocalOnly),
+            "friends-allowed" | "friends" => Ok(Privacy::FriendsAllowed),
+            other => Err(format!("unknown privacy mode {other:?} (local-only or friends-allowed)")),
+        }
+    }
+}

@@ -34,10 +34,7 @@ fn crash_writer() {
         let store = MemoryStore::open(dir, &key).await.expect("open");
         let conversation = match store.conversations().await.expect("list").items.first() {
             Some(c) => c.id,
-            None => store
-                .create_conversation(&ConversationMeta { title: "crash".into(), model: "none".into() })
-                .await
-                .expect("conversation"),
+            None => store.create_conversation(&ConversationMeta::new("crash", "none")).await.expect("conversation"),
         };
         for n in 0.. {
             let body = MessageBody {
