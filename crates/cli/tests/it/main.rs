@@ -477,3 +477,98 @@ fn config_file_flags_and_variables() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains(file_arg) && stderr(&bad).contains("queue"), "{}", stderr(&bad));
 }
+
+/// `kith` with `input` on stdin.
+fn kith_input(args: &[&str], home: &Path, input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(args)
+        .env("KITH_HOME", home)
+        .env_remove("KITH_LOG")
+        .env_remove("KITH_PASSPHRASE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kith starts");
+    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+    child.wait_with_output().expect("kith ends")
+}
+
+/// While `kith serve` runs with the vault unlocked, the other commands work through its
+/// API: no passphrase is asked for (none is given to them), memories told in a chat wait
+/// for `kith memory review`, and answers say they ran through the node.
+#[test]
+fn commands_go_through_a_running_node() {
+    use std::io::{BufRead, BufReader, Read};
+    let home = home_with_models();
+    let home = home.path();
+    let env = [("KITH_PASSPHRASE", "node secret")];
+    assert!(kith_with(&["vault", "init"], home, &env).status.success());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KITH_HOME", home)
+        .env("KITH_PASSPHRASE", "node secret")
+        .env_remove("KITH_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kith serve starts");
+    let mut log = BufReader::new(serve.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("on http://") {
+        line.clear();
+        assert!(log.read_line(&mut line).expect("read") > 0, "kith serve exited early");
+    }
+    let announced = std::fs::read_to_string(home.join("node.json")).expect("node.json while serving");
+    assert!(announced.contains("http://127.0.0.1:"), "{announced}");
+    let run = |args: &[&str]| kith_with(args, home, &[]);
+    let ok = |output: Output| {
+        assert!(output.status.success(), "{}", stderr(&output));
+        output
+    };
+
+    ok(run(&["memory", "add", "I prefer metric units"]));
+    assert!(stdout(&ok(run(&["memory", "list"]))).contains("I prefer metric units"));
+    let asked = ok(run(&["ask", "--temperature", "0", "--max-tokens", "6", "--stats", "Hi"]));
+    assert!(stderr(&asked).contains("ran on local (through the node at http://127.0.0.1:"), "{}", stderr(&asked));
+
+    let chat = ok(kith_input(
+        &["chat", "--temperature", "0", "--max-tokens", "4", "--stats"],
+        home,
+        b"My name is Ada.\n/exit\n",
+    ));
+    let said = stderr(&chat);
+    assert!(said.contains("through the node at") && said.contains("saved as conversation 1"), "{said}");
+    assert!(stdout(&ok(run(&["memory", "chats"]))).contains("friends-allowed"));
+    assert_eq!(
+        stdout(&ok(run(&["memory", "review", "--list"]))).split_whitespace().skip(1).collect::<Vec<_>>().join(" "),
+        "My name is Ada"
+    );
+    let reviewed = ok(kith_input(&["memory", "review"], home, b"maybe\nk\n"));
+    assert!(stderr(&reviewed).contains("Kept 1, discarded 0."), "{}", stderr(&reviewed));
+    assert!(stdout(&ok(run(&["memory", "list"]))).contains("My name is Ada"));
+    assert!(stderr(&ok(run(&["memory", "review"]))).contains("No suggested memories"));
+
+    let models = stdout(&ok(run(&["models", "list"])));
+    let smollm = models.lines().find(|l| l.starts_with("smollm2-135m")).expect("listed");
+    assert!(models.contains("LOADED") && smollm.contains(" yes "), "{models}");
+    let rm = run(&["models", "rm", "smollm2-135m"]);
+    assert!(!rm.status.success() && stderr(&rm).contains("in use"), "{}", stderr(&rm));
+    let import = run(&["memory", "import", "nothing.age"]);
+    assert!(!import.status.success() && stderr(&import).contains("stop it before importing"), "{}", stderr(&import));
+    // --no-node opens the vault here instead (and so needs the passphrase).
+    let direct = kith_with(&["--no-node", "memory", "list"], home, &env);
+    assert!(stdout(&ok(direct)).contains("My name is Ada"));
+    assert!(!run(&["--no-node", "memory", "list"]).status.success(), "no passphrase, no vault");
+
+    let killed = Command::new("kill").args(["-TERM", &serve.id().to_string()]).status().expect("kill runs");
+    assert!(killed.success());
+    let status = serve.wait().expect("kith serve exits");
+    let mut rest = String::new();
+    log.read_to_string(&mut rest).expect("read");
+    assert!(status.success(), "{rest}");
+    assert!(!home.join("node.json").exists(), "node.json goes with the node");
+    // With no node, commands work in-process again.
+    assert!(stdout(&ok(kith_with(&["memory", "list"], home, &env))).contains("I prefer metric units"));
+}
