@@ -4,10 +4,11 @@
 //! The same greedy chat request (SmolLM2, up to 128 tokens) runs 11 times directly on an
 //! `EngineHandle` and 11 times as a streamed `/v1/chat/completions` on a node (its own
 //! engine, same weights), alternating. Reported: median decode tok/s (tokens after the
-//! first, over the time after the first) and time to first token, seen by each client,
-//! and the median of the per-pair ratios (robust to the machine's drift). A third series
-//! calls the node in-process (its engine without HTTP) to tell HTTP costs from engine
-//! differences.
+//! first, over the time from the first token to the last, as each client sees them), time
+//! to first token, the median of the per-pair ratios (robust to the machine's drift), and
+//! the time from the last token to the end of the stream (the engine's `Done`; the HTTP
+//! finish chunk, `[DONE]` and the body's end). A third series calls the node in-process
+//! (its engine without HTTP) to tell HTTP costs from engine differences.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,10 @@ const RUNS: usize = 11;
 struct Run {
     first_token: Duration,
     tokens: usize,
+    /// From the first token to the last one.
     decode: Duration,
+    /// From the last token to the end of the stream (`Done`, or the body's end).
+    tail: Duration,
 }
 
 impl Run {
@@ -61,19 +65,21 @@ async fn through_node(node: &kith_node::Node) -> Run {
 
 async fn collect(started: Instant, mut stream: kith_infer::TokenStream) -> Run {
     let mut first = None;
+    let mut last = Duration::ZERO;
     let mut tokens = 0;
     while let Some(event) = stream.next().await {
         match event.expect("event") {
             StreamEvent::Token(_) => {
                 tokens += 1;
-                first.get_or_insert_with(|| started.elapsed());
+                last = started.elapsed();
+                first.get_or_insert(last);
             }
             StreamEvent::Done(_) => break,
             _ => {}
         }
     }
     let first_token = first.expect("a token");
-    Run { first_token, tokens, decode: started.elapsed() - first_token }
+    Run { first_token, tokens, decode: last - first_token, tail: started.elapsed() - last }
 }
 
 async fn over_http(client: &reqwest::Client, url: &str, token: &str) -> Run {
@@ -85,6 +91,7 @@ async fn over_http(client: &reqwest::Client, url: &str, token: &str) -> Run {
     let response = client.post(url).bearer_auth(token).json(&body).send().await.expect("send");
     let mut bytes = response.bytes_stream();
     let mut first = None;
+    let mut last = Duration::ZERO;
     let mut tokens = 0;
     let mut pending = String::new();
     while let Some(chunk) = bytes.next().await {
@@ -95,12 +102,13 @@ async fn over_http(client: &reqwest::Client, url: &str, token: &str) -> Run {
             // character shows none, as in the direct count below it still counts there).
             if event.contains("\"content\":\"") && !event.contains("\"role\"") {
                 tokens += 1;
-                first.get_or_insert_with(|| started.elapsed());
+                last = started.elapsed();
+                first.get_or_insert(last);
             }
         }
     }
     let first_token = first.expect("a token");
-    Run { first_token, tokens, decode: started.elapsed() - first_token }
+    Run { first_token, tokens, decode: last - first_token, tail: started.elapsed() - last }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -149,6 +157,12 @@ fn main() {
         );
         let ratios: Vec<f64> = engine_runs.iter().zip(&http_runs).map(|(e, h)| h.rate() / e.rate()).collect();
         println!("median per-pair ratio HTTP ÷ engine: {:.3}", median(ratios));
+        let tail = |runs: &[Run]| median(runs.iter().map(|r| r.tail.as_secs_f64() * 1e3).collect());
+        println!(
+            "after the last token: engine Done in {:.2} ms, HTTP body ends in {:.2} ms",
+            tail(&engine_runs),
+            tail(&http_runs)
+        );
         println!(
             "time to first token: engine {:.2} ms, HTTP stream {:.2} ms (added {:.2} ms)",
             ttft(&engine_runs),

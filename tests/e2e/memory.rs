@@ -187,6 +187,11 @@ async fn the_native_api_lists_searches_and_deletes() {
     let status: Value = get("/api/status").await.expect("send").json().await.expect("JSON");
     assert_eq!(status["memory"], true);
     assert_eq!(status["models"].as_array().map(Vec::len), Some(2));
+    let smollm = &status["models"][0];
+    assert_eq!(
+        (smollm["name"].as_str(), smollm["device"].as_str(), smollm["queued"].as_u64()),
+        (Some("smollm2-135m"), Some("cpu"), Some(0))
+    );
 
     let page: Value = get("/api/conversations?limit=1").await.expect("send").json().await.expect("JSON");
     assert_eq!(page["items"][0]["id"], conversation);

@@ -112,6 +112,8 @@ struct ErrorDetail {
 struct ModelState {
     name: String,
     context_length: usize,
+    /// `cpu`, `cuda` or `metal`.
+    device: String,
     /// Requests running or waiting on it.
     queued: usize,
     embedding: bool,
@@ -138,6 +140,7 @@ async fn status(State(state): State<AppState>) -> axum::Json<Status> {
             .map(|m| ModelState {
                 name: m.name,
                 context_length: m.context_length,
+                device: m.device,
                 queued: m.queued,
                 embedding: m.embedding,
             })

@@ -276,6 +276,8 @@ pub struct ModelStatus {
     pub created: u64,
     /// Context window in tokens.
     pub context_length: usize,
+    /// `cpu`, `cuda` or `metal`.
+    pub device: String,
     /// Requests running or waiting.
     pub queued: usize,
     /// Whether it is an embedding model.
@@ -314,13 +316,21 @@ impl Node {
                 name: m.name.clone(),
                 created: m.created,
                 context_length: m.info.context_length,
+                device: m.info.device.to_string(),
                 queued: self.inner.queue_per_model - m.queue.available_permits(),
                 embedding: false,
             })
             .collect();
         if let Some((name, _)) = &self.inner.embedder {
             let created = models.first().map_or(0, |m| m.created);
-            models.push(ModelStatus { name: name.clone(), created, context_length: 0, queued: 0, embedding: true });
+            models.push(ModelStatus {
+                name: name.clone(),
+                created,
+                context_length: 0,
+                device: "cpu".into(),
+                queued: 0,
+                embedding: true,
+            });
         }
         NodeStatus { models, uptime_s: self.inner.started.elapsed().as_secs(), stopping: *self.inner.stopping.borrow() }
     }
