@@ -19,6 +19,13 @@ pub(crate) fn token() -> Result<ExitCode> {
 pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     let home = Store::from_env()?.home().to_owned();
     let token = ApiToken::load_or_create(&home).context("reading the API token")?;
+    if let Some(running) = crate::remote::connect(&home).await? {
+        anyhow::bail!(
+            "a node is already running for {} at {}; stop it first (one node per data directory)",
+            home.display(),
+            running.url()
+        );
+    }
     let (model, entry) = crate::chat::load_model(&args.model).await?;
     let name = entry.map_or_else(|| args.model.model.clone(), |e| e.name);
     let mut builder = NodeBuilder::new()
@@ -48,6 +55,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
     if !address.ip().is_loopback() {
         eprintln!("warning: listening on {address}, which is not loopback; requests must still name localhost in Host");
     }
+    // `kith ask`, `kith memory …`, `kith models …` find the node through this file
+    // (written before the address is printed, so that whoever reads that can use it).
+    let published = NodeFile::publish(&home, address).context("writing node.json")?;
     let config = ApiConfig { max_body_bytes: args.max_body, max_tokens: args.max_tokens, ..ApiConfig::default() };
     let router = api::router(node.clone(), token, config);
     eprintln!("Kith is serving {name} on http://{address} (OpenAI-compatible API at http://{address}/v1).");
@@ -61,8 +71,6 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         ApiToken::path(&home).display()
     );
     tracing::info!(%address, model = %name, "listening");
-    // `kith ask`, `kith memory …`, `kith models …` find the node through this file.
-    let published = NodeFile::publish(&home, address).context("writing node.json")?;
 
     let stopping = node.clone();
     api::serve(listener, router, async move {

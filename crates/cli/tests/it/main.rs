@@ -523,6 +523,8 @@ fn commands_go_through_a_running_node() {
     let announced = std::fs::read_to_string(home.join("node.json")).expect("node.json while serving");
     assert!(announced.contains("http://127.0.0.1:"), "{announced}");
     let run = |args: &[&str]| kith_with(args, home, &[]);
+    let second = run(&["serve", "--listen", "127.0.0.1:0"]);
+    assert!(!second.status.success() && stderr(&second).contains("already running"), "{}", stderr(&second));
     let ok = |output: Output| {
         assert!(output.status.success(), "{}", stderr(&output));
         output
