@@ -234,6 +234,25 @@ async fn the_native_api_lists_searches_and_deletes() {
     let spec: Value = get("/api/openapi.json").await.expect("send").json().await.expect("JSON");
     assert!(spec["paths"]["/api/conversations/{id}"]["delete"].is_object(), "{spec}");
     assert!(spec["components"]["schemas"]["SearchHit"].is_object());
+    // Every route of the native API is described.
+    for (path, method) in [
+        ("/api/status", "get"),
+        ("/api/conversations", "get"),
+        ("/api/conversations/{id}", "get"),
+        ("/api/conversations/{id}", "patch"),
+        ("/api/memories", "get"),
+        ("/api/memories", "post"),
+        ("/api/memories/{id}", "delete"),
+        ("/api/memories/search", "get"),
+        ("/api/memories/review", "get"),
+        ("/api/memories/review/{id}", "post"),
+        ("/api/models", "get"),
+        ("/api/models/pull", "post"),
+        ("/api/models/{name}", "delete"),
+    ] {
+        assert!(spec["paths"][path][method].is_object(), "{method} {path} is not in the OpenAPI document");
+    }
+    assert!(spec["components"]["schemas"]["PullUpdate"].is_object(), "{}", spec["components"]["schemas"]);
     let anonymous = node.client.get(node.url("/api/status")).send().await.expect("send");
     assert_eq!(anonymous.status(), 401);
     node.stop().await;

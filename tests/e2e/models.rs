@@ -69,8 +69,23 @@ async fn models_are_listed_pulled_with_progress_and_removed() {
     assert_eq!((smollm["loaded"].clone(), smollm["default"].clone()), (json!(true), json!(true)));
 
     // A real pull, streamed.
+    let pulling = client
+        .post(format!("http://{address}/api/models/pull"))
+        .bearer_auth(token.as_str())
+        .json(&json!({"name": "minilm-l6"}))
+        .send()
+        .await
+        .expect("pull starts");
+    assert_eq!(pulling.status().as_u16(), 200);
+    // While it runs (pip alone takes longer than these calls): one pull per model, the
+    // listing says so, and the model cannot be removed.
     let (status, text) = call(reqwest::Method::POST, "/api/models/pull", Some(json!({"name": "minilm-l6"}))).await;
-    assert_eq!(status, 200, "{text}");
+    assert!(status == 409 && text.contains("being pulled already"), "{status} {text}");
+    let (_, text) = call(reqwest::Method::GET, "/api/models", None).await;
+    assert_eq!(listing(&text, "minilm-l6")["pulling"], json!(true));
+    let (status, _) = call(reqwest::Method::DELETE, "/api/models/minilm-l6", None).await;
+    assert_eq!(status, 409);
+    let text = pulling.text().await.expect("the pull's events");
     let events = Sse::parse(&text).chunks;
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
     assert_eq!(kinds.first(), Some(&"source"), "{kinds:?}");
@@ -98,7 +113,10 @@ async fn models_are_listed_pulled_with_progress_and_removed() {
         );
     }
     let (_, text) = call(reqwest::Method::GET, "/api/models", None).await;
-    assert_eq!(listing(&text, "minilm-l6")["installed"], json!(true));
+    assert_eq!(
+        (listing(&text, "minilm-l6")["installed"].clone(), listing(&text, "minilm-l6")["pulling"].clone()),
+        (json!(true), json!(false))
+    );
 
     // A source that fails ends the stream with `failed` and installs nothing.
     let (status, text) = call(reqwest::Method::POST, "/api/models/pull", Some(json!({"name": "gemma3-270m"}))).await;
