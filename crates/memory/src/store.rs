@@ -490,7 +490,20 @@ impl MemoryStore {
         pinned: bool,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db(e))?;
-        let id = next_id(&mut tx, Table::Memories).await.map_err(|e| self.db(e))?;
+        let id = self.insert_memory(&mut tx, text, source_message_id, pinned).await?;
+        tx.commit().await.map_err(|e| self.db(e))?;
+        Ok(id)
+    }
+
+    /// Inserts a memory row (sealed to its new id) in `tx`; its id.
+    async fn insert_memory(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        text: &str,
+        source_message_id: Option<i64>,
+        pinned: bool,
+    ) -> Result<i64, StoreError> {
+        let id = next_id(tx, Table::Memories).await.map_err(|e| self.db(e))?;
         let sealed =
             self.cipher.seal(FieldId { table: "memories", column: "text_sealed", row: id }, text.as_bytes())?;
         sqlx::query(
@@ -501,10 +514,9 @@ impl MemoryStore {
         .bind(pinned)
         .bind(source_message_id)
         .bind(sealed)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(|e| self.db(e))?;
-        tx.commit().await.map_err(|e| self.db(e))?;
         Ok(id)
     }
 
@@ -696,19 +708,7 @@ impl MemoryStore {
         let source: Option<i64> = row.get(0);
         let suggested = self.open_text(candidate_field(id), row.get(1))?;
         let text = text.map_or(suggested, str::to_owned);
-        let memory_id = next_id(&mut tx, Table::Memories).await.map_err(|e| self.db(e))?;
-        let sealed =
-            self.cipher.seal(FieldId { table: "memories", column: "text_sealed", row: memory_id }, text.as_bytes())?;
-        sqlx::query(
-            "INSERT INTO memories (id, created_at, pinned, source_message_id, text_sealed) VALUES (?, ?, 0, ?, ?)",
-        )
-        .bind(memory_id)
-        .bind(now_ms())
-        .bind(source)
-        .bind(sealed)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.db(e))?;
+        let memory_id = self.insert_memory(&mut tx, &text, source, false).await?;
         sqlx::query("DELETE FROM memory_candidates WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
