@@ -12,6 +12,18 @@ fn kith(args: &[&str], home: Option<&Path>) -> Output {
     command.output().expect("kith runs")
 }
 
+/// A child process killed if the test ends (or panics) while it runs.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -421,8 +433,9 @@ fn serve_answers_with_the_token_and_stops_on_sigterm() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(KillOnDrop)
         .expect("kith serve starts");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
     let mut line = String::new();
     let address = loop {
         line.clear();
@@ -444,9 +457,9 @@ fn serve_answers_with_the_token_and_stops_on_sigterm() {
     assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("smollm2-135m"), "{ok}");
     assert!(get("").starts_with("HTTP/1.1 401"));
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill runs");
     assert!(killed.success());
-    let status = child.wait().expect("kith serve exits");
+    let status = child.0.wait().expect("kith serve exits");
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).expect("read");
     assert!(status.success(), "{rest}");
@@ -513,8 +526,9 @@ fn commands_go_through_a_running_node() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(KillOnDrop)
         .expect("kith serve starts");
-    let mut log = BufReader::new(serve.stderr.take().expect("stderr"));
+    let mut log = BufReader::new(serve.0.stderr.take().expect("stderr"));
     let mut line = String::new();
     while !line.contains("on http://") {
         line.clear();
@@ -564,9 +578,9 @@ fn commands_go_through_a_running_node() {
     assert!(stdout(&ok(direct)).contains("My name is Ada"));
     assert!(!run(&["--no-node", "memory", "list"]).status.success(), "no passphrase, no vault");
 
-    let killed = Command::new("kill").args(["-TERM", &serve.id().to_string()]).status().expect("kill runs");
+    let killed = Command::new("kill").args(["-TERM", &serve.0.id().to_string()]).status().expect("kill runs");
     assert!(killed.success());
-    let status = serve.wait().expect("kith serve exits");
+    let status = serve.0.wait().expect("kith serve exits");
     let mut rest = String::new();
     log.read_to_string(&mut rest).expect("read");
     assert!(status.success(), "{rest}");
