@@ -24,6 +24,52 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A running `kith serve` on a free loopback port: the process, its stderr (after the
+/// line announcing the address) and the address.
+struct Served {
+    child: KillOnDrop,
+    log: std::io::BufReader<std::process::ChildStderr>,
+    address: String,
+}
+
+fn serve(home: &Path, env: &[(&str, &str)]) -> Served {
+    use std::io::BufRead;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kith"));
+    command.args(["serve", "--listen", "127.0.0.1:0"]).env("KITH_HOME", home).env_remove("KITH_LOG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(KillOnDrop)
+        .expect("kith serve starts");
+    let mut log = std::io::BufReader::new(child.0.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(log.read_line(&mut line).expect("read") > 0, "kith serve exited early");
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    Served { child, log, address }
+}
+
+impl Served {
+    /// SIGTERM; the exit status and the rest of its stderr.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let killed = Command::new("kill").args(["-TERM", &self.child.0.id().to_string()]).status().expect("kill runs");
+        assert!(killed.success());
+        let status = self.child.0.wait().expect("kith serve exits");
+        let mut rest = String::new();
+        self.log.read_to_string(&mut rest).expect("read");
+        (status, rest)
+    }
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -423,27 +469,11 @@ fn vault_keyring_without_a_service_is_a_clear_error() {
 /// and exits cleanly on SIGTERM.
 #[test]
 fn serve_answers_with_the_token_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let home = home_with_models();
     let home = home.path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KITH_HOME", home)
-        .env_remove("KITH_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map(KillOnDrop)
-        .expect("kith serve starts");
-    let mut stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("read") > 0, "kith serve exited early");
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
+    let served = serve(home, &[]);
+    let address = served.address.clone();
     let token = stdout(&kith(&["token"], Some(home))).trim().to_owned();
     assert!(token.starts_with("kith_"), "{token}");
     let get = |auth: &str| {
@@ -457,11 +487,7 @@ fn serve_answers_with_the_token_and_stops_on_sigterm() {
     assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("smollm2-135m"), "{ok}");
     assert!(get("").starts_with("HTTP/1.1 401"));
 
-    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill runs");
-    assert!(killed.success());
-    let status = child.0.wait().expect("kith serve exits");
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("read");
+    let (status, rest) = served.terminate();
     assert!(status.success(), "{rest}");
     assert!(rest.contains("Stopped."), "{rest}");
 }
@@ -513,27 +539,11 @@ fn kith_input(args: &[&str], home: &Path, input: &[u8]) -> Output {
 /// for `kith memory review`, and answers say they ran through the node.
 #[test]
 fn commands_go_through_a_running_node() {
-    use std::io::{BufRead, BufReader, Read};
     let home = home_with_models();
     let home = home.path();
     let env = [("KITH_PASSPHRASE", "node secret")];
     assert!(kith_with(&["vault", "init"], home, &env).status.success());
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KITH_HOME", home)
-        .env("KITH_PASSPHRASE", "node secret")
-        .env_remove("KITH_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map(KillOnDrop)
-        .expect("kith serve starts");
-    let mut log = BufReader::new(serve.0.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("on http://") {
-        line.clear();
-        assert!(log.read_line(&mut line).expect("read") > 0, "kith serve exited early");
-    }
+    let served = serve(home, &env);
     let announced = std::fs::read_to_string(home.join("node.json")).expect("node.json while serving");
     assert!(announced.contains("http://127.0.0.1:"), "{announced}");
     let run = |args: &[&str]| kith_with(args, home, &[]);
@@ -578,11 +588,7 @@ fn commands_go_through_a_running_node() {
     assert!(stdout(&ok(direct)).contains("My name is Ada"));
     assert!(!run(&["--no-node", "memory", "list"]).status.success(), "no passphrase, no vault");
 
-    let killed = Command::new("kill").args(["-TERM", &serve.0.id().to_string()]).status().expect("kill runs");
-    assert!(killed.success());
-    let status = serve.0.wait().expect("kith serve exits");
-    let mut rest = String::new();
-    log.read_to_string(&mut rest).expect("read");
+    let (status, rest) = served.terminate();
     assert!(status.success(), "{rest}");
     assert!(!home.join("node.json").exists(), "node.json goes with the node");
     // With no node, commands work in-process again.
