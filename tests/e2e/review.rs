@@ -159,6 +159,11 @@ async fn privacy_modes_are_kept_per_conversation_and_decide_the_route() {
     };
     let (status, refused) = node.call(Method::POST, "/v1/chat/completions", Some(gemma("local-only"))).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("local_only")), "{refused}");
+    let mut remembered = gemma("local-only");
+    remembered["model"] = json!("kith/gemma3-270m");
+    remembered["kith"]["conversation"] = json!(private_id);
+    let (status, refused) = node.call(Method::POST, "/v1/chat/completions", Some(remembered)).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("local_only")), "{refused}");
     let (status, missing) = node.call(Method::POST, "/v1/chat/completions", Some(gemma("friends-allowed"))).await;
     assert_eq!((status, missing["error"]["code"].as_str()), (404, Some("model_not_found")), "{missing}");
     let (status, stateless) = node

@@ -118,7 +118,6 @@ impl Node {
                 .ok_or_else(|| NodeError::UnknownModel { name: String::new(), loaded: String::new() })?
                 .to_owned(),
         };
-        let engine = self.engine_handle(&model)?;
         if turn.message.trim().is_empty() {
             return Err(NodeError::Generate(GenerateError::EmptyPrompt));
         }
@@ -131,7 +130,8 @@ impl Node {
         };
         let privacy =
             turn.privacy.or_else(|| saved.as_ref().map(|c| c.meta.privacy)).unwrap_or_else(|| self.default_privacy());
-        self.route(&model, privacy)?;
+        let Route::Local = self.route(&model, privacy)?;
+        let engine = self.engine_handle(&model)?;
 
         // "Remember that …": saved now, found by the recall below like any memory.
         let mut remembered = None;
