@@ -86,10 +86,9 @@ pub enum PullUpdate {
 const PROGRESS_STEPS: u64 = 100;
 
 impl Node {
-    fn catalog_and_store(&self) -> Result<(Catalog, &kith_models::Store), NodeError> {
-        let (store, _) = self.inner_models_store().ok_or(NodeError::NoModelStore)?;
-        let catalog = Catalog::builtin()?;
-        Ok((catalog, store))
+    fn catalog_and_store(&self) -> Result<(Catalog, &kith_models::Store, &kith_models::PullOptions), NodeError> {
+        let (store, options) = self.model_store().ok_or(NodeError::NoModelStore)?;
+        Ok((Catalog::builtin()?, store, options))
     }
 
     fn catalog_entry(catalog: &Catalog, name: &str) -> Result<ModelEntry, NodeError> {
@@ -101,7 +100,7 @@ impl Node {
 
     /// The catalog, with what is installed, loaded and being pulled.
     pub fn models(&self) -> Result<Vec<ModelListing>, NodeError> {
-        let (catalog, store) = self.catalog_and_store()?;
+        let (catalog, store, _) = self.catalog_and_store()?;
         let pulling = self.pulling().lock().map(|p| p.clone()).unwrap_or_default();
         Ok(catalog
             .models()
@@ -125,10 +124,9 @@ impl Node {
         if self.is_stopping() {
             return Err(NodeError::ShuttingDown);
         }
-        let (catalog, store) = self.catalog_and_store()?;
+        let (catalog, store, options) = self.catalog_and_store()?;
         let entry = Self::catalog_entry(&catalog, name)?;
-        let options = self.inner_models_store().map(|(_, o)| o.clone()).unwrap_or_default();
-        let store = store.clone();
+        let (store, options) = (store.clone(), options.clone());
         if !self.pulling().lock().map(|mut p| p.insert(entry.name.clone())).unwrap_or(false) {
             return Err(NodeError::PullInProgress(entry.name));
         }
@@ -176,7 +174,7 @@ impl Node {
 
     /// Deletes an installed model that this node has not loaded; whether it was installed.
     pub fn remove_model(&self, name: &str) -> Result<bool, NodeError> {
-        let (catalog, store) = self.catalog_and_store()?;
+        let (catalog, store, _) = self.catalog_and_store()?;
         let entry = Self::catalog_entry(&catalog, name)?;
         let pulling = self.pulling().lock().map(|p| p.contains(&entry.name)).unwrap_or(true);
         if self.is_loaded(&entry.name) || pulling {

@@ -385,7 +385,7 @@ impl Node {
         Ok(Generation { route: Route::Local, model: slot.name.clone(), stream, _place: place })
     }
 
-    pub(crate) fn inner_models_store(&self) -> Option<&(kith_models::Store, kith_models::PullOptions)> {
+    pub(crate) fn model_store(&self) -> Option<&(kith_models::Store, kith_models::PullOptions)> {
         self.inner.model_store.as_ref()
     }
 
