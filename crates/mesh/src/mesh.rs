@@ -1,0 +1,1124 @@
+//! The running mesh: the libp2p swarm on its own task, the stream protocols, pairing,
+//! serving friends' requests and sending ours.
+//!
+//! ```text
+//!  Mesh (Clone) ──SwarmCommand──▶ swarm task (dials, disconnects, events)
+//!     │ libp2p_stream::Control ─▶ /kith/infer/1, /kith/status/1, /kith/pair/1
+//!     └ serve: ServeJob ──mpsc──▶ the node (runs it on its engine, streams ToClient back)
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{AsyncReadExt, StreamExt};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, Stream, StreamProtocol, connection_limits, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use crate::gate::{Admission, Gate};
+use crate::invite::{InviteCode, hex, unhex};
+use crate::trust::{Friend, FriendUpdate, MeshState};
+use crate::wire::{self, Advert, AdvertModel, FrameError, InferRequest, Pairing, ToClient, ToServer, WireError};
+use crate::{DeviceId, Identity};
+
+/// Streams of offloaded generations.
+pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/infer/1");
+/// What a node offers a friend.
+pub const STATUS_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/status/1");
+/// Pairing with an invite.
+pub const PAIR_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/pair/1");
+
+/// Time a peer has to send its first frame.
+const FIRST_FRAME: Duration = Duration::from_secs(10);
+/// Time to open a stream (dialling included).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed pairing attempts tolerated per minute before pairing pauses for a minute.
+const PAIR_FAILURES_PER_MINUTE: usize = 5;
+/// Adverts older than this are refreshed before routing.
+const ADVERT_TTL: Duration = Duration::from_secs(30);
+
+/// How the mesh listens and behaves.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Addresses to listen on (TCP and QUIC).
+    pub listen: Vec<Multiaddr>,
+    /// Find trusted peers' addresses on the local network with mDNS.
+    pub mdns: bool,
+    /// Relay for friends (circuit relay v2; only trusted peers can connect at all).
+    pub relay_server: bool,
+    /// How long a new invite stays valid.
+    pub invite_ttl: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid multiaddr"),
+            ],
+            mdns: true,
+            relay_server: true,
+            invite_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why a mesh operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The swarm could not be built or could not listen.
+    #[error("starting the mesh: {0}")]
+    Start(String),
+    /// The invite code did not parse.
+    #[error(transparent)]
+    BadCode(#[from] crate::invite::BadCode),
+    /// The inviter refused the invite.
+    #[error("the inviter refused: {0}")]
+    Refused(String),
+    /// The inviter did not prove it knows the secret.
+    #[error("the inviter's answer did not check out: not pairing")]
+    BadWelcome,
+    /// No friend by this name, peer id or device id.
+    #[error("no friend {0:?} (kith peers list)")]
+    NoFriend(String),
+    /// This node may not send requests to that friend.
+    #[error("offloading to {0} is turned off (kith peers set {0} --offload on)")]
+    OffloadOff(String),
+    /// The name is taken.
+    #[error("a friend is already called {0:?}")]
+    NameTaken(String),
+    /// A stream could not be opened.
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable {
+        /// The friend.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered with an error.
+    #[error("{peer} refused: {error}")]
+    Remote {
+        /// The friend.
+        peer: String,
+        /// What it said.
+        error: RemoteError,
+    },
+    /// A frame failed.
+    #[error("{peer}: {source}")]
+    Frame {
+        /// The friend.
+        peer: String,
+        /// The frame error.
+        source: FrameError,
+    },
+    /// The mesh has stopped.
+    #[error("the mesh has stopped")]
+    Stopped,
+}
+
+/// A peer's error answer, with its stable code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct RemoteError {
+    /// `quota`, `busy`, `model`, `version`, `bad_request`, `failed`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// A job a friend asked this node to run. Send [`ToClient`] events on `events` (tokens,
+/// then one `Done` or `Error`); when sending fails the friend went away: stop.
+#[derive(Debug)]
+pub struct ServeJob {
+    /// The friend's name here (for logs: never log the request's content).
+    pub friend: String,
+    /// The request.
+    pub request: InferRequest,
+    /// Where the answer goes.
+    pub events: mpsc::Sender<ToClient>,
+}
+
+/// What the node offers (all models); the mesh filters it per friend.
+pub type OfferFn = Arc<dyn Fn() -> Vec<AdvertModel> + Send + Sync>;
+
+/// How a connection to a peer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// A direct connection.
+    Direct,
+    /// Through a friend's relay.
+    Relayed,
+    /// Direct, after hole punching through a relay.
+    HolePunched,
+}
+
+/// A friend as `kith peers list` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    /// The trust list entry.
+    #[serde(flatten)]
+    pub friend: Friend,
+    /// Their device id.
+    pub device_id: String,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// How it runs, when connected.
+    pub path: Option<Path>,
+    /// Round-trip time of the last ping.
+    pub rtt_ms: Option<f64>,
+    /// What they offer this node (after the last status query).
+    pub offers: Vec<AdvertModel>,
+}
+
+/// A friend that can run a model, as routing sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The friend's peer id.
+    pub peer: PeerId,
+    /// Their name here.
+    pub name: String,
+    /// Advertised decode speed.
+    pub tokens_per_s: f64,
+    /// Their queue for the model.
+    pub queued: u32,
+    /// Last ping.
+    pub rtt: Option<Duration>,
+}
+
+enum SwarmCommand {
+    /// Learn the addresses and dial if not connected; `known` is told once the
+    /// addresses are in (so that a stream opened next can use them).
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        known: Option<oneshot::Sender<()>>,
+    },
+    Disconnect(PeerId),
+}
+
+#[derive(Default)]
+struct Live {
+    connected: bool,
+    path: Option<Path>,
+    rtt: Option<Duration>,
+    advert: Option<(Instant, Advert)>,
+}
+
+struct Inner {
+    identity: Identity,
+    config: MeshConfig,
+    state: Mutex<MeshState>,
+    saved: watch::Sender<MeshState>,
+    admission: Arc<RwLock<Admission>>,
+    denied: Arc<AtomicU64>,
+    served: AtomicU64,
+    commands: mpsc::UnboundedSender<SwarmCommand>,
+    control: Mutex<libp2p_stream::Control>,
+    listen: watch::Receiver<Vec<Multiaddr>>,
+    live: Mutex<HashMap<PeerId, Live>>,
+    jobs: Mutex<HashMap<PeerId, Vec<AbortHandle>>>,
+    pair_failures: Mutex<VecDeque<Instant>>,
+    serve: mpsc::Sender<ServeJob>,
+    offer: OfferFn,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+/// The running mesh; clones share it. Dropping the last clone does not stop it: call
+/// [`Mesh::shutdown`].
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("peer_id", &self.inner.identity.peer_id()).finish_non_exhaustive()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gate: Gate,
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Unix seconds now.
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn today() -> u64 {
+    now_s() / 86_400
+}
+
+impl Mesh {
+    /// Starts the mesh with `identity` and the saved `state`, listening as `config` says.
+    /// Friends' jobs arrive on the returned receiver; `offer` says what the node serves.
+    /// Returns once it listens.
+    pub async fn start(
+        identity: Identity,
+        state: MeshState,
+        config: MeshConfig,
+        offer: OfferFn,
+    ) -> Result<(Mesh, mpsc::Receiver<ServeJob>), MeshError> {
+        let start = |e: &dyn std::fmt::Display| MeshError::Start(e.to_string());
+        let admission = Arc::new(RwLock::new(Admission {
+            trusted: state.friends.iter().map(|f| f.peer_id).collect(),
+            pairing_open: has_open_invite(&state, now_s()),
+            joining: Default::default(),
+        }));
+        let denied = Arc::new(AtomicU64::new(0));
+        let local = identity.peer_id();
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(64))
+            .with_max_established_incoming(Some(128))
+            .with_max_established_per_peer(Some(4));
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.keypair())
+            .with_tokio()
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| start(&e))?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| start(&e))?
+            .with_behaviour(|key, relay_client| {
+                Ok(Behaviour {
+                    gate: Gate { admission: admission.clone(), denied: denied.clone() },
+                    limits: connection_limits::Behaviour::new(limits),
+                    identify: identify::Behaviour::new(identify::Config::new("/kith/id/1".into(), key.public())),
+                    ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+                    mdns: Toggle::from(if config.mdns {
+                        match mdns::tokio::Behaviour::new(mdns::Config::default(), local) {
+                            Ok(m) => Some(m),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "mDNS is off: it could not start");
+                                None
+                            }
+                        }
+                    } else {
+                        None
+                    }),
+                    relay_client,
+                    relay: Toggle::from(
+                        config.relay_server.then(|| relay::Behaviour::new(local, relay::Config::default())),
+                    ),
+                    dcutr: dcutr::Behaviour::new(local),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
+            })
+            .map_err(|e| start(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| MeshError::Start(format!("listening on {addr}: {e}")))?;
+        }
+        for friend in &state.friends {
+            for addr in &friend.addrs {
+                if let Ok(addr) = addr.parse() {
+                    swarm.add_peer_address(friend.peer_id, addr);
+                }
+            }
+        }
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = |control: &mut libp2p_stream::Control, p| control.accept(p).map_err(|e| start(&e));
+        let infer = incoming(&mut control, INFER_PROTOCOL)?;
+        let status = incoming(&mut control, STATUS_PROTOCOL)?;
+        let pair = incoming(&mut control, PAIR_PROTOCOL)?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (listen_tx, mut listen) = watch::channel(Vec::new());
+        let (serve_tx, serve_rx) = mpsc::channel(64);
+        let (saved, _) = watch::channel(state.clone());
+        let mesh = Mesh {
+            inner: Arc::new(Inner {
+                identity,
+                config,
+                state: Mutex::new(state),
+                saved,
+                admission,
+                denied,
+                served: AtomicU64::new(0),
+                commands,
+                control: Mutex::new(control),
+                listen: listen.clone(),
+                live: Mutex::new(HashMap::new()),
+                jobs: Mutex::new(HashMap::new()),
+                pair_failures: Mutex::new(VecDeque::new()),
+                serve: serve_tx,
+                offer,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        let weak = Arc::downgrade(&mesh.inner);
+        let tasks = vec![
+            tokio::spawn(run_swarm(swarm, command_rx, listen_tx, weak.clone())).abort_handle(),
+            tokio::spawn(accept_loop(infer, weak.clone(), |mesh, peer, stream| mesh.serve_infer(peer, stream)))
+                .abort_handle(),
+            tokio::spawn(accept_loop(status, weak.clone(), |mesh, peer, stream| mesh.serve_status(peer, stream)))
+                .abort_handle(),
+            tokio::spawn(accept_loop(pair, weak, |mesh, peer, stream| mesh.serve_pairing(peer, stream))).abort_handle(),
+        ];
+        if let Ok(mut t) = mesh.inner.tasks.lock() {
+            t.extend(tasks);
+        }
+        let listening = tokio::time::timeout(OPEN_TIMEOUT, listen.wait_for(|addrs| !addrs.is_empty())).await;
+        if !matches!(listening, Ok(Ok(_))) {
+            return Err(MeshError::Start("no listen address came up".into()));
+        }
+        mesh.dial_friends();
+        tracing::info!(peer_id = %mesh.peer_id(), device_id = %mesh.device_id(), "mesh started");
+        Ok((mesh, serve_rx))
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.identity.peer_id()
+    }
+
+    /// This node's device id.
+    pub fn device_id(&self) -> DeviceId {
+        self.inner.identity.device_id()
+    }
+
+    /// The addresses it listens on now.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.listen.borrow().clone()
+    }
+
+    /// The state to persist; changes whenever the trust list, invites or ledger change.
+    pub fn saved(&self) -> watch::Receiver<MeshState> {
+        self.inner.saved.subscribe()
+    }
+
+    /// A copy of the current state.
+    pub fn state(&self) -> MeshState {
+        self.inner.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Connections closed because the peer was not trusted, since start.
+    pub fn denied_connections(&self) -> u64 {
+        self.inner.denied.load(Ordering::Relaxed)
+    }
+
+    /// Friends' jobs handed to the node, since start.
+    pub fn served_jobs(&self) -> u64 {
+        self.inner.served.load(Ordering::Relaxed)
+    }
+
+    /// Sets this node's name (shown to friends when pairing).
+    pub fn set_name(&self, name: &str) {
+        self.update(|s| s.name = name.to_owned());
+    }
+
+    fn update<T>(&self, change: impl FnOnce(&mut MeshState) -> T) -> T {
+        let (out, snapshot) = {
+            let mut state = match self.inner.state.lock() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let out = change(&mut state);
+            (out, state.clone())
+        };
+        if let Ok(mut admission) = self.inner.admission.write() {
+            admission.trusted = snapshot.friends.iter().map(|f| f.peer_id).collect();
+            admission.pairing_open = has_open_invite(&snapshot, now_s());
+        }
+        self.inner.saved.send_replace(snapshot);
+        out
+    }
+
+    /// Makes a one-time invite valid for the configured time.
+    pub fn invite(&self) -> InviteCode {
+        self.invite_for(self.inner.config.invite_ttl)
+    }
+
+    /// Makes a one-time invite valid for `ttl`.
+    pub fn invite_for(&self, ttl: Duration) -> InviteCode {
+        let mut addrs = self.listen_addrs();
+        // Addresses others can reach first: loopback only helps on this machine.
+        addrs.sort_by_key(is_loopback);
+        let code = InviteCode::new(self.peer_id(), addrs, now_s() + ttl.as_secs());
+        let pending = code.pending();
+        self.update(|s| {
+            s.prune_invites(now_s());
+            s.invites.push(pending);
+        });
+        tracing::info!(invite = %code.id(), expires = code.expires, "invite created");
+        code
+    }
+
+    /// Pairs with the node that made `code`: proves the secret, and both sides add each
+    /// other to their trust lists. Returns the new friend.
+    pub async fn accept(&self, code: &str) -> Result<Friend, MeshError> {
+        let code = InviteCode::decode(code)?;
+        let inviter = code.inviter;
+        if let Ok(mut a) = self.inner.admission.write() {
+            a.joining.insert(inviter);
+        }
+        let result = self.pair_with(&code).await;
+        if let Ok(mut a) = self.inner.admission.write() {
+            a.joining.remove(&inviter);
+        }
+        // A connection left from a refused attempt serves nothing (the inviter is not
+        // trusted here) and closes when idle.
+        result
+    }
+
+    async fn pair_with(&self, code: &InviteCode) -> Result<Friend, MeshError> {
+        let inviter = code.inviter;
+        let peer = inviter.to_string();
+        self.learn(inviter, code.addrs.clone()).await;
+        let mut stream = self.open(inviter, PAIR_PROTOCOL).await?;
+        let frame = |source| MeshError::Frame { peer: peer.clone(), source };
+        let nonce = match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await {
+            Ok(Ok(Some(Pairing::Challenge { nonce }))) => unhex(&nonce).unwrap_or_default(),
+            Ok(Ok(Some(Pairing::Refused(e)))) => return Err(MeshError::Refused(e.message)),
+            Ok(Ok(_)) => return Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Err(e)) => return Err(frame(e)),
+            Err(_) => return Err(MeshError::Refused("no answer".into())),
+        };
+        let me = self.peer_id();
+        let name = self.state().name;
+        let proof = Pairing::Proof { invite: code.id(), proof: code.proof(&me, &nonce), name };
+        wire::write(&mut stream, &proof).await.map_err(frame)?;
+        match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await {
+            Ok(Ok(Some(Pairing::Welcome { name, proof }))) => {
+                if !code.verify_welcome(&me, &nonce, &proof) {
+                    return Err(MeshError::BadWelcome);
+                }
+                let addrs = code.addrs.iter().map(|a| a.to_string()).collect();
+                let friend = self.update(|s| {
+                    s.friends.retain(|f| f.peer_id != inviter);
+                    let mut friend = Friend::new(s.free_name(&name), inviter, now_s());
+                    friend.addrs = addrs;
+                    s.friends.push(friend.clone());
+                    friend
+                });
+                tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
+                Ok(friend)
+            }
+            Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
+            Ok(Ok(_)) => Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Err(e)) => Err(frame(e)),
+            Err(_) => Err(MeshError::Refused("no answer".into())),
+        }
+    }
+
+    /// The trust list with live connection facts.
+    pub fn peers(&self) -> Vec<PeerView> {
+        let state = self.state();
+        let live = self.inner.live.lock();
+        state
+            .friends
+            .into_iter()
+            .map(|friend| {
+                let l = live.as_ref().ok().and_then(|l| l.get(&friend.peer_id));
+                PeerView {
+                    device_id: friend.device_id().to_string(),
+                    connected: l.is_some_and(|l| l.connected),
+                    path: l.and_then(|l| l.path),
+                    rtt_ms: l.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    offers: l.and_then(|l| l.advert.as_ref()).map(|(_, a)| a.models.clone()).unwrap_or_default(),
+                    friend,
+                }
+            })
+            .collect()
+    }
+
+    /// Finds a friend by name, peer id or device id.
+    pub fn find(&self, who: &str) -> Result<Friend, MeshError> {
+        self.state().find(who).cloned().ok_or_else(|| MeshError::NoFriend(who.to_owned()))
+    }
+
+    /// Changes a friend's policy.
+    pub fn set(&self, who: &str, update: FriendUpdate) -> Result<Friend, MeshError> {
+        let friend = self.find(who)?;
+        if let Some(name) = &update.name
+            && self.state().friends.iter().any(|f| &f.name == name && f.peer_id != friend.peer_id)
+        {
+            return Err(MeshError::NameTaken(name.clone()));
+        }
+        Ok(self.update(|s| {
+            let Some(f) = s.friends.iter_mut().find(|f| f.peer_id == friend.peer_id) else { return friend };
+            update.apply(f);
+            f.clone()
+        }))
+    }
+
+    /// Removes a friend: their connections close and their running jobs stop now.
+    pub fn remove(&self, who: &str) -> Result<Friend, MeshError> {
+        let friend = self.find(who)?;
+        self.update(|s| s.friends.retain(|f| f.peer_id != friend.peer_id));
+        let jobs = self.inner.jobs.lock().ok().and_then(|mut j| j.remove(&friend.peer_id)).unwrap_or_default();
+        for job in &jobs {
+            job.abort();
+        }
+        let _ = self.inner.commands.send(SwarmCommand::Disconnect(friend.peer_id));
+        if let Ok(mut live) = self.inner.live.lock() {
+            live.remove(&friend.peer_id);
+        }
+        tracing::info!(friend = %friend.name, cancelled = jobs.len(), "friend removed");
+        Ok(friend)
+    }
+
+    /// Friends that offer `model` and accept this node's requests, best first (shortest
+    /// queue, then fastest, then nearest). Uses cached adverts; see [`refresh`](Self::refresh).
+    pub fn candidates(&self, model: &str) -> Vec<Candidate> {
+        let state = self.state();
+        let Ok(live) = self.inner.live.lock() else { return Vec::new() };
+        let mut out: Vec<Candidate> = state
+            .friends
+            .iter()
+            .filter(|f| f.offload_to)
+            .filter_map(|f| {
+                let l = live.get(&f.peer_id)?;
+                let (_, advert) = l.advert.as_ref()?;
+                let m = advert.models.iter().find(|m| m.name == model)?;
+                Some(Candidate {
+                    peer: f.peer_id,
+                    name: f.name.clone(),
+                    tokens_per_s: m.tokens_per_s,
+                    queued: m.queued,
+                    rtt: l.rtt,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.queued
+                .cmp(&b.queued)
+                .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
+                .then(a.rtt.unwrap_or(Duration::MAX).cmp(&b.rtt.unwrap_or(Duration::MAX)))
+        });
+        out
+    }
+
+    /// Whether any advert is older than the cache keeps them (or missing).
+    pub fn adverts_stale(&self) -> bool {
+        let state = self.state();
+        let Ok(live) = self.inner.live.lock() else { return true };
+        state.friends.iter().filter(|f| f.offload_to).any(|f| {
+            live.get(&f.peer_id).and_then(|l| l.advert.as_ref()).is_none_or(|(at, _)| at.elapsed() > ADVERT_TTL)
+        })
+    }
+
+    /// Asks every friend this node may offload to what they offer now (in parallel).
+    pub async fn refresh(&self) {
+        let friends: Vec<Friend> = self.state().friends.into_iter().filter(|f| f.offload_to).collect();
+        let asks = friends.iter().map(|f| async move {
+            let result = tokio::time::timeout(OPEN_TIMEOUT, self.query_status(f.peer_id)).await;
+            match result {
+                Ok(Ok(advert)) => {
+                    if let Ok(mut live) = self.inner.live.lock() {
+                        live.entry(f.peer_id).or_default().advert = Some((Instant::now(), advert));
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(friend = %f.name, error = %e, "status query failed"),
+                Err(_) => tracing::debug!(friend = %f.name, "status query timed out"),
+            }
+        });
+        futures_util::future::join_all(asks).await;
+    }
+
+    async fn query_status(&self, peer: PeerId) -> Result<Advert, MeshError> {
+        let mut stream = self.open(peer, STATUS_PROTOCOL).await?;
+        match wire::read::<Advert>(&mut stream).await {
+            Ok(Some(advert)) => Ok(advert),
+            Ok(None) => Err(MeshError::Unreachable { peer: peer.to_string(), reason: "no status".into() }),
+            Err(source) => Err(MeshError::Frame { peer: peer.to_string(), source }),
+        }
+    }
+
+    /// Sends `request` to the friend `peer` and returns the stream of its answer.
+    /// Dropping the returned stream cancels the generation there.
+    pub async fn infer(&self, peer: PeerId, request: InferRequest) -> Result<Offload, MeshError> {
+        let friend = self.state().friend(&peer).cloned().ok_or_else(|| MeshError::NoFriend(peer.to_string()))?;
+        if !friend.offload_to {
+            return Err(MeshError::OffloadOff(friend.name));
+        }
+        let mut stream = self.open(peer, INFER_PROTOCOL).await?;
+        wire::write(&mut stream, &ToServer::Infer(request))
+            .await
+            .map_err(|source| MeshError::Frame { peer: friend.name.clone(), source })?;
+        let (read, write) = stream.split();
+        Ok(Offload { friend: friend.name, read, write: Some(write), done: false })
+    }
+
+    /// Tries the inference protocol against any peer, trusted or not, as a stranger
+    /// would: for tests of deny-by-default. Succeeds only if the peer answered.
+    #[doc(hidden)]
+    pub async fn probe_infer(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: InferRequest,
+    ) -> Result<ToClient, MeshError> {
+        if let Ok(mut a) = self.inner.admission.write() {
+            a.joining.insert(peer);
+        }
+        self.learn(peer, addrs).await;
+        let result = async {
+            let mut stream = self.open(peer, INFER_PROTOCOL).await?;
+            let frame = |source| MeshError::Frame { peer: peer.to_string(), source };
+            wire::write(&mut stream, &ToServer::Infer(request)).await.map_err(frame)?;
+            wire::read::<ToClient>(&mut stream).await.map_err(frame)?.ok_or(MeshError::Frame {
+                peer: peer.to_string(),
+                source: FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            })
+        }
+        .await;
+        if let Ok(mut a) = self.inner.admission.write() {
+            a.joining.remove(&peer);
+        }
+        result
+    }
+
+    async fn open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, MeshError> {
+        let mut control = self.inner.control.lock().map_err(|_| MeshError::Stopped)?.clone();
+        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: e.to_string() }),
+            Err(_) => Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: "timed out".into() }),
+        }
+    }
+
+    /// Gives the swarm `addrs` for `peer` (and dials), waiting until they are in.
+    async fn learn(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let (known, added) = oneshot::channel();
+        if self.inner.commands.send(SwarmCommand::Dial { peer, addrs, known: Some(known) }).is_ok() {
+            let _ = added.await;
+        }
+    }
+
+    fn name_of(&self, peer: &PeerId) -> String {
+        self.state().friend(peer).map_or_else(|| peer.to_string(), |f| f.name.clone())
+    }
+
+    fn dial_friends(&self) {
+        for friend in self.state().friends {
+            let addrs = friend.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let _ = self.inner.commands.send(SwarmCommand::Dial { peer: friend.peer_id, addrs, known: None });
+        }
+    }
+
+    /// Stops the swarm and every stream task.
+    pub fn shutdown(&self) {
+        if let Ok(tasks) = self.inner.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+        if let Ok(jobs) = self.inner.jobs.lock() {
+            for job in jobs.values().flatten() {
+                job.abort();
+            }
+        }
+    }
+
+    // ---- serving -------------------------------------------------------------------
+
+    async fn serve_status(self, peer: PeerId, mut stream: Stream) {
+        let Some(friend) = self.state().friend(&peer).cloned() else { return };
+        let models = (self.inner.offer)().into_iter().filter(|m| friend.may_use(&m.name)).collect();
+        let advert = Advert { version: wire::VERSION, name: self.state().name, models };
+        if let Err(e) = wire::write(&mut stream, &advert).await {
+            tracing::debug!(friend = %friend.name, error = %e, "sending status failed");
+        }
+    }
+
+    async fn serve_pairing(self, peer: PeerId, mut stream: Stream) {
+        let outcome = self.pairing(peer, &mut stream).await;
+        let reply = match outcome {
+            Ok(welcome) => welcome,
+            Err(refusal) => {
+                tracing::info!(%peer, reason = %refusal.message, "pairing refused");
+                Pairing::Refused(refusal)
+            }
+        };
+        // A refused accepter closes its connection; one that does not is bounded by the
+        // connection limits and the idle timeout, and can reach nothing but pairing.
+        let _ = wire::write(&mut stream, &reply).await;
+        let _ = futures_util::AsyncWriteExt::close(&mut stream).await;
+    }
+
+    async fn pairing(&self, peer: PeerId, stream: &mut Stream) -> Result<Pairing, WireError> {
+        if self.state().friend(&peer).is_some() {
+            return Err(WireError::new("paired", "already paired"));
+        }
+        if self.pairing_paused() {
+            return Err(WireError::new("rate_limited", "too many failed pairing attempts: try again in a minute"));
+        }
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).map_err(|_| WireError::new("failed", "no randomness"))?;
+        wire::write(stream, &Pairing::Challenge { nonce: hex(&nonce) })
+            .await
+            .map_err(|e| WireError::new("failed", e.to_string()))?;
+        let (invite, proof, name) = match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(stream)).await {
+            Ok(Ok(Some(Pairing::Proof { invite, proof, name }))) => (invite, proof, name),
+            _ => {
+                self.pair_failed();
+                return Err(WireError::new("bad_request", "expected a proof"));
+            }
+        };
+        let me = self.peer_id();
+        let now = now_s();
+        let verdict = self.update(|s| {
+            let Some(pending) = s.invites.iter_mut().find(|i| i.id == invite) else {
+                return Err(WireError::new("invalid", "this invite is not valid here"));
+            };
+            if !pending.verify(&me, &peer, &nonce, &proof) {
+                return Err(WireError::new("invalid", "this invite is not valid here"));
+            }
+            if pending.used {
+                return Err(WireError::new("used", "this invite was used already: ask for a new one"));
+            }
+            if pending.expires <= now {
+                return Err(WireError::new("expired", "this invite has expired: ask for a new one"));
+            }
+            pending.used = true;
+            let welcome = pending.welcome(&me, &peer, &nonce);
+            let friend = Friend::new(s.free_name(&name), peer, now);
+            s.friends.push(friend.clone());
+            Ok((friend, welcome))
+        });
+        match verdict {
+            Ok((friend, proof)) => {
+                tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
+                Ok(Pairing::Welcome { name: self.state().name, proof })
+            }
+            Err(e) => {
+                self.pair_failed();
+                Err(e)
+            }
+        }
+    }
+
+    fn pairing_paused(&self) -> bool {
+        let Ok(mut failures) = self.inner.pair_failures.lock() else { return true };
+        while failures.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+            failures.pop_front();
+        }
+        failures.len() >= PAIR_FAILURES_PER_MINUTE
+    }
+
+    fn pair_failed(&self) {
+        if let Ok(mut failures) = self.inner.pair_failures.lock() {
+            failures.push_back(Instant::now());
+        }
+    }
+
+    async fn serve_infer(self, peer: PeerId, stream: Stream) {
+        let Some(friend) = self.state().friend(&peer).cloned() else {
+            // Only reachable while an invite is open (the gate admitted an unknown peer).
+            tracing::info!(%peer, "inference stream from a peer not on the trust list refused");
+            let _ = self.inner.commands.send(SwarmCommand::Disconnect(peer));
+            return;
+        };
+        let (reader, writer) = stream.split();
+        let handle = tokio::spawn(self.clone().run_job(friend, reader, writer));
+        let abort = handle.abort_handle();
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            let list = jobs.entry(peer).or_default();
+            list.retain(|h| !h.is_finished());
+            list.push(abort);
+        }
+        let _ = handle.await;
+    }
+
+    fn running_jobs(&self, peer: &PeerId) -> usize {
+        self.inner
+            .jobs
+            .lock()
+            .map_or(0, |jobs| jobs.get(peer).map_or(0, |l| l.iter().filter(|h| !h.is_finished()).count()))
+    }
+
+    async fn run_job(
+        self,
+        friend: Friend,
+        mut reader: futures_util::io::ReadHalf<Stream>,
+        mut writer: futures_util::io::WriteHalf<Stream>,
+    ) {
+        let request = match tokio::time::timeout(FIRST_FRAME, wire::read::<ToServer>(&mut reader)).await {
+            Ok(Ok(Some(ToServer::Infer(request)))) => request,
+            Ok(Ok(Some(ToServer::Cancel) | None)) => return,
+            Ok(Err(e)) => {
+                let _ = wire::write(&mut writer, &ToClient::Error(WireError::new("bad_request", e.to_string()))).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let refuse = |code: &str, message: String| ToClient::Error(WireError::new(code, message));
+        let day = today();
+        let refusal = if request.version != wire::VERSION {
+            Some(refuse(
+                "version",
+                format!("message version {} is not supported (this node speaks 1)", request.version),
+            ))
+        } else if !friend.may_use(&request.model) {
+            Some(refuse("model", format!("you may not use {:?} on this node", request.model)))
+        } else if self.running_jobs(&friend.peer_id) > friend.max_concurrent as usize {
+            Some(refuse(
+                "quota",
+                format!("concurrent request quota reached: at most {} at a time on this node", friend.max_concurrent),
+            ))
+        } else if let Some(limit) = friend.tokens_per_day
+            && {
+                let used = self.state().used_on(&friend.peer_id, day);
+                used.tokens_in + used.tokens_out >= limit
+            }
+        {
+            Some(refuse(
+                "quota",
+                format!("daily token quota of {limit} tokens used up on this node; it resets at 00:00 UTC"),
+            ))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            tracing::info!(friend = %friend.name, request = %request.request_id, "friend's request refused");
+            let _ = wire::write(&mut writer, &refusal).await;
+            return;
+        }
+        let mut request = request;
+        if let Some(limit) = friend.tokens_per_day {
+            let used = self.state().used_on(&friend.peer_id, day);
+            let left = limit.saturating_sub(used.tokens_in + used.tokens_out) as usize;
+            let budget = left + request.continue_ids.len();
+            request.params.max_tokens = request.params.max_tokens.min(budget);
+        }
+        let request_id = request.request_id.clone();
+        let (events, mut rx) = mpsc::channel(64);
+        let job = ServeJob { friend: friend.name.clone(), request, events };
+        if self.inner.serve.send(job).await.is_err() {
+            let _ = wire::write(&mut writer, &refuse("failed", "this node is shutting down".into())).await;
+            return;
+        }
+        self.inner.served.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(friend = %friend.name, request = %request_id, "serving a friend's request");
+        let mut tokens_out = 0u64;
+        let mut tokens_in = 0u64;
+        let mut cancel = Box::pin(wire::read::<ToServer>(&mut reader));
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { break };
+                    let last = !matches!(event, ToClient::Token { .. });
+                    match &event {
+                        ToClient::Token { .. } => tokens_out += 1,
+                        ToClient::Done(done) => {
+                            tokens_in = done.prompt_tokens;
+                            tokens_out = done.completion_tokens;
+                        }
+                        ToClient::Error(_) => {}
+                    }
+                    if wire::write(&mut writer, &event).await.is_err() || last {
+                        break;
+                    }
+                }
+                // A cancel frame, the end of the stream or a broken one: stop either way.
+                _ = &mut cancel => break,
+            }
+        }
+        drop(rx);
+        self.update(|s| s.record(&friend.peer_id, day, tokens_in, tokens_out));
+        tracing::info!(friend = %friend.name, request = %request_id, tokens_in, tokens_out, "friend's request ended");
+    }
+}
+
+fn has_open_invite(state: &MeshState, now: u64) -> bool {
+    state.invites.iter().any(|i| !i.used && i.expires > now)
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+/// An answer streaming back from a friend. Dropping it cancels the generation there.
+pub struct Offload {
+    friend: String,
+    read: futures_util::io::ReadHalf<Stream>,
+    write: Option<futures_util::io::WriteHalf<Stream>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offload").field("friend", &self.friend).finish_non_exhaustive()
+    }
+}
+
+impl Offload {
+    /// The friend's name.
+    pub fn friend(&self) -> &str {
+        &self.friend
+    }
+
+    /// The next event: tokens, then `Done`; a refusal or a broken stream is an error.
+    /// `None` after `Done`.
+    pub async fn next(&mut self) -> Option<Result<ToClient, MeshError>> {
+        if self.done {
+            return None;
+        }
+        let event = wire::read::<ToClient>(&mut self.read).await;
+        let peer = self.friend.clone();
+        match event {
+            Ok(Some(ToClient::Error(e))) => {
+                self.done = true;
+                Some(Err(MeshError::Remote { peer, error: RemoteError { code: e.code, message: e.message } }))
+            }
+            Ok(Some(event)) => {
+                self.done = matches!(event, ToClient::Done(_));
+                Some(Ok(event))
+            }
+            Ok(None) => {
+                self.done = true;
+                Some(Err(MeshError::Frame { peer, source: FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()) }))
+            }
+            Err(source) => {
+                self.done = true;
+                Some(Err(MeshError::Frame { peer, source }))
+            }
+        }
+    }
+
+    /// Asks the friend to stop.
+    pub async fn cancel(&mut self) {
+        if let Some(mut write) = self.write.take() {
+            let _ = wire::write(&mut write, &ToServer::Cancel).await;
+            let _ = futures_util::AsyncWriteExt::close(&mut write).await;
+        }
+        self.done = true;
+    }
+}
+
+async fn accept_loop<F, Fut>(mut incoming: libp2p_stream::IncomingStreams, mesh: std::sync::Weak<Inner>, handle: F)
+where
+    F: Fn(Mesh, PeerId, Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Some((peer, stream)) = incoming.next().await {
+        let Some(inner) = mesh.upgrade() else { return };
+        tokio::spawn(handle(Mesh { inner }, peer, stream));
+    }
+}
+
+async fn run_swarm(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mut commands: mpsc::UnboundedReceiver<SwarmCommand>,
+    listen: watch::Sender<Vec<Multiaddr>>,
+    mesh: std::sync::Weak<Inner>,
+) {
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => return,
+                Some(SwarmCommand::Dial { peer, addrs, known }) => {
+                    for addr in &addrs {
+                        swarm.add_peer_address(peer, addr.clone());
+                    }
+                    if let Some(known) = known {
+                        let _ = known.send(());
+                    }
+                    if !swarm.is_connected(&peer) {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+                        if let Err(e) = swarm.dial(opts) {
+                            tracing::debug!(%peer, error = %e, "dial failed");
+                        }
+                    }
+                }
+                Some(SwarmCommand::Disconnect(peer)) => {
+                    let _ = swarm.disconnect_peer_id(peer);
+                }
+            },
+            event = swarm.select_next_some() => {
+                let Some(inner) = mesh.upgrade() else { return };
+                on_event(&mut swarm, event, &inner, &listen);
+            }
+        }
+    }
+}
+
+fn on_event(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    event: SwarmEvent<BehaviourEvent>,
+    inner: &Inner,
+    listen: &watch::Sender<Vec<Multiaddr>>,
+) {
+    let trusted = |peer: &PeerId| inner.admission.read().is_ok_and(|a| a.trusted.contains(peer));
+    let with_live = |peer: PeerId, f: &mut dyn FnMut(&mut Live)| {
+        if let Ok(mut live) = inner.live.lock() {
+            f(live.entry(peer).or_default());
+        }
+    };
+    match event {
+        SwarmEvent::NewListenAddr { address, .. } => {
+            tracing::info!(%address, "mesh listening");
+            listen.send_modify(|addrs| addrs.push(address));
+        }
+        SwarmEvent::ExpiredListenAddr { address, .. } => listen.send_modify(|addrs| addrs.retain(|a| *a != address)),
+        SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            let relayed = endpoint.get_remote_address().iter().any(|p| matches!(p, Protocol::P2pCircuit));
+            tracing::debug!(peer = %peer_id, relayed, "connected");
+            with_live(peer_id, &mut |l| {
+                l.connected = true;
+                if l.path != Some(Path::HolePunched) || relayed {
+                    l.path = Some(if relayed { Path::Relayed } else { Path::Direct });
+                }
+            });
+        }
+        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            with_live(peer_id, &mut |l| {
+                l.connected = false;
+                l.path = None;
+            });
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
+            with_live(peer, &mut |l| l.rtt = Some(rtt));
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+            if trusted(&peer_id) =>
+        {
+            for addr in info.listen_addrs {
+                swarm.add_peer_address(peer_id, addr);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+            for (peer, addr) in found {
+                // mDNS only finds addresses of peers already trusted; strangers are ignored.
+                if trusted(&peer) {
+                    swarm.add_peer_address(peer, addr);
+                    if !swarm.is_connected(&peer) {
+                        let _ = swarm.dial(peer);
+                    }
+                }
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+            Ok(_) => {
+                tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                with_live(remote_peer_id, &mut |l| l.path = Some(Path::HolePunched));
+            }
+            Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed"),
+        },
+        _ => {}
+    }
+}
