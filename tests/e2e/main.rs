@@ -3,6 +3,7 @@
 
 mod api;
 mod memory;
+mod mesh;
 mod models;
 mod review;
 mod support;

@@ -14,7 +14,7 @@ use crate::support::{Sse, TestNode, open_store};
 fn turn(message: &str, conversation: Option<i64>) -> ChatTurn {
     let mut params = SamplingParams::greedy();
     params.max_tokens = 12;
-    ChatTurn { model: None, conversation, system: None, message: message.into(), params, privacy: None }
+    ChatTurn { model: None, conversation, system: None, message: message.into(), params, privacy: None, peer: None }
 }
 
 /// The answer's text; returns once the channel closes, i.e. once the exchange is saved.

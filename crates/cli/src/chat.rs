@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use kith_infer::{
     Completion, EngineHandle, GenerateError, GenerateRequest, LoadOptions, LoadedModel, Prompt, StreamEvent,
 };
@@ -153,8 +153,9 @@ async fn print_remote(
         if let Some(error) = chunk["error"]["message"].as_str() {
             anyhow::bail!("the node: {error}");
         }
-        if said.ran_on.is_none() {
-            said.ran_on = chunk["kith"]["ran_on"].as_str().map(str::to_owned);
+        // The last chunk says where every part ran, if a friend failed mid-answer.
+        if let Some(ran_on) = chunk["kith"]["ran_on"].as_str() {
+            said.ran_on = Some(ran_on.to_owned());
             said.conversation = chunk["kith"]["conversation"].as_i64();
         }
         if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
@@ -217,7 +218,7 @@ fn completion_body(model: &str, messages: &[ChatMessage], params: &SamplingParam
 async fn remote_for(model: &str) -> Result<Option<Remote>> {
     let home = kith_models::Store::from_env()?.home().to_owned();
     let Some(remote) = crate::remote::connect(&home).await? else { return Ok(None) };
-    if remote.chat_models().iter().any(|m| m == model) {
+    if remote.chat_models().iter().any(|m| m == model) || remote.friend_offers(model).await {
         return Ok(Some(remote));
     }
     eprintln!(
@@ -246,10 +247,22 @@ pub(crate) async fn ask(args: AskArgs) -> Result<ExitCode> {
     messages.push(ChatMessage::user(prompt.clone()));
     let params = args.sampling.params();
     let mut printer = Printer::new();
-    let remote = if args.raw { None } else { remote_for(&args.model.model).await? };
+    let remote = match &args.peer {
+        Some(peer) if args.raw => bail!("--peer sends chat messages; it cannot be combined with --raw ({peer})"),
+        Some(_) => {
+            let home = kith_models::Store::from_env()?.home().to_owned();
+            let remote = crate::remote::connect(&home).await?;
+            Some(remote.context("--peer needs a running node (`kith serve` with a vault), which holds the mesh")?)
+        }
+        None if args.raw => None,
+        None => remote_for(&args.model.model).await?,
+    };
     let (ending, ran_on) = match remote {
         Some(remote) => {
-            let body = completion_body(&args.model.model, &messages, &params);
+            let mut body = completion_body(&args.model.model, &messages, &params);
+            if let Some(peer) = &args.peer {
+                body["kith"] = serde_json::json!({ "peer": peer });
+            }
             let (ending, said) = print_remote(&remote, &body, &mut printer).await?;
             let ran_on = format!("{} (through the node at {})", said.ran_on.as_deref().unwrap_or("?"), remote.url());
             (ending, ran_on)
@@ -427,6 +440,7 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
                         message: input.to_owned(),
                         params: params.clone(),
                         privacy: args.privacy,
+                        peer: None,
                     };
                     let mut turn = node.chat_turn(turn).await?;
                     conversation = Some(turn.conversation);

@@ -44,6 +44,8 @@ pub(crate) enum Command {
     Memory(MemoryArgs),
     /// Run the node headless with its local OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Pair with friends' nodes and manage who may use this one (needs `kith serve`).
+    Peers(PeersArgs),
     /// Print the local API's bearer token (created on first use).
     Token,
     /// Show the effective settings of `kith serve` and where each comes from (flag,
@@ -80,6 +82,84 @@ pub(crate) struct ServeArgs {
     /// enabled, KITH_PASSPHRASE, or a prompt).
     #[arg(long)]
     pub(crate) passphrase_file: Option<std::path::PathBuf>,
+    /// Do not join the mesh (no friends can use this node, none are used).
+    #[arg(long, env = "KITH_NO_MESH")]
+    pub(crate) no_mesh: bool,
+    /// Mesh addresses to listen on (multiaddrs; repeat for several). The fixed default
+    /// port keeps invites and friends' saved addresses valid across restarts.
+    #[arg(
+        long,
+        env = "KITH_MESH_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/4790,/ip4/0.0.0.0/udp/4790/quic-v1"
+    )]
+    pub(crate) mesh_listen: Vec<String>,
+    /// Do not look for friends' addresses on the local network (mDNS).
+    #[arg(long, env = "KITH_NO_MDNS")]
+    pub(crate) no_mdns: bool,
+    /// This node's name, shown to friends when pairing (default: the host name).
+    #[arg(long, env = "KITH_NODE_NAME")]
+    pub(crate) name: Option<String>,
+}
+
+/// `kith peers`: friends' nodes this node trusts. Needs a running node (`kith serve`
+/// with a vault), which holds the mesh.
+#[derive(Debug, Args)]
+pub(crate) struct PeersArgs {
+    #[command(subcommand)]
+    pub(crate) command: PeersCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PeersCommand {
+    /// Print a one-time invite code for a friend (`kith peers accept CODE` on their side).
+    Invite {
+        /// How long it stays valid, in hours (at most 168).
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+    },
+    /// Pair with the node that made this invite code.
+    Accept {
+        /// The code (`kith1…`).
+        code: String,
+    },
+    /// This node's device id and its friends: connection, latency, what they offer.
+    List,
+    /// Remove a friend: their connections close and their running requests stop now.
+    Remove {
+        /// Name, peer id or device id.
+        who: String,
+    },
+    /// Change what a friend may use here, their quotas, or whether to offload to them.
+    Set {
+        /// Name, peer id or device id.
+        who: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Models they may use here, comma-separated (`*` for all, empty for none).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Tokens (prompt + generated) per day they may use here; 0 for no limit.
+        #[arg(long)]
+        tokens_per_day: Option<u64>,
+        /// Requests they may run here at once.
+        #[arg(long)]
+        concurrent: Option<u32>,
+        /// Whether this node may send its own requests to them.
+        #[arg(long, value_parser = parse_on_off)]
+        offload: Option<bool>,
+    },
+    /// What each friend used on this node, per day (counts only).
+    Usage,
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        other => Err(format!("{other:?}: use on or off")),
+    }
 }
 
 /// `kith memory`. The vault is unlocked with the passphrase, read as for `kith vault`.
@@ -296,6 +376,10 @@ pub(crate) struct AskArgs {
     /// Print token counts and speed on stderr when done.
     #[arg(long)]
     pub(crate) stats: bool,
+    /// Run on this friend's node (a name from `kith peers list`, a peer id or a device
+    /// id), through the running node.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) peer: Option<String>,
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     #[command(flatten)]

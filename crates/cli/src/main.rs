@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod memory;
 mod models;
+mod peers;
 mod progress;
 mod remote;
 mod serve;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
             Command::Vault(args) => vault::run(args),
             Command::Memory(args) => memory::run(args).await,
             Command::Serve(args) => serve::run(args).await,
+            Command::Peers(args) => peers::run(args).await,
             Command::Token => serve::token(),
             Command::Config => {
                 config::show(threads_given, if threads_given.is_some() { "flag or KITH_THREADS" } else { "default" })

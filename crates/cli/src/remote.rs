@@ -86,6 +86,15 @@ impl Remote {
             .unwrap_or_default()
     }
 
+    /// Whether a friend of the node offers `model` (the node then offloads to them).
+    pub(crate) async fn friend_offers(&self, model: &str) -> bool {
+        let Ok(list) = self.get("/api/peers").await else { return false };
+        list["peers"].as_array().into_iter().flatten().any(|peer| {
+            peer["offload_to"].as_bool().unwrap_or(false)
+                && peer["offers"].as_array().into_iter().flatten().any(|o| o["model"].as_str() == Some(model))
+        })
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token)
     }

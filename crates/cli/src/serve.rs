@@ -48,6 +48,18 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         builder = builder.memory(store, index);
     }
     let node = builder.build()?;
+    let mesh = if memory && !args.no_mesh {
+        let listen = args
+            .mesh_listen
+            .iter()
+            .map(|a| a.parse().with_context(|| format!("--mesh-listen {a:?} is not a multiaddr")))
+            .collect::<Result<Vec<_>>>()?;
+        let config = kith_mesh::MeshConfig { listen, mdns: !args.no_mdns, ..kith_mesh::MeshConfig::default() };
+        let mesh = node.join_mesh(config, args.name.as_deref()).await.context("joining the mesh")?;
+        Some(mesh)
+    } else {
+        None
+    };
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -70,6 +82,18 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         "Requests need `Authorization: Bearer $(kith token)`; the token is in {}.",
         ApiToken::path(&home).display()
     );
+    match &mesh {
+        Some(mesh) => {
+            let friends = mesh.state().friends.len();
+            eprintln!(
+                "Mesh: device id {} on {}; {friends} friend(s). `kith peers invite` pairs a new one.",
+                mesh.device_id(),
+                mesh.listen_addrs().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            );
+        }
+        None if memory => eprintln!("Mesh: off (--no-mesh)."),
+        None => eprintln!("Mesh: off (it needs the vault, which holds this node's identity and trust list)."),
+    }
     tracing::info!(%address, model = %name, "listening");
 
     let stopping = node.clone();

@@ -11,6 +11,7 @@
 //! keeps the token ids its KV cache holds; a request whose prompt starts with them (the
 //! next turn of the same chat) only prefills the new tokens.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,12 +60,16 @@ pub struct GenerateRequest {
     /// Reuse the KV cache of the longest prefix shared with the previous request (default).
     /// Off, the whole prompt is recomputed, as llama-server's `cache_prompt: false`.
     pub cache_prompt: bool,
+    /// Tokens of the answer generated already (elsewhere, by the same model): generation
+    /// continues after them as if it had produced them itself. They count towards
+    /// `max_tokens`; their text is not sent again.
+    pub continue_from: Vec<u32>,
 }
 
 impl GenerateRequest {
     /// A request with the given prompt and parameters.
     pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
-        Self { prompt, params, top_logprobs: 0, ignore_eog: false, cache_prompt: true }
+        Self { prompt, params, top_logprobs: 0, ignore_eog: false, cache_prompt: true, continue_from: Vec::new() }
     }
 }
 
@@ -80,6 +85,13 @@ pub struct TokenEvent {
     /// The most likely tokens at this step and their log-probabilities (full softmax over
     /// the raw logits), when asked for.
     pub top_logprobs: Vec<(u32, f32)>,
+}
+
+impl TokenEvent {
+    /// A token and its visible text (for streams relayed from elsewhere).
+    pub fn new(id: u32, text: impl Into<String>) -> Self {
+        Self { id, text: text.into(), top_logprobs: Vec::new() }
+    }
 }
 
 /// Why generation ended.
@@ -110,6 +122,13 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
+impl Usage {
+    /// Counts with nothing cached.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self { prompt_tokens, cached_tokens: 0, completion_tokens }
+    }
+}
+
 /// Timings of one request.
 #[derive(Debug, Clone, Copy, Default)]
 #[non_exhaustive]
@@ -124,6 +143,13 @@ pub struct Timings {
     pub decode: Duration,
 }
 
+impl Timings {
+    /// Timings measured elsewhere.
+    pub fn new(queued: Duration, prefill: Duration, first_token: Duration, decode: Duration) -> Self {
+        Self { queued, prefill, first_token, decode }
+    }
+}
+
 /// The end of a stream.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -136,6 +162,13 @@ pub struct Completion {
     pub usage: Usage,
     /// Timings.
     pub timings: Timings,
+}
+
+impl Completion {
+    /// The end of a stream relayed from elsewhere.
+    pub fn new(text: impl Into<String>, stop_reason: StopReason, usage: Usage, timings: Timings) -> Self {
+        Self { text: text.into(), stop_reason, usage, timings }
+    }
 }
 
 /// What a [`TokenStream`] yields.
@@ -166,6 +199,12 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
+    /// A stream fed by the returned sender (for generations relayed from elsewhere).
+    pub fn channel() -> (mpsc::Sender<Result<StreamEvent, GenerateError>>, TokenStream) {
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        (tx, TokenStream { rx })
+    }
+
     /// The next event, or `None` after [`StreamEvent::Done`] or an error.
     ///
     /// Cancel-safe: dropping the future loses no event.
@@ -192,6 +231,8 @@ pub struct EngineHandle {
     tokenizer: Arc<Tokenizer>,
     template: Arc<ChatTemplate>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Decode speed of the last generation long enough to measure (f32 tok/s bits).
+    speed: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -205,16 +246,28 @@ impl EngineHandle {
     pub fn spawn(model: LoadedModel) -> std::io::Result<Self> {
         let (commands, rx) = mpsc::channel(QUEUE_DEPTH);
         let LoadedModel { model, tokenizer, template, info } = model;
-        let mut engine = Engine { model, tokenizer: tokenizer.clone(), template: template.clone(), cached: Vec::new() };
+        let speed = Arc::new(AtomicU32::new(0));
+        let mut engine = Engine {
+            model,
+            tokenizer: tokenizer.clone(),
+            template: template.clone(),
+            cached: Vec::new(),
+            speed: speed.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("kith-engine-{}", info.architecture))
             .spawn(move || engine.run(rx))?;
-        Ok(Self { commands, info, tokenizer, template, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(Self { commands, info, tokenizer, template, thread: Arc::new(Mutex::new(Some(thread))), speed })
     }
 
     /// Facts about the model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Decode tokens per second of the last generation of 8 tokens or more (0 before).
+    pub fn decode_speed(&self) -> f64 {
+        f64::from(f32::from_bits(self.speed.load(Ordering::Relaxed)))
     }
 
     /// The model's tokenizer.
@@ -259,6 +312,7 @@ struct Engine {
     template: Arc<ChatTemplate>,
     /// Token ids whose keys and values are in the model's KV cache, in order.
     cached: Vec<u32>,
+    speed: Arc<AtomicU32>,
 }
 
 impl Engine {
@@ -318,10 +372,18 @@ impl Engine {
     ) -> Result<(), GenerateError> {
         let started = Instant::now();
         let mut sampler = Sampler::new(request.params)?;
-        let prompt = self.prompt_ids(request.prompt)?;
+        let mut prompt = self.prompt_ids(request.prompt)?;
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
+        let prompt_tokens = prompt.len();
+        let continued = request.continue_from;
+        if let Some(bad) = continued.iter().find(|&&id| id as usize >= self.tokenizer.vocab_size()) {
+            return Err(GenerateError::InvalidParams(format!(
+                "token id {bad} to continue from is outside the vocabulary"
+            )));
+        }
+        prompt.extend_from_slice(&continued);
         let context_length = self.model.context_length;
         if prompt.len() >= context_length {
             return Err(GenerateError::ContextOverflow { prompt_tokens: prompt.len(), context_length });
@@ -354,9 +416,14 @@ impl Engine {
         );
 
         let params = sampler.params().clone();
-        let mut usage = Usage { prompt_tokens: prompt.len(), cached_tokens: common, completion_tokens: 0 };
+        let mut usage = Usage { prompt_tokens, cached_tokens: common.min(prompt_tokens), completion_tokens: 0 };
         let mut history = prompt;
         let mut text = TextAssembler::new(&params.stop);
+        // The text of the tokens continued from was shown already; what they left held
+        // back (half a character, a possible stop string) is still held back.
+        for &id in &continued {
+            let _ = text.push(self.tokenizer.token_bytes(id));
+        }
         let mut first_token = None;
         let stop_reason = loop {
             let top_logprobs = top_logprobs(&logits, request.top_logprobs);
@@ -379,7 +446,7 @@ impl Engine {
             if step.stopped {
                 break StopReason::StopString;
             }
-            if usage.completion_tokens >= params.max_tokens {
+            if usage.completion_tokens + continued.len() >= params.max_tokens {
                 break StopReason::MaxTokens;
             }
             if self.model.cache_len() + 1 >= context_length {
@@ -390,6 +457,10 @@ impl Engine {
         };
         let first_token = first_token.unwrap_or_default();
         let timings = Timings { queued, prefill, first_token, decode: started.elapsed().saturating_sub(first_token) };
+        if usage.completion_tokens >= 8 && !timings.decode.is_zero() {
+            let speed = (usage.completion_tokens - 1) as f64 / timings.decode.as_secs_f64();
+            self.speed.store((speed as f32).to_bits(), Ordering::Relaxed);
+        }
         tracing::debug!(
             completion_tokens = usage.completion_tokens,
             decode_ms = timings.decode.as_millis() as u64,

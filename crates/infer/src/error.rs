@@ -97,4 +97,7 @@ pub enum GenerateError {
     /// The forward pass failed.
     #[error("running the model")]
     Candle(#[from] candle_core::Error),
+    /// The generation ran on a friend's node, which refused or failed it.
+    #[error("{0}")]
+    Remote(String),
 }

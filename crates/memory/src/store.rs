@@ -80,8 +80,32 @@ pub enum StoreError {
 pub enum RanOn {
     /// On this machine.
     Local,
-    /// On a trusted peer (its id).
+    /// On a trusted peer (its name).
     Peer(String),
+    /// In parts, in this order (`local` or a peer's name), after a peer failed mid-answer.
+    Parts(Vec<String>),
+}
+
+impl RanOn {
+    /// From where the parts of an answer ran, in order.
+    pub fn from_parts(mut parts: Vec<String>) -> Self {
+        match parts.len() {
+            0 => RanOn::Local,
+            1 if parts[0] == "local" => RanOn::Local,
+            1 => RanOn::Peer(parts.remove(0)),
+            _ => RanOn::Parts(parts),
+        }
+    }
+}
+
+impl std::fmt::Display for RanOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RanOn::Local => f.write_str("local"),
+            RanOn::Peer(name) => f.write_str(name),
+            RanOn::Parts(parts) => f.write_str(&parts.join(", then ")),
+        }
+    }
 }
 
 /// A conversation's sealed metadata.

@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn identity_round_trips_and_device_id_is_stable() {
         let id = Identity::generate();
-        let back = Identity::from_bytes(&id.to_bytes()).unwrap();
+        let back = Identity::from_bytes(&id.to_bytes()).expect("must succeed");
         assert_eq!(back.peer_id(), id.peer_id());
         let device = id.device_id().to_string();
         assert_eq!(device.len(), 8 * 4 + 7);

@@ -207,12 +207,14 @@ mod tests {
     fn code_round_trips_and_proofs_check() {
         let inviter = Identity::generate().peer_id();
         let accepter = Identity::generate().peer_id();
-        let addrs: Vec<Multiaddr> =
-            vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap(), "/ip4/10.0.0.2/udp/4001/quic-v1".parse().unwrap()];
+        let addrs: Vec<Multiaddr> = vec![
+            "/ip4/127.0.0.1/tcp/4001".parse().expect("must succeed"),
+            "/ip4/10.0.0.2/udp/4001/quic-v1".parse().expect("must succeed"),
+        ];
         let invite = InviteCode::new(inviter, addrs.clone(), 1_900_000_000);
         let code = invite.encode();
         assert!(code.starts_with("kith1") && code.len() < 200, "{code}");
-        let back = InviteCode::decode(&format!("  {}\n", code.to_uppercase())).unwrap();
+        let back = InviteCode::decode(&format!("  {}\n", code.to_uppercase())).expect("must succeed");
         assert_eq!(back, invite);
         assert_eq!(back.addrs, addrs);
 

@@ -40,6 +40,10 @@ pub const PAIR_PROTOCOL: StreamProtocol = StreamProtocol::new("/kith/pair/1");
 const FIRST_FRAME: Duration = Duration::from_secs(10);
 /// Time to open a stream (dialling included).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for one try at opening a stream on an established connection.
+const OPEN_ATTEMPT: Duration = Duration::from_secs(2);
+/// Tries at opening a stream.
+const OPEN_ATTEMPTS: u32 = 3;
 /// Failed pairing attempts tolerated per minute before pairing pauses for a minute.
 const PAIR_FAILURES_PER_MINUTE: usize = 5;
 /// Adverts older than this are refreshed before routing.
@@ -194,6 +198,8 @@ pub struct Candidate {
     pub queued: u32,
     /// Last ping.
     pub rtt: Option<Duration>,
+    /// The model's context window there.
+    pub context_length: u32,
 }
 
 enum SwarmCommand {
@@ -213,6 +219,8 @@ struct Live {
     path: Option<Path>,
     rtt: Option<Duration>,
     advert: Option<(Instant, Advert)>,
+    /// Why the last dial failed, until the next attempt.
+    dial_error: Option<String>,
 }
 
 struct Inner {
@@ -227,6 +235,8 @@ struct Inner {
     control: Mutex<libp2p_stream::Control>,
     listen: watch::Receiver<Vec<Multiaddr>>,
     live: Mutex<HashMap<PeerId, Live>>,
+    /// Bumped whenever a connection is established (after every behaviour saw it).
+    connections: watch::Sender<u64>,
     jobs: Mutex<HashMap<PeerId, Vec<AbortHandle>>>,
     pair_failures: Mutex<VecDeque<Instant>>,
     serve: mpsc::Sender<ServeJob>,
@@ -358,6 +368,7 @@ impl Mesh {
                 control: Mutex::new(control),
                 listen: listen.clone(),
                 live: Mutex::new(HashMap::new()),
+                connections: watch::channel(0).0,
                 jobs: Mutex::new(HashMap::new()),
                 pair_failures: Mutex::new(VecDeque::new()),
                 serve: serve_tx,
@@ -489,7 +500,8 @@ impl Mesh {
         let nonce = match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await {
             Ok(Ok(Some(Pairing::Challenge { nonce }))) => unhex(&nonce).unwrap_or_default(),
             Ok(Ok(Some(Pairing::Refused(e)))) => return Err(MeshError::Refused(e.message)),
-            Ok(Ok(_)) => return Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Ok(Some(_))) => return Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Ok(None)) => return Err(MeshError::Refused("the inviter closed the stream".into())),
             Ok(Err(e)) => return Err(frame(e)),
             Err(_) => return Err(MeshError::Refused("no answer".into())),
         };
@@ -514,7 +526,8 @@ impl Mesh {
                 Ok(friend)
             }
             Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
-            Ok(Ok(_)) => Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Ok(Some(_))) => Err(MeshError::Refused("unexpected answer".into())),
+            Ok(Ok(None)) => Err(MeshError::Refused("the inviter closed the stream".into())),
             Ok(Err(e)) => Err(frame(e)),
             Err(_) => Err(MeshError::Refused("no answer".into())),
         }
@@ -596,6 +609,7 @@ impl Mesh {
                     tokens_per_s: m.tokens_per_s,
                     queued: m.queued,
                     rtt: l.rtt,
+                    context_length: m.context_length,
                 })
             })
             .collect();
@@ -688,12 +702,59 @@ impl Mesh {
         result
     }
 
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.inner.live.lock().is_ok_and(|live| live.get(peer).is_some_and(|l| l.connected))
+    }
+
+    /// Waits until a connection to `peer` is up (dialling its known addresses), so that
+    /// a stream is opened on an established connection: libp2p-stream loses a request
+    /// made while a connection is half set up.
+    async fn connect(&self, peer: PeerId, deadline: tokio::time::Instant) -> Result<(), MeshError> {
+        let mut established = self.inner.connections.subscribe();
+        if let Ok(mut live) = self.inner.live.lock() {
+            live.entry(peer).or_default().dial_error = None;
+        }
+        loop {
+            if self.is_connected(&peer) {
+                return Ok(());
+            }
+            let failed = self.inner.live.lock().ok().and_then(|l| l.get(&peer).and_then(|l| l.dial_error.clone()));
+            if let Some(reason) = failed {
+                return Err(MeshError::Unreachable { peer: self.name_of(&peer), reason });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: "no connection".into() });
+            }
+            // (Re)dial: a connection that was closing when we last asked may be gone now.
+            let _ = self.inner.commands.send(SwarmCommand::Dial { peer, addrs: Vec::new(), known: None });
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+            if let Ok(Err(_)) = tokio::time::timeout_at(tick, established.changed()).await {
+                return Err(MeshError::Stopped);
+            }
+        }
+    }
+
     async fn open(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, MeshError> {
         let mut control = self.inner.control.lock().map_err(|_| MeshError::Stopped)?.clone();
-        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, protocol)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: e.to_string() }),
-            Err(_) => Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: "timed out".into() }),
+        let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            self.connect(peer, deadline).await?;
+            let attempt = (tokio::time::Instant::now() + OPEN_ATTEMPT).min(deadline);
+            let reason = match tokio::time::timeout_at(attempt, control.open_stream(peer, protocol.clone())).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(libp2p_stream::OpenStreamError::Io(e))) => e.to_string(),
+                Ok(Err(e)) => return Err(MeshError::Unreachable { peer: self.name_of(&peer), reason: e.to_string() }),
+                Err(_) => "timed out".to_owned(),
+            };
+            // The connection it picked was closing (the peer hung up an earlier exchange,
+            // or refused us): again, on a new connection.
+            if attempts >= OPEN_ATTEMPTS || tokio::time::Instant::now() >= deadline {
+                return Err(MeshError::Unreachable { peer: self.name_of(&peer), reason });
+            }
+            tracing::debug!(%peer, error = %reason, "opening a stream failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -824,9 +885,9 @@ impl Mesh {
 
     async fn serve_infer(self, peer: PeerId, stream: Stream) {
         let Some(friend) = self.state().friend(&peer).cloned() else {
-            // Only reachable while an invite is open (the gate admitted an unknown peer).
+            // Only reachable while an invite is open (the gate admitted an unknown peer to
+            // pair): the stream is dropped unread.
             tracing::info!(%peer, "inference stream from a peer not on the trust list refused");
-            let _ = self.inner.commands.send(SwarmCommand::Disconnect(peer));
             return;
         };
         let (reader, writer) = stream.split();
@@ -1027,21 +1088,34 @@ async fn run_swarm(
     listen: watch::Sender<Vec<Multiaddr>>,
     mesh: std::sync::Weak<Inner>,
 ) {
+    // Where peers were reached or said they listen (the swarm keeps no address book).
+    let mut book: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
                 None => return,
                 Some(SwarmCommand::Dial { peer, addrs, known }) => {
-                    for addr in &addrs {
-                        swarm.add_peer_address(peer, addr.clone());
+                    let known_addrs = book.entry(peer).or_default();
+                    for addr in addrs {
+                        if !known_addrs.contains(&addr) {
+                            swarm.add_peer_address(peer, addr.clone());
+                            known_addrs.push(addr);
+                        }
                     }
                     if let Some(known) = known {
                         let _ = known.send(());
                     }
                     if !swarm.is_connected(&peer) {
-                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
-                        if let Err(e) = swarm.dial(opts) {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(known_addrs.clone()).build();
+                        if let Err(e) = swarm.dial(opts)
+                            && !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_))
+                            && let Some(inner) = mesh.upgrade()
+                        {
                             tracing::debug!(%peer, error = %e, "dial failed");
+                            if let Ok(mut live) = inner.live.lock() {
+                                live.entry(peer).or_default().dial_error = Some(e.to_string());
+                            }
+                            inner.connections.send_modify(|n| *n += 1);
                         }
                     }
                 }
@@ -1051,7 +1125,7 @@ async fn run_swarm(
             },
             event = swarm.select_next_some() => {
                 let Some(inner) = mesh.upgrade() else { return };
-                on_event(&mut swarm, event, &inner, &listen);
+                on_event(&mut swarm, event, &inner, &listen, &mut book);
             }
         }
     }
@@ -1062,7 +1136,14 @@ fn on_event(
     event: SwarmEvent<BehaviourEvent>,
     inner: &Inner,
     listen: &watch::Sender<Vec<Multiaddr>>,
+    book: &mut HashMap<PeerId, Vec<Multiaddr>>,
 ) {
+    let mut remember = |peer: PeerId, addr: Multiaddr| {
+        let known = book.entry(peer).or_default();
+        if !known.contains(&addr) {
+            known.push(addr);
+        }
+    };
     let trusted = |peer: &PeerId| inner.admission.read().is_ok_and(|a| a.trusted.contains(peer));
     let with_live = |peer: PeerId, f: &mut dyn FnMut(&mut Live)| {
         if let Ok(mut live) = inner.live.lock() {
@@ -1084,6 +1165,14 @@ fn on_event(
                     l.path = Some(if relayed { Path::Relayed } else { Path::Direct });
                 }
             });
+            inner.connections.send_modify(|n| *n += 1);
+        }
+        SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. }
+            if !swarm.is_connected(&peer) && !matches!(error, libp2p::swarm::DialError::DialPeerConditionFalse(_)) =>
+        {
+            tracing::debug!(%peer, error = %error, "dial failed");
+            with_live(peer, &mut |l| l.dial_error = Some(error.to_string()));
+            inner.connections.send_modify(|n| *n += 1);
         }
         SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
             with_live(peer_id, &mut |l| {
@@ -1098,16 +1187,19 @@ fn on_event(
             if trusted(&peer_id) =>
         {
             for addr in info.listen_addrs {
-                swarm.add_peer_address(peer_id, addr);
+                swarm.add_peer_address(peer_id, addr.clone());
+                remember(peer_id, addr);
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
             for (peer, addr) in found {
                 // mDNS only finds addresses of peers already trusted; strangers are ignored.
                 if trusted(&peer) {
-                    swarm.add_peer_address(peer, addr);
+                    swarm.add_peer_address(peer, addr.clone());
+                    remember(peer, addr.clone());
                     if !swarm.is_connected(&peer) {
-                        let _ = swarm.dial(peer);
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build();
+                        let _ = swarm.dial(opts);
                     }
                 }
             }

@@ -242,7 +242,7 @@ mod tests {
             .apply(&mut ana);
         assert!(ana.may_use("gemma3-270m") && !ana.may_use("smollm2-135m"));
         assert_eq!(ana.tokens_per_day, None);
-        let json = serde_json::to_string(&state).unwrap();
-        assert_eq!(serde_json::from_str::<MeshState>(&json).unwrap(), state);
+        let json = serde_json::to_string(&state).expect("must succeed");
+        assert_eq!(serde_json::from_str::<MeshState>(&json).expect("must succeed"), state);
     }
 }

@@ -133,6 +133,8 @@ pub struct AdvertModel {
     pub tokens_per_s: f64,
     /// Requests running or waiting.
     pub queued: u32,
+    /// Context window in tokens.
+    pub context_length: u32,
 }
 
 /// Pairing, on `/kith/pair/1`: the inviter's challenge, the accepter's proof, the answer.
@@ -224,25 +226,25 @@ mod tests {
             continue_ids: vec![1, 2],
         });
         let mut buf = Cursor::new(Vec::new());
-        block(write(&mut buf, &request)).unwrap();
-        block(write(&mut buf, &ToServer::Cancel)).unwrap();
+        block(write(&mut buf, &request)).expect("must succeed");
+        block(write(&mut buf, &ToServer::Cancel)).expect("must succeed");
         buf.set_position(0);
-        assert_eq!(block(read::<ToServer>(&mut buf)).unwrap(), Some(request));
-        assert_eq!(block(read::<ToServer>(&mut buf)).unwrap(), Some(ToServer::Cancel));
-        assert_eq!(block(read::<ToServer>(&mut buf)).unwrap(), None);
+        assert_eq!(block(read::<ToServer>(&mut buf)).expect("must succeed"), Some(request));
+        assert_eq!(block(read::<ToServer>(&mut buf)).expect("must succeed"), Some(ToServer::Cancel));
+        assert_eq!(block(read::<ToServer>(&mut buf)).expect("must succeed"), None);
     }
 
     #[test]
     fn oversized_length_is_refused_before_reading() {
         let mut bytes = u32::MAX.to_be_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
-        let err = block(read::<ToServer>(&mut Cursor::new(bytes))).unwrap_err();
+        let err = block(read::<ToServer>(&mut Cursor::new(bytes))).expect_err("must fail");
         assert!(matches!(err, FrameError::TooLarge(n) if n == u32::MAX as usize), "{err}");
     }
 
     #[test]
     fn truncated_and_malformed_frames_are_errors() {
-        let err = block(read::<ToServer>(&mut Cursor::new(vec![0, 0]))).unwrap_err();
+        let err = block(read::<ToServer>(&mut Cursor::new(vec![0, 0]))).expect_err("must fail");
         assert!(matches!(err, FrameError::Io(_)), "{err}");
         let mut bytes = 10u32.to_be_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
@@ -250,7 +252,7 @@ mod tests {
         for junk in [&b"{\"type\":\"infer\"}"[..], b"[1,2]", b"\xff\xfe", b"{\"type\":\"nope\"}"] {
             let mut bytes = (junk.len() as u32).to_be_bytes().to_vec();
             bytes.extend_from_slice(junk);
-            let err = block(read::<ToServer>(&mut Cursor::new(bytes))).unwrap_err();
+            let err = block(read::<ToServer>(&mut Cursor::new(bytes))).expect_err("must fail");
             assert!(matches!(err, FrameError::Malformed(_)), "{err}");
         }
     }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 fn config() -> MeshConfig {
     MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("must succeed")],
         mdns: false,
         relay_server: false,
         ..MeshConfig::default()
@@ -21,7 +21,15 @@ fn config() -> MeshConfig {
 }
 
 fn offer() -> kith_mesh::OfferFn {
-    Arc::new(|| vec![AdvertModel { name: "counter".into(), device: "cpu".into(), tokens_per_s: 100.0, queued: 0 }])
+    Arc::new(|| {
+        vec![AdvertModel {
+            name: "counter".into(),
+            device: "cpu".into(),
+            tokens_per_s: 100.0,
+            queued: 0,
+            context_length: 2048,
+        }]
+    })
 }
 
 /// Streams `max_tokens` tokens, one every `step`; counts jobs that ended early.
@@ -36,7 +44,7 @@ fn serve(mut jobs: mpsc::Receiver<ServeJob>, step: Duration) -> Arc<std::sync::M
                 for i in start..job.request.params.max_tokens {
                     tokio::time::sleep(step).await;
                     if job.events.send(ToClient::Token { id: i as u32, text: format!("{i} ") }).await.is_err() {
-                        log.lock().unwrap().push(Instant::now());
+                        log.lock().expect("must succeed").push(Instant::now());
                         return;
                     }
                 }
@@ -56,8 +64,12 @@ fn serve(mut jobs: mpsc::Receiver<ServeJob>, step: Duration) -> Arc<std::sync::M
 }
 
 async fn node(name: &str, step: Duration) -> (Mesh, Arc<std::sync::Mutex<Vec<Instant>>>) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KITH_LOG"))
+        .with_test_writer()
+        .try_init();
     let state = MeshState { name: name.into(), ..MeshState::default() };
-    let (mesh, jobs) = Mesh::start(Identity::generate(), state, config(), offer()).await.unwrap();
+    let (mesh, jobs) = Mesh::start(Identity::generate(), state, config(), offer()).await.expect("must succeed");
     let stopped = serve(jobs, step);
     (mesh, stopped)
 }
@@ -96,18 +108,18 @@ async fn pairing_offload_and_refusals() {
     // An untrusted node cannot use B: its connection is closed after the handshake.
     let (d, _) = node("mallory", Duration::from_millis(1)).await;
     let invite = b.invite();
-    let friend = a.accept(&invite.encode()).await.unwrap();
+    let friend = a.accept(&invite.encode()).await.expect("must succeed");
     assert_eq!(friend.name, "bob");
     assert_eq!(friend.peer_id, b.peer_id());
-    let seen_by_b = b.find("alice").unwrap();
+    let seen_by_b = b.find("alice").expect("must succeed");
     assert_eq!(seen_by_b.peer_id, a.peer_id());
     assert!(b.state().invites.iter().all(|i| i.used));
-    assert_eq!(a.find(&b.device_id().to_string()).unwrap().name, "bob");
+    assert_eq!(a.find(&b.device_id().to_string()).expect("must succeed").name, "bob");
 
     // With no open invite, D's connection is denied before any stream: it cannot infer.
     let denied_before = b.denied_connections();
     let served_before = b.served_jobs();
-    let err = d.infer(b.peer_id(), request(3)).await.unwrap_err();
+    let err = d.infer(b.peer_id(), request(3)).await.expect_err("must fail");
     assert!(matches!(err, MeshError::NoFriend(_)), "D does not even list B: {err}");
     let opened = d.probe_infer(b.peer_id(), b.listen_addrs(), request(3)).await;
     assert!(matches!(opened, Err(MeshError::Unreachable { .. })), "a stranger's stream must not open: {opened:?}");
@@ -120,23 +132,27 @@ async fn pairing_offload_and_refusals() {
     let candidates = a.candidates("counter");
     assert_eq!(candidates.len(), 1);
     assert_eq!(candidates[0].name, "bob");
-    assert_eq!(collect(&a, b.peer_id(), request(4)).await.unwrap(), "0 1 2 3 ");
+    assert_eq!(collect(&a, b.peer_id(), request(4)).await.expect("must succeed"), "0 1 2 3 ");
     let mut cont = request(4);
     cont.continue_ids = vec![0, 1];
-    assert_eq!(collect(&a, b.peer_id(), cont).await.unwrap(), "2 3 ", "continues after the given tokens");
+    assert_eq!(collect(&a, b.peer_id(), cont).await.expect("must succeed"), "2 3 ", "continues after the given tokens");
     let usage = b.state().used_on(&a.peer_id(), kith_mesh::now_s() / 86_400);
     assert_eq!((usage.requests, usage.tokens_in, usage.tokens_out), (2, 6, 6));
 
     // A model B does not offer A.
-    b.set("alice", FriendUpdate { models: Some(vec!["other".into()]), ..Default::default() }).unwrap();
-    let err = collect(&a, b.peer_id(), request(2)).await.unwrap_err();
+    b.set("alice", FriendUpdate { models: Some(vec!["other".into()]), ..Default::default() }).expect("must succeed");
+    let err = collect(&a, b.peer_id(), request(2)).await.expect_err("must fail");
     assert!(matches!(&err, MeshError::Remote { error, .. } if error.code == "model"), "{err}");
-    b.set("alice", FriendUpdate { models: Some(vec!["*".into()]), ..Default::default() }).unwrap();
+    b.set("alice", FriendUpdate { models: Some(vec!["*".into()]), ..Default::default() }).expect("must succeed");
 
     // The daily token quota: the request that crosses it is cut short, the next refused.
-    b.set("alice", FriendUpdate { tokens_per_day: Some(16), ..Default::default() }).unwrap();
-    assert_eq!(collect(&a, b.peer_id(), request(50)).await.unwrap(), "0 1 2 3 ", "capped at the 4 tokens left");
-    let err = collect(&a, b.peer_id(), request(5)).await.unwrap_err();
+    b.set("alice", FriendUpdate { tokens_per_day: Some(16), ..Default::default() }).expect("must succeed");
+    assert_eq!(
+        collect(&a, b.peer_id(), request(50)).await.expect("must succeed"),
+        "0 1 2 3 ",
+        "capped at the 4 tokens left"
+    );
+    let err = collect(&a, b.peer_id(), request(5)).await.expect_err("must fail");
     match &err {
         MeshError::Remote { error, .. } => {
             assert_eq!(error.code, "quota");
@@ -144,13 +160,13 @@ async fn pairing_offload_and_refusals() {
         }
         other => panic!("expected a quota refusal, got {other}"),
     }
-    b.set("alice", FriendUpdate { tokens_per_day: Some(0), ..Default::default() }).unwrap();
+    b.set("alice", FriendUpdate { tokens_per_day: Some(0), ..Default::default() }).expect("must succeed");
 
     // Removing A cancels A's running job on B within a second.
-    let mut running = a.infer(b.peer_id(), request(10_000)).await.unwrap();
+    let mut running = a.infer(b.peer_id(), request(10_000)).await.expect("must succeed");
     assert!(matches!(running.next().await, Some(Ok(ToClient::Token { .. }))));
     let removed_at = Instant::now();
-    b.remove("alice").unwrap();
+    b.remove("alice").expect("must succeed");
     let ended = loop {
         match tokio::time::timeout(Duration::from_secs(2), running.next()).await {
             Ok(Some(Ok(ToClient::Token { .. }))) => continue,
@@ -160,11 +176,11 @@ async fn pairing_offload_and_refusals() {
     };
     assert!(matches!(ended, Some(Err(_))), "the stream ends with an error: {ended:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let stopped = b_stopped.lock().unwrap().last().copied().expect("the serving job stopped");
+    let stopped = b_stopped.lock().expect("must succeed").last().copied().expect("the serving job stopped");
     assert!(stopped.duration_since(removed_at) < Duration::from_secs(1), "{:?}", stopped.duration_since(removed_at));
     assert!(b.find("alice").is_err());
     // A's requests are now refused at the gate.
-    let again = collect(&a, b.peer_id(), request(2)).await.unwrap_err();
+    let again = collect(&a, b.peer_id(), request(2)).await.expect_err("must fail");
     assert!(matches!(again, MeshError::Unreachable { .. }), "{again}");
 }
 
@@ -176,13 +192,13 @@ async fn replayed_expired_and_guessed_invites_are_refused_and_rate_limited() {
     let expired = b.invite_for(Duration::ZERO);
     let good = b.invite();
     let open = b.invite(); // keeps pairing open, so that every attempt reaches the checks
-    let err = a.accept(&expired.encode()).await.unwrap_err();
+    let err = a.accept(&expired.encode()).await.expect_err("must fail");
     assert!(err.to_string().contains("expired"), "{err}");
     assert!(b.find("alice").is_err() && a.find("bob").is_err());
 
-    a.accept(&good.encode()).await.unwrap();
+    a.accept(&good.encode()).await.expect("must succeed");
     // Replayed by another node: refused, and B does not trust it.
-    let err = d.accept(&good.encode()).await.unwrap_err();
+    let err = d.accept(&good.encode()).await.expect_err("must fail");
     assert!(err.to_string().contains("used already"), "{err}");
     assert!(b.find("mallory").is_err() && d.find("bob").is_err());
     // While an invite is open a stranger may connect, but only to pair.
@@ -191,14 +207,14 @@ async fn replayed_expired_and_guessed_invites_are_refused_and_rate_limited() {
     assert_eq!(b.served_jobs(), 0);
 
     // Guessed codes: B's peer id with made-up secrets; after 5 failures a minute, pairing pauses.
-    let mut last = String::new();
+    let mut seen = Vec::new();
     for _ in 0..4 {
         let guess = kith_mesh::InviteCode::new(b.peer_id(), b.listen_addrs(), kith_mesh::now_s() + 60);
-        last = d.accept(&guess.encode()).await.unwrap_err().to_string();
+        seen.push(d.accept(&guess.encode()).await.expect_err("must fail").to_string());
     }
-    assert!(last.contains("too many failed pairing attempts"), "{last}");
+    assert!(seen[3].contains("too many failed pairing attempts"), "{seen:#?}");
     // Even the right code is refused while pairing is paused.
-    let err = d.accept(&open.encode()).await.unwrap_err();
+    let err = d.accept(&open.encode()).await.expect_err("must fail");
     assert!(err.to_string().contains("too many"), "{err}");
     assert!(b.find("mallory").is_err());
 }

@@ -63,6 +63,7 @@ pub fn router(node: Node, token: ApiToken, config: ApiConfig) -> Router {
     Router::new()
         .merge(crate::openai::routes())
         .merge(crate::native::routes())
+        .merge(crate::peers::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -228,6 +229,34 @@ impl From<NodeError> for ApiError {
                 code: Some("context_length_exceeded"),
                 param: Some("messages"),
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+            },
+            NodeError::NoMesh => Self {
+                code: Some("mesh_off"),
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+            },
+            NodeError::Mesh(mesh) => match mesh {
+                kith_mesh::MeshError::NoFriend(_) => Self {
+                    code: Some("not_found"),
+                    ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", err.to_string())
+                },
+                kith_mesh::MeshError::NameTaken(_) => Self {
+                    code: Some("conflict"),
+                    ..Self::new(StatusCode::CONFLICT, "invalid_request_error", err.to_string())
+                },
+                kith_mesh::MeshError::Unreachable { .. }
+                | kith_mesh::MeshError::Remote { .. }
+                | kith_mesh::MeshError::Frame { .. } => Self {
+                    code: Some("peer_failed"),
+                    ..Self::new(StatusCode::BAD_GATEWAY, "server_error", err.to_string())
+                },
+                _ => Self {
+                    code: Some("pairing_failed"),
+                    ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", err.to_string())
+                },
+            },
+            NodeError::Generate(kith_infer::GenerateError::Remote(_)) => Self {
+                code: Some("peer_failed"),
+                ..Self::new(StatusCode::BAD_GATEWAY, "server_error", err.to_string())
             },
             _ => {
                 tracing::error!(error = %err, "request failed");

@@ -23,7 +23,9 @@ mod memory;
 mod models;
 mod native;
 mod node;
+mod offload;
 mod openai;
+mod peers;
 mod token;
 mod turn;
 
@@ -33,5 +35,6 @@ pub use memory::{Review, SavedMemory};
 pub use models::{ModelListing, PullUpdate};
 pub use native::NativeApi;
 pub use node::{DEFAULT_QUEUE_PER_MODEL, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Route};
+pub use offload::RanOnParts;
 pub use token::ApiToken;
 pub use turn::{ChatTurn, MEMORY_CLOSE, MEMORY_OPEN, Recalled, Turn, remember_request};

@@ -1,6 +1,7 @@
 //! The native API under `/api/`, for the desktop app and scripts: node status,
 //! conversations (with their privacy mode), memories, memory search, the review queue of
-//! suggested memories, and models (list, pull with streamed progress, remove), described
+//! suggested memories, models (list, pull with streamed progress, remove) and the mesh's
+//! peers (`/api/peers`: invite, accept, list, set, remove, usage), described
 //! at `/api/openapi.json`.
 //!
 //! Lists are paginated with `offset` and `limit` (at most 500) and return `next_offset`
@@ -55,7 +56,13 @@ pub(crate) fn routes() -> Router<AppState> {
         review,
         list_models,
         pull_model,
-        remove_model
+        remove_model,
+        crate::peers::list_peers,
+        crate::peers::invite,
+        crate::peers::accept,
+        crate::peers::update_peer,
+        crate::peers::remove_peer,
+        crate::peers::usage
     ),
     components(schemas(
         Status,
@@ -78,6 +85,17 @@ pub(crate) fn routes() -> Router<AppState> {
         crate::models::PullUpdate,
         PullRequest,
         Removed,
+        crate::peers::MeshIdentity,
+        crate::peers::Offer,
+        crate::peers::PeerItem,
+        crate::peers::PeerList,
+        crate::peers::InviteRequest,
+        crate::peers::InviteView,
+        crate::peers::AcceptRequest,
+        crate::peers::PeerUpdate,
+        crate::peers::RemovedPeer,
+        crate::peers::UsageDay,
+        crate::peers::PeerUsage,
         ErrorBody,
         ErrorDetail
     ))
@@ -93,13 +111,13 @@ async fn openapi() -> Response {
 
 /// OpenAI-shaped error body (every error of the API).
 #[derive(Serialize, ToSchema)]
-struct ErrorBody {
+pub(crate) struct ErrorBody {
     error: ErrorDetail,
 }
 
 /// The error itself.
 #[derive(Serialize, ToSchema)]
-struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     message: String,
     #[serde(rename = "type")]
     kind: String,
@@ -275,10 +293,7 @@ async fn get_conversation(
                 id: m.id,
                 role: m.body.role,
                 content: m.body.content,
-                ran_on: m.body.ran_on.map(|r| match r {
-                    kith_memory::RanOn::Local => "local".to_owned(),
-                    kith_memory::RanOn::Peer(peer) => peer,
-                }),
+                ran_on: m.body.ran_on.map(|r| r.to_string()),
                 interrupted: m.body.interrupted,
                 created_at: m.created_at,
                 prompt_tokens: m.stats.prompt_tokens,

@@ -84,6 +84,15 @@ pub enum NodeError {
     /// A pull or remove failed.
     #[error(transparent)]
     Models(#[from] kith_models::PullError),
+    /// This node is not on a mesh.
+    #[error("this node has no mesh (start it with kith serve and a vault)")]
+    NoMesh,
+    /// The mesh identity or trust list saved in the vault is damaged.
+    #[error("the mesh state in the vault is damaged: {0}")]
+    MeshState(String),
+    /// A mesh operation failed.
+    #[error(transparent)]
+    Mesh(#[from] kith_mesh::MeshError),
     /// An engine thread could not start.
     #[error("starting the engine for {name}: {source}")]
     Spawn {
@@ -100,13 +109,21 @@ pub enum NodeError {
 pub enum Route {
     /// On this machine's engine.
     Local,
+    /// On a trusted friend's node.
+    Peer {
+        /// The friend's peer id.
+        peer: kith_mesh::PeerId,
+        /// Their name on this node's trust list.
+        name: String,
+    },
 }
 
 impl Route {
-    /// `local` (or, later, the peer).
+    /// `local`, or the friend's name.
     pub fn as_str(&self) -> &str {
         match self {
             Route::Local => "local",
+            Route::Peer { name, .. } => name,
         }
     }
 }
@@ -206,6 +223,7 @@ impl NodeBuilder {
                 pulling: std::sync::Mutex::new(std::collections::HashSet::new()),
                 started: Instant::now(),
                 stopping,
+                mesh: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -226,7 +244,7 @@ impl ModelSlot {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     models: Vec<ModelSlot>,
     embedder: Option<(String, Arc<Embedder>)>,
     /// Taken out (and closed) at shutdown.
@@ -240,6 +258,8 @@ struct Inner {
     started: Instant,
     /// Becomes true when shutdown begins: streams end, new requests are refused.
     stopping: watch::Sender<bool>,
+    /// The mesh, once attached.
+    mesh: std::sync::OnceLock<kith_mesh::Mesh>,
 }
 
 /// The running node; clones share it.
@@ -264,7 +284,24 @@ pub struct Generation {
     pub model: String,
     /// The tokens.
     pub stream: TokenStream,
-    _place: OwnedSemaphorePermit,
+    parts: crate::offload::RanOnParts,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl Generation {
+    pub(crate) fn relayed(route: Route, model: String, stream: TokenStream, parts: crate::offload::RanOnParts) -> Self {
+        Self { route, model, stream, parts, _place: None }
+    }
+
+    /// Where the parts of the answer ran so far, in order: one name (`local` or a
+    /// friend's), or more when a friend failed mid-answer and another part took over.
+    pub fn ran_on(&self) -> Vec<String> {
+        self.parts.names()
+    }
+
+    pub(crate) fn parts(&self) -> crate::offload::RanOnParts {
+        self.parts.clone()
+    }
 }
 
 /// One loaded model, as the API lists it.
@@ -340,17 +377,47 @@ impl Node {
         self.inner.privacy
     }
 
-    /// Decides where a request for `model` runs under `privacy`. Today every route is
-    /// this machine: a model that is not loaded here is refused, naming the privacy mode
-    /// when that is what keeps it here (the mesh will add peers for `friends-allowed`).
+    /// Decides where a request for `model` runs under `privacy`: this machine when the
+    /// model is loaded here; otherwise, if the privacy mode allows it, the best friend
+    /// offering it (from their last adverts); otherwise an error that names the privacy
+    /// mode when that is what keeps it here.
     pub fn route(&self, model: &str, privacy: Privacy) -> Result<Route, NodeError> {
         if self.inner.models.iter().any(|m| m.name == model) {
             return Ok(Route::Local);
         }
         match privacy {
             Privacy::LocalOnly => Err(NodeError::LocalOnly { model: model.to_owned() }),
-            Privacy::FriendsAllowed => Err(self.unknown_model(model)),
+            Privacy::FriendsAllowed => {
+                let best = self.mesh().and_then(|mesh| mesh.candidates(model).into_iter().next());
+                best.map(|c| Route::Peer { peer: c.peer, name: c.name }).ok_or_else(|| self.unknown_model(model))
+            }
         }
+    }
+
+    /// [`route`](Self::route), asking friends what they offer first when that is stale
+    /// and the model is not here; `peer` forces a friend (by name, peer id or device id).
+    pub async fn route_fresh(&self, model: &str, privacy: Privacy, peer: Option<&str>) -> Result<Route, NodeError> {
+        if let Some(who) = peer {
+            if privacy == Privacy::LocalOnly {
+                return Err(NodeError::LocalOnly { model: model.to_owned() });
+            }
+            let mesh = self.mesh().ok_or(NodeError::NoMesh)?;
+            let friend = mesh.find(who)?;
+            return Ok(Route::Peer { peer: friend.peer_id, name: friend.name });
+        }
+        match self.route(model, privacy) {
+            Err(NodeError::UnknownModel { .. }) if self.mesh().is_some_and(|m| m.adverts_stale()) => {
+                if let Some(mesh) = self.mesh() {
+                    mesh.refresh().await;
+                }
+                self.route(model, privacy)
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) fn unknown_model_error(&self, model: &str) -> NodeError {
+        self.unknown_model(model)
     }
 
     fn unknown_model(&self, model: &str) -> NodeError {
@@ -374,15 +441,95 @@ impl Node {
         request: GenerateRequest,
         privacy: Privacy,
     ) -> Result<Generation, NodeError> {
+        self.generate_on(model, request, privacy, None).await
+    }
+
+    /// [`generate`](Self::generate), on the friend `peer` if given.
+    pub async fn generate_on(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        privacy: Privacy,
+        peer: Option<&str>,
+    ) -> Result<Generation, NodeError> {
         if *self.inner.stopping.borrow() {
             return Err(NodeError::ShuttingDown);
         }
-        let Route::Local = self.route(model, privacy)?;
+        let route = self.route_fresh(model, privacy, peer).await?;
+        self.generate_routed(model, request, route).await
+    }
+
+    /// A generation where `route` says.
+    pub(crate) async fn generate_routed(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        route: Route,
+    ) -> Result<Generation, NodeError> {
+        if *self.inner.stopping.borrow() {
+            return Err(NodeError::ShuttingDown);
+        }
+        match route {
+            Route::Local => self.generate_local(model, request).await,
+            route => self.offload(model, request, route),
+        }
+    }
+
+    /// A generation on this machine's engine for `model`.
+    pub(crate) async fn generate_local(&self, model: &str, request: GenerateRequest) -> Result<Generation, NodeError> {
+        self.generate_with_headroom(model, request, 0).await
+    }
+
+    /// A friend's generation: it leaves a place in the queue free for the owner's own
+    /// requests, so friends can never fill it.
+    pub(crate) async fn generate_for_friend(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> Result<Generation, NodeError> {
+        if *self.inner.stopping.borrow() {
+            return Err(NodeError::ShuttingDown);
+        }
+        self.generate_with_headroom(model, request, 1).await
+    }
+
+    async fn generate_with_headroom(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        headroom: usize,
+    ) -> Result<Generation, NodeError> {
         let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| self.unknown_model(model))?;
+        if slot.queue.available_permits() <= headroom {
+            return Err(NodeError::Busy(slot.name.clone()));
+        }
         let place = slot.queue.clone().try_acquire_owned().map_err(|_| NodeError::Busy(slot.name.clone()))?;
         let engine = slot.engine().ok_or(NodeError::ShuttingDown)?;
         let stream = engine.generate(request).await?;
-        Ok(Generation { route: Route::Local, model: slot.name.clone(), stream, _place: place })
+        Ok(Generation {
+            route: Route::Local,
+            model: slot.name.clone(),
+            stream,
+            parts: crate::offload::RanOnParts::one("local"),
+            _place: Some(place),
+        })
+    }
+
+    pub(crate) fn set_mesh(&self, mesh: kith_mesh::Mesh) -> Result<(), kith_mesh::Mesh> {
+        self.inner.mesh.set(mesh)
+    }
+
+    /// The mesh, if this node joined one.
+    pub fn mesh(&self) -> Option<&kith_mesh::Mesh> {
+        self.inner.mesh.get()
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(inner: &std::sync::Weak<Inner>) -> Option<Node> {
+        inner.upgrade().map(|inner| Node { inner })
     }
 
     pub(crate) fn model_store(&self) -> Option<&(kith_models::Store, kith_models::PullOptions)> {
@@ -445,6 +592,9 @@ impl Node {
     /// every engine (each finishes what it is computing first).
     pub async fn shutdown(self) {
         self.begin_shutdown();
+        if let Some(mesh) = self.mesh() {
+            mesh.shutdown();
+        }
         for slot in &self.inner.models {
             // Wait until every place in the queue is given back (streams ended).
             let _ = slot.queue.acquire_many(self.inner.queue_per_model as u32).await;

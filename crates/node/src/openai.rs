@@ -67,7 +67,8 @@ struct ChatCompletionRequest {
     n: Option<u64>,
     /// Kith's extension: `{"conversation": ID}` continues a saved conversation (with a
     /// `kith/` model); `{"privacy": "local-only"}` keeps this request (and, with a `kith/`
-    /// model, its conversation from now on) on this machine.
+    /// model, its conversation from now on) on this machine; `{"peer": NAME}` runs it on
+    /// that friend's node.
     kith: Option<KithExtension>,
 }
 
@@ -76,6 +77,8 @@ struct ChatCompletionRequest {
 struct KithExtension {
     conversation: Option<i64>,
     privacy: Option<Privacy>,
+    /// Run on this friend (name, peer id or device id).
+    peer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,10 +239,12 @@ async fn chat(state: AppState, body: ChatCompletionRequest) -> Result<Response, 
             }
             .to_owned();
             let privacy = body.kith.as_ref().and_then(|k| k.privacy).unwrap_or_else(|| state.node.default_privacy());
-            let generation = state.node.generate(&model, request, privacy).await?;
+            let peer = body.kith.as_ref().and_then(|k| k.peer.as_deref());
+            let generation = state.node.generate_on(&model, request, privacy, peer).await?;
             let route = generation.route.as_str().to_owned();
             let kith = json!({ "ran_on": route, "privacy": privacy });
-            let answer = Answer { model, kith, route, source: Source::Engine(generation) };
+            let parts = generation.parts();
+            let answer = Answer { model, kith, route, parts, source: Source::Engine(generation) };
             (answer, None)
         }
     };
@@ -290,6 +295,7 @@ async fn with_memory(
         message: last.content.clone(),
         params: request.params,
         privacy: body.kith.as_ref().and_then(|k| k.privacy),
+        peer: body.kith.as_ref().and_then(|k| k.peer.clone()),
     };
     let turn = state.node.chat_turn(turn).await?;
     let recalled: Vec<Value> =
@@ -307,6 +313,7 @@ async fn with_memory(
         model: format!("{KITH_PREFIX}{}", turn.model),
         route: turn.route.as_str().to_owned(),
         kith,
+        parts: turn.parts,
         source: Source::Turn(turn.events),
     };
     Ok((answer, None))
@@ -342,6 +349,18 @@ struct Answer {
     model: String,
     route: String,
     kith: Value,
+    parts: crate::offload::RanOnParts,
+}
+
+impl Answer {
+    /// At the end: when a friend failed mid-answer, says where each part ran.
+    fn note_parts(&mut self) {
+        let parts = self.parts.names();
+        if parts.len() > 1 {
+            self.kith["ran_on"] = json!(parts.join(", then "));
+            self.kith["ran_on_parts"] = json!(parts);
+        }
+    }
 }
 
 /// Collects a whole answer (non-streaming).
@@ -373,6 +392,7 @@ async fn one_answer(
     }
     let done = done.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no end"))?;
     answer.source.settle().await;
+    answer.note_parts();
     Ok(axum::Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -492,6 +512,7 @@ fn sse_events(
                     if !done.text.is_empty() {
                         out.push(state.content_chunk(&done.text));
                     }
+                    state.answer.note_parts();
                     out.push(state.chunk(json!({}), Some(finish_reason(&done.stop_reason))));
                     state.phase = if state.include_usage { Phase::Usage(usage_json(&done)) } else { Phase::Done };
                     tracing::debug!(

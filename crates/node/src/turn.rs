@@ -53,6 +53,8 @@ pub struct ChatTurn {
     /// Where this conversation may run from now on (default: as saved, or the node's
     /// default for a new conversation).
     pub privacy: Option<Privacy>,
+    /// Run this turn on this friend (name, peer id or device id).
+    pub peer: Option<String>,
 }
 
 /// A memory put in the prompt.
@@ -91,6 +93,8 @@ pub struct Turn {
     /// The answer's events. The channel closes once the exchange is saved, so a caller
     /// that waits for the close can read the conversation back.
     pub events: mpsc::Receiver<Result<StreamEvent, GenerateError>>,
+    /// Where the parts of the answer ran (more than one when a friend failed mid-answer).
+    pub parts: crate::offload::RanOnParts,
 }
 
 /// The fact in "remember that X" / "remember: X" (optionally after "please"), if the
@@ -130,8 +134,8 @@ impl Node {
         };
         let privacy =
             turn.privacy.or_else(|| saved.as_ref().map(|c| c.meta.privacy)).unwrap_or_else(|| self.default_privacy());
-        let Route::Local = self.route(&model, privacy)?;
-        let engine = self.engine_handle(&model)?;
+        let route = self.route_fresh(&model, privacy, turn.peer.as_deref()).await?;
+        let context = self.context_for(&model, &route)?;
 
         // "Remember that …": saved now, found by the recall below like any memory.
         let mut remembered = None;
@@ -189,10 +193,11 @@ impl Node {
             .collect();
 
         let system = system_message(turn.system.as_deref(), &recalled);
-        let (prompt, dropped) = fit(&engine, system, history, &turn.message, turn.params.max_tokens)?;
+        let (prompt, dropped) = fit(&context, system, history, &turn.message, turn.params.max_tokens)?;
         let request = GenerateRequest::new(Prompt::Chat(prompt.clone()), turn.params.clone());
-        let generation = self.generate(&model, request, privacy).await?;
+        let generation = self.generate_routed(&model, request, route).await?;
         let route = generation.route.clone();
+        let parts = generation.parts();
 
         let (tx, events) = mpsc::channel(64);
         let node = self.clone();
@@ -201,7 +206,19 @@ impl Node {
         tokio::spawn(async move {
             collect_and_save(node, memory, generation, exchange, tx).await;
         });
-        Ok(Turn { conversation, model, route, prompt, recalled, remembered, dropped, privacy, suggested, events })
+        Ok(Turn {
+            conversation,
+            model,
+            route,
+            prompt,
+            recalled,
+            remembered,
+            dropped,
+            privacy,
+            suggested,
+            events,
+            parts,
+        })
     }
 
     async fn embed_optional(&self, text: &str) -> Result<Option<Vec<f32>>, NodeError> {
@@ -233,14 +250,41 @@ fn system_message(system: Option<&str>, recalled: &[Recalled]) -> Option<String>
 
 /// The prompt: system, as many of the latest earlier messages as fit with `max_tokens`
 /// of answer, and the new message; how many earlier messages were left out.
+/// How a prompt is measured against the context window of the model that will run it.
+enum Context {
+    /// Loaded here: its own template and tokenizer count exactly.
+    Engine(kith_infer::EngineHandle),
+    /// On a friend's node: estimated from the text (3 characters per token, on the safe
+    /// side for English and code) against the context length they advertise.
+    Estimate(usize),
+}
+
+impl Node {
+    fn context_for(&self, model: &str, route: &Route) -> Result<Context, NodeError> {
+        match route {
+            Route::Local => Ok(Context::Engine(self.engine_handle(model)?)),
+            Route::Peer { .. } => {
+                let advertised = self
+                    .mesh()
+                    .and_then(|mesh| mesh.candidates(model).iter().map(|c| c.context_length).filter(|&n| n > 0).min());
+                Ok(Context::Estimate(advertised.map_or(2048, |n| n as usize)))
+            }
+        }
+    }
+}
+
 fn fit(
-    engine: &kith_infer::EngineHandle,
+    context: &Context,
     system: Option<String>,
     history: Vec<ChatMessage>,
     message: &str,
     max_tokens: usize,
 ) -> Result<(Vec<ChatMessage>, usize), NodeError> {
-    let context = engine.info().context_length;
+    let (context_length, engine) = match context {
+        Context::Engine(engine) => (engine.info().context_length, Some(engine)),
+        Context::Estimate(n) => (*n, None),
+    };
+    let context = context_length;
     let build = |keep_from: usize| {
         let mut messages = Vec::with_capacity(history.len() + 2);
         if let Some(system) = &system {
@@ -251,6 +295,9 @@ fn fit(
         messages
     };
     let tokens = |messages: &[ChatMessage]| -> Result<usize, NodeError> {
+        let Some(engine) = engine else {
+            return Ok(messages.iter().map(|m| m.content.chars().count() / 3 + 8).sum());
+        };
         let text = engine.chat_template().render(messages, true)?;
         Ok(engine.tokenizer().encode(&text, true, true).map_err(GenerateError::Tokenizer)?.len())
     };
@@ -330,9 +377,7 @@ async fn collect_and_save(
             None => break,
         }
     }
-    let route = match generation.route {
-        Route::Local => RanOn::Local,
-    };
+    let route = RanOn::from_parts(generation.ran_on());
     let user = MessageBody { role: "user".into(), content: question, ran_on: None, interrupted: false };
     let reply = MessageBody { role: "assistant".into(), content: answer, ran_on: Some(route), interrupted };
     let texts = [user.content.clone(), reply.content.clone()];

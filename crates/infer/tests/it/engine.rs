@@ -173,3 +173,24 @@ async fn multi_turn_chat_reuses_the_kv_cache() {
     assert_eq!(again.ids, second.ids);
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_generation_continues_from_tokens_made_elsewhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompt: Vec<u32> = (10..20).collect();
+    let engine = tiny_engine(&dir);
+    let full = collect(&engine, tokens(prompt.clone(), 40)).await.expect("full run");
+    // A fresh engine (nothing cached) picks up after 15 of those tokens.
+    let other = tiny_engine(&dir);
+    let mut request = tokens(prompt, 40);
+    request.continue_from = full.ids[..15].to_vec();
+    let rest = collect(&other, request).await.expect("continued");
+    assert_eq!(rest.ids, full.ids[15..], "the continuation is the same greedy tail");
+    assert_eq!(rest.done.usage.completion_tokens, 25, "max_tokens counts the tokens continued from");
+    assert_eq!(rest.done.usage.prompt_tokens, 10);
+    let mut bad = tokens(vec![1, 2], 4);
+    bad.continue_from = vec![u32::MAX];
+    assert!(matches!(collect(&other, bad).await, Err(GenerateError::InvalidParams(_))));
+    engine.shutdown().await;
+    other.shutdown().await;
+}
