@@ -22,7 +22,7 @@ pub(crate) struct Cli {
     pub(crate) verbose: u8,
     /// Work in-process even when a node (`kith serve`) is running; by default `ask`,
     /// `chat`, `memory` and `models` go through a running node's local API.
-    #[arg(long, global = true, env = "KITH_NO_NODE")]
+    #[arg(long, global = true, env = "KITH_NO_NODE", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_node: bool,
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -83,7 +83,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) passphrase_file: Option<std::path::PathBuf>,
     /// Do not join the mesh (no friends can use this node, none are used).
-    #[arg(long, env = "KITH_NO_MESH")]
+    #[arg(long, env = "KITH_NO_MESH", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_mesh: bool,
     /// Mesh addresses to listen on (multiaddrs; repeat for several). The fixed default
     /// port keeps invites and friends' saved addresses valid across restarts.
@@ -95,7 +95,7 @@ pub(crate) struct ServeArgs {
     )]
     pub(crate) mesh_listen: Vec<String>,
     /// Do not look for friends' addresses on the local network (mDNS).
-    #[arg(long, env = "KITH_NO_MDNS")]
+    #[arg(long, env = "KITH_NO_MDNS", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_mdns: bool,
     /// This node's name, shown to friends when pairing (default: the host name).
     #[arg(long, env = "KITH_NODE_NAME")]

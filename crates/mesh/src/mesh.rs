@@ -523,6 +523,7 @@ impl Mesh {
                     friend
                 });
                 tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
+                self.refresh_soon();
                 Ok(friend)
             }
             Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
@@ -647,6 +648,16 @@ impl Mesh {
             }
         });
         futures_util::future::join_all(asks).await;
+    }
+
+    /// [`refresh`](Self::refresh) in the background (after pairing: the new friend's
+    /// offer is known by the time anyone asks).
+    fn refresh_soon(&self) {
+        let mesh = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            mesh.refresh().await;
+        });
     }
 
     async fn query_status(&self, peer: PeerId) -> Result<Advert, MeshError> {
@@ -860,6 +871,7 @@ impl Mesh {
         match verdict {
             Ok((friend, proof)) => {
                 tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
+                self.refresh_soon();
                 Ok(Pairing::Welcome { name: self.state().name, proof })
             }
             Err(e) => {

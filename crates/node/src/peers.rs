@@ -169,6 +169,9 @@ pub(crate) struct PeerList {
 #[utoipa::path(get, path = "/api/peers", responses((status = 200, body = PeerList), (status = 400, body = crate::native::ErrorBody)))]
 pub(crate) async fn list_peers(State(state): State<AppState>) -> Result<axum::Json<PeerList>, ApiError> {
     let mesh = mesh(&state)?;
+    if mesh.adverts_stale() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), mesh.refresh()).await;
+    }
     let node = MeshIdentity {
         name: mesh.state().name,
         peer_id: mesh.peer_id().to_string(),

@@ -35,7 +35,13 @@ struct Served {
 fn serve(home: &Path, env: &[(&str, &str)]) -> Served {
     use std::io::BufRead;
     let mut command = Command::new(env!("CARGO_BIN_EXE_kith"));
-    command.args(["serve", "--listen", "127.0.0.1:0"]).env("KITH_HOME", home).env_remove("KITH_LOG");
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KITH_HOME", home)
+        .env_remove("KITH_LOG")
+        // Tests run side by side: no fixed mesh port, no mDNS on the test machine's network.
+        .env("KITH_MESH_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .env("KITH_NO_MDNS", "1");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -593,4 +599,86 @@ fn commands_go_through_a_running_node() {
     assert!(!home.join("node.json").exists(), "node.json goes with the node");
     // With no node, commands work in-process again.
     assert!(stdout(&ok(kith_with(&["memory", "list"], home, &env))).contains("I prefer metric units"));
+}
+
+/// Two real nodes pair with `kith peers`, and one answers for the other: `kith ask` for a
+/// model only the friend has, `--peer`, quotas, usage, removal; the trust list survives
+/// a restart, sealed in the vault.
+#[test]
+fn peers_pair_through_invites_and_offload() {
+    let (home_a, home_b) = (home_with_models(), home_with_models());
+    let (a, b) = (home_a.path(), home_b.path());
+    let env_a = [("KITH_PASSPHRASE", "alice secret"), ("KITH_NODE_NAME", "alice")];
+    let env_b = [("KITH_PASSPHRASE", "bob secret"), ("KITH_NODE_NAME", "bobs-gpu-box"), ("KITH_MODEL", "gemma3-270m")];
+    assert!(kith_with(&["vault", "init"], a, &env_a).status.success());
+    assert!(kith_with(&["vault", "init"], b, &env_b).status.success());
+    let ok = |output: Output| {
+        assert!(output.status.success(), "{}", stderr(&output));
+        output
+    };
+    let no_node = kith_with(&["peers", "list"], a, &[]);
+    assert!(!no_node.status.success() && stderr(&no_node).contains("kith serve"), "{}", stderr(&no_node));
+
+    let served_b = serve(b, &env_b);
+    let served_a = serve(a, &env_a);
+    let code = stdout(&ok(kith_with(&["peers", "invite", "--hours", "1"], b, &[]))).trim().to_owned();
+    assert!(code.starts_with("kith1"), "{code}");
+    let paired = stdout(&ok(kith_with(&["peers", "accept", &code], a, &[])));
+    assert!(paired.contains("Paired with bobs-gpu-box"), "{paired}");
+    let again = kith_with(&["peers", "accept", &code], a, &[]);
+    assert!(!again.status.success(), "an invite works once");
+
+    let listed = stdout(&ok(kith_with(&["peers", "list"], a, &[])));
+    assert!(listed.contains("bobs-gpu-box") && listed.contains("connected"), "{listed}");
+    assert!(stdout(&ok(kith_with(&["peers", "list"], b, &[]))).contains("alice"));
+
+    // A serves SmolLM2 only; Gemma runs on B.
+    let asked = ok(kith_with(
+        &["ask", "--model", "gemma3-270m", "--temperature", "0", "--max-tokens", "8", "--stats", "Hello"],
+        a,
+        &[],
+    ));
+    assert!(stderr(&asked).contains("ran on bobs-gpu-box (through the node at"), "{}", stderr(&asked));
+    let forced = ok(kith_with(
+        &["ask", "--peer", "bobs-gpu-box", "--model", "gemma3-270m", "--max-tokens", "4", "--stats", "Hi"],
+        a,
+        &[],
+    ));
+    assert!(stderr(&forced).contains("ran on bobs-gpu-box"), "{}", stderr(&forced));
+    let usage = stdout(&ok(kith_with(&["peers", "usage"], b, &[])));
+    assert!(usage.contains("alice") && usage.contains("2 requests"), "{usage}");
+
+    // B caps alice's daily tokens: the next request is refused, naming the quota.
+    let set = stdout(&ok(kith_with(&["peers", "set", "alice", "--tokens-per-day", "10"], b, &[])));
+    assert!(set.contains("10 tokens/day"), "{set}");
+    let refused = kith_with(&["ask", "--model", "gemma3-270m", "--max-tokens", "4", "Hi"], a, &[]);
+    assert!(!refused.status.success(), "over quota");
+    assert!(stderr(&refused).contains("daily token quota of 10 tokens"), "{}", stderr(&refused));
+
+    // The trust list is sealed in the vault and survives a restart.
+    let (status, rest) = served_a.terminate();
+    assert!(status.success(), "{rest}");
+    for entry in std::fs::read_dir(a).expect("home") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).expect("read");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("bobs-gpu-box"), "the trust list is readable in {}", path.display());
+        }
+    }
+    let served_a = serve(a, &env_a);
+    assert!(stdout(&ok(kith_with(&["peers", "list"], a, &[]))).contains("bobs-gpu-box"));
+
+    // Removal, on B's side: alice is gone and can no longer offload.
+    let removed = stdout(&ok(kith_with(&["peers", "remove", "alice"], b, &[])));
+    assert!(removed.contains("Removed alice"), "{removed}");
+    let after =
+        kith_with(&["ask", "--peer", "bobs-gpu-box", "--model", "gemma3-270m", "--max-tokens", "4", "Hi"], a, &[]);
+    assert!(!after.status.success(), "B no longer serves A");
+    let missing = kith_with(&["peers", "remove", "nobody"], b, &[]);
+    assert!(!missing.status.success() && stderr(&missing).contains("no friend"), "{}", stderr(&missing));
+    for served in [served_a, served_b] {
+        let (status, rest) = served.terminate();
+        assert!(status.success(), "{rest}");
+    }
 }
