@@ -64,12 +64,24 @@ pub struct GenerateRequest {
     /// continues after them as if it had produced them itself. They count towards
     /// `max_tokens`; their text is not sent again.
     pub continue_from: Vec<u32>,
+    /// Run behind everything else: a queued request that is not in the background (the
+    /// machine owner's) goes first, and one arriving mid-generation runs between two
+    /// tokens of this one, which then resumes (its cache recomputed). Friends' requests.
+    pub background: bool,
 }
 
 impl GenerateRequest {
     /// A request with the given prompt and parameters.
     pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
-        Self { prompt, params, top_logprobs: 0, ignore_eog: false, cache_prompt: true, continue_from: Vec::new() }
+        Self {
+            prompt,
+            params,
+            top_logprobs: 0,
+            ignore_eog: false,
+            cache_prompt: true,
+            continue_from: Vec::new(),
+            background: false,
+        }
     }
 }
 
@@ -222,6 +234,38 @@ enum Command {
     Generate { request: GenerateRequest, events: mpsc::Sender<Result<StreamEvent, GenerateError>>, queued_at: Instant },
 }
 
+impl Command {
+    fn background(&self) -> bool {
+        let Command::Generate { request, .. } = self;
+        request.background
+    }
+}
+
+/// Commands received and not yet run, the owner's first.
+#[derive(Default)]
+struct Waiting(std::collections::VecDeque<Command>);
+
+impl Waiting {
+    /// Takes whatever arrived since, without blocking.
+    fn collect(&mut self, commands: &mut mpsc::Receiver<Command>) {
+        while let Ok(command) = commands.try_recv() {
+            self.0.push_back(command);
+        }
+    }
+
+    /// The next command: the first foreground one, else the oldest.
+    fn next(&mut self) -> Option<Command> {
+        let at = self.0.iter().position(|c| !c.background()).unwrap_or(0);
+        self.0.remove(at)
+    }
+
+    /// The next foreground command, if one waits.
+    fn next_foreground(&mut self) -> Option<Command> {
+        let at = self.0.iter().position(|c| !c.background())?;
+        self.0.remove(at)
+    }
+}
+
 /// A cloneable handle to a model's engine thread.
 #[derive(Clone)]
 #[must_use = "dropping every handle stops the engine thread"]
@@ -324,21 +368,58 @@ impl Engine {
             .num_threads(crate::thread_count())
             .thread_name(|idx| format!("kith-worker-{idx}"))
             .build();
-        while let Some(Command::Generate { request, events, queued_at }) = commands.blocking_recv() {
-            let queued = queued_at.elapsed();
-            let result = match &pool {
-                Ok(pool) => pool.install(|| self.generate(request, &events, queued)),
-                Err(_) => self.generate(request, &events, queued),
+        let mut waiting = Waiting::default();
+        loop {
+            waiting.collect(&mut commands);
+            let command = match waiting.next() {
+                Some(command) => command,
+                None => match commands.blocking_recv() {
+                    Some(command) => command,
+                    None => break,
+                },
             };
-            if let Err(err) = result {
-                if matches!(err, GenerateError::Candle(_)) {
-                    tracing::error!(error = %err, "forward pass failed; KV cache reset");
-                    self.reset_cache();
-                }
-                let _ = events.blocking_send(Err(err));
+            match &pool {
+                Ok(pool) => pool.install(|| self.run_one(command, &mut commands, &mut waiting)),
+                Err(_) => self.run_one(command, &mut commands, &mut waiting),
             }
         }
         tracing::debug!("engine thread exiting");
+    }
+
+    fn run_one(&mut self, command: Command, commands: &mut mpsc::Receiver<Command>, waiting: &mut Waiting) {
+        let Command::Generate { request, events, queued_at } = command;
+        let queued = queued_at.elapsed();
+        if let Err(err) = self.generate(request, &events, queued, commands, waiting) {
+            if matches!(err, GenerateError::Candle(_)) {
+                tracing::error!(error = %err, "forward pass failed; KV cache reset");
+                self.reset_cache();
+            }
+            let _ = events.blocking_send(Err(err));
+        }
+    }
+
+    /// Runs the foreground commands waiting now (between two tokens of a background one).
+    fn run_foreground(&mut self, commands: &mut mpsc::Receiver<Command>, waiting: &mut Waiting) {
+        waiting.collect(commands);
+        while let Some(command) = waiting.next_foreground() {
+            self.run_one(command, commands, waiting);
+            waiting.collect(commands);
+        }
+    }
+
+    /// Makes the KV cache hold exactly `ids` again (after another request used it) and
+    /// returns the logits after the last of them.
+    fn restore(&mut self, ids: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        let common = self.cached.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        self.model.truncate_cache(common);
+        self.cached.truncate(common);
+        let rest = &ids[common..];
+        let mut logits = Vec::new();
+        for batch in self.model.prompt_batches(rest.len()) {
+            logits = self.model.forward(&rest[batch.clone()])?;
+            self.cached.extend_from_slice(&rest[batch]);
+        }
+        Ok(logits)
     }
 
     fn reset_cache(&mut self) {
@@ -369,6 +450,8 @@ impl Engine {
         request: GenerateRequest,
         events: &mpsc::Sender<Result<StreamEvent, GenerateError>>,
         queued: Duration,
+        commands: &mut mpsc::Receiver<Command>,
+        waiting: &mut Waiting,
     ) -> Result<(), GenerateError> {
         let started = Instant::now();
         let mut sampler = Sampler::new(request.params)?;
@@ -451,6 +534,18 @@ impl Engine {
             }
             if self.model.cache_len() + 1 >= context_length {
                 break StopReason::ContextFull;
+            }
+            if request.background {
+                waiting.collect(commands);
+                if waiting.0.iter().any(|c| !c.background()) {
+                    // The owner's requests first; then this one picks up where it was.
+                    self.run_foreground(commands, waiting);
+                    if events.is_closed() {
+                        break StopReason::Cancelled;
+                    }
+                    logits = self.restore(&history)?;
+                    continue;
+                }
             }
             logits = self.model.forward(&[id])?;
             self.cached.push(id);

@@ -206,6 +206,7 @@ impl NodeBuilder {
                 info: engine.info().clone(),
                 engine: std::sync::Mutex::new(Some(engine)),
                 queue: Arc::new(Semaphore::new(self.queue_per_model)),
+                friends: Arc::new(Semaphore::new(self.queue_per_model)),
                 created,
             });
         }
@@ -235,6 +236,9 @@ struct ModelSlot {
     engine: std::sync::Mutex<Option<EngineHandle>>,
     info: kith_infer::ModelInfo,
     queue: Arc<Semaphore>,
+    /// Places for friends' requests, apart from the owner's: friends never fill the
+    /// owner's queue, and their generations yield to the owner's between tokens.
+    friends: Arc<Semaphore>,
     created: u64,
 }
 
@@ -354,7 +358,7 @@ impl Node {
                 created: m.created,
                 context_length: m.info.context_length,
                 device: m.info.device.to_string(),
-                queued: self.inner.queue_per_model - m.queue.available_permits(),
+                queued: 2 * self.inner.queue_per_model - m.queue.available_permits() - m.friends.available_permits(),
                 embedding: false,
             })
             .collect();
@@ -477,33 +481,27 @@ impl Node {
 
     /// A generation on this machine's engine for `model`.
     pub(crate) async fn generate_local(&self, model: &str, request: GenerateRequest) -> Result<Generation, NodeError> {
-        self.generate_with_headroom(model, request, 0).await
+        self.generate_in(model, request, false).await
     }
 
-    /// A friend's generation: it leaves a place in the queue free for the owner's own
-    /// requests, so friends can never fill it.
+    /// A friend's generation: in the friends' own queue, in the background (the owner's
+    /// requests run first, and between its tokens).
     pub(crate) async fn generate_for_friend(
         &self,
         model: &str,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
     ) -> Result<Generation, NodeError> {
         if *self.inner.stopping.borrow() {
             return Err(NodeError::ShuttingDown);
         }
-        self.generate_with_headroom(model, request, 1).await
+        request.background = true;
+        self.generate_in(model, request, true).await
     }
 
-    async fn generate_with_headroom(
-        &self,
-        model: &str,
-        request: GenerateRequest,
-        headroom: usize,
-    ) -> Result<Generation, NodeError> {
+    async fn generate_in(&self, model: &str, request: GenerateRequest, friend: bool) -> Result<Generation, NodeError> {
         let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| self.unknown_model(model))?;
-        if slot.queue.available_permits() <= headroom {
-            return Err(NodeError::Busy(slot.name.clone()));
-        }
-        let place = slot.queue.clone().try_acquire_owned().map_err(|_| NodeError::Busy(slot.name.clone()))?;
+        let queue = if friend { &slot.friends } else { &slot.queue };
+        let place = queue.clone().try_acquire_owned().map_err(|_| NodeError::Busy(slot.name.clone()))?;
         let engine = slot.engine().ok_or(NodeError::ShuttingDown)?;
         let stream = engine.generate(request).await?;
         Ok(Generation {
@@ -596,8 +594,9 @@ impl Node {
             mesh.shutdown();
         }
         for slot in &self.inner.models {
-            // Wait until every place in the queue is given back (streams ended).
+            // Wait until every place in the queues is given back (streams ended).
             let _ = slot.queue.acquire_many(self.inner.queue_per_model as u32).await;
+            let _ = slot.friends.acquire_many(self.inner.queue_per_model as u32).await;
             let engine = slot.engine.lock().ok().and_then(|mut engine| engine.take());
             if let Some(engine) = engine {
                 engine.shutdown().await;

@@ -194,3 +194,52 @@ async fn a_generation_continues_from_tokens_made_elsewhere() {
     engine.shutdown().await;
     other.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_owners_request_runs_between_tokens_of_a_background_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompt: Vec<u32> = (10..20).collect();
+    let engine = tiny_engine(&dir);
+    let alone = collect(&engine, tokens(prompt.clone(), 200)).await.expect("reference");
+    assert_eq!(alone.ids.len(), 200);
+    let owner_alone = collect(&engine, tokens(vec![30, 31, 32], 5)).await.expect("owner reference");
+
+    let mut background = tokens(prompt, 200);
+    background.background = true;
+    let mut friend = engine.generate(background).await.expect("queued");
+    let mut ids = Vec::new();
+    let mut owner = None;
+    let mut done_at = None;
+    while let Some(event) = friend.next().await {
+        match event.expect("ok") {
+            StreamEvent::Token(t) => {
+                ids.push(t.id);
+                if ids.len() == 1 {
+                    // The friend's generation is running: the owner asks now.
+                    let engine = engine.clone();
+                    owner = Some(tokio::spawn(async move {
+                        let out = collect(&engine, tokens(vec![30, 31, 32], 5)).await.expect("owner");
+                        (out, std::time::Instant::now())
+                    }));
+                }
+            }
+            StreamEvent::Done(d) => {
+                assert_eq!(d.usage.completion_tokens, 200);
+                done_at = Some(std::time::Instant::now());
+            }
+            _ => {}
+        }
+    }
+    let (owner, owner_at) = owner.expect("asked").await.expect("owner task");
+    assert_eq!(owner.ids, owner_alone.ids, "the owner's answer is as if alone");
+    assert_eq!(ids, alone.ids, "the background answer resumed exactly");
+    assert!(owner_at < done_at.expect("done"), "the owner did not wait for the background answer to end");
+    // It waited at most a token or two, not the rest of the background answer.
+    assert!(
+        owner.done.timings.queued * 4 < alone.done.timings.decode,
+        "owner queued {:?}; the background answer takes {:?}",
+        owner.done.timings.queued,
+        alone.done.timings.decode
+    );
+    engine.shutdown().await;
+}
