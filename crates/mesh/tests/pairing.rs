@@ -218,3 +218,28 @@ async fn replayed_expired_and_guessed_invites_are_refused_and_rate_limited() {
     assert!(err.to_string().contains("too many"), "{err}");
     assert!(b.find("mallory").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_pairs_and_offloads_and_unknown_versions_are_refused() {
+    let quic = || MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("must succeed")],
+        mdns: false,
+        relay_server: false,
+        ..MeshConfig::default()
+    };
+    let start = |name: &str| {
+        let state = MeshState { name: name.into(), ..MeshState::default() };
+        Mesh::start(Identity::generate(), state, quic(), offer())
+    };
+    let (a, _a_jobs) = start("alice").await.expect("must succeed");
+    let (b, b_jobs) = start("bob").await.expect("must succeed");
+    let _ = serve(b_jobs, Duration::from_millis(1));
+    assert!(b.listen_addrs().iter().all(|addr| addr.to_string().contains("/quic-v1")));
+    a.accept(&b.invite().encode()).await.expect("pairs over QUIC");
+    assert_eq!(collect(&a, b.peer_id(), request(3)).await.expect("must succeed"), "0 1 2 ");
+
+    let mut future = request(3);
+    future.version = 2;
+    let err = collect(&a, b.peer_id(), future).await.expect_err("must fail");
+    assert!(matches!(&err, MeshError::Remote { error, .. } if error.code == "version"), "{err}");
+}
