@@ -297,6 +297,7 @@ impl EngineHandle {
             template: template.clone(),
             cached: Vec::new(),
             speed: speed.clone(),
+            aside: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("kith-engine-{}", info.architecture))
@@ -357,6 +358,9 @@ struct Engine {
     /// Token ids whose keys and values are in the model's KV cache, in order.
     cached: Vec<u32>,
     speed: Arc<AtomicU32>,
+    /// The foreground cache and its ids while a background generation has the model's,
+    /// and the other way round (so both keep their prefixes).
+    aside: Option<(crate::model::KvCaches, Vec<u32>)>,
 }
 
 impl Engine {
@@ -407,19 +411,12 @@ impl Engine {
         }
     }
 
-    /// Makes the KV cache hold exactly `ids` again (after another request used it) and
-    /// returns the logits after the last of them.
-    fn restore(&mut self, ids: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        let common = self.cached.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-        self.model.truncate_cache(common);
-        self.cached.truncate(common);
-        let rest = &ids[common..];
-        let mut logits = Vec::new();
-        for batch in self.model.prompt_batches(rest.len()) {
-            logits = self.model.forward(&rest[batch.clone()])?;
-            self.cached.extend_from_slice(&rest[batch]);
-        }
-        Ok(logits)
+    /// Swaps the model's KV cache (and its ids) with the one set aside.
+    fn swap_aside(&mut self) {
+        let (mut caches, mut ids) = self.aside.take().unwrap_or_else(|| (self.model.empty_caches(), Vec::new()));
+        self.model.swap_caches(&mut caches);
+        std::mem::swap(&mut self.cached, &mut ids);
+        self.aside = Some((caches, ids));
     }
 
     fn reset_cache(&mut self) {
@@ -538,13 +535,14 @@ impl Engine {
             if request.background {
                 waiting.collect(commands);
                 if waiting.0.iter().any(|c| !c.background()) {
-                    // The owner's requests first; then this one picks up where it was.
+                    // The owner's requests first, on their own cache; then this one picks
+                    // up where it was, its cache untouched.
+                    self.swap_aside();
                     self.run_foreground(commands, waiting);
+                    self.swap_aside();
                     if events.is_closed() {
                         break StopReason::Cancelled;
                     }
-                    logits = self.restore(&history)?;
-                    continue;
                 }
             }
             logits = self.model.forward(&[id])?;

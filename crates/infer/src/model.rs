@@ -278,6 +278,9 @@ impl Rope {
     }
 }
 
+/// A whole KV cache (every layer's), while it is not the model's.
+pub(crate) struct KvCaches(Vec<LayerCache>);
+
 /// Keys and values of one layer: in host memory (f16, llama.cpp's numerics) on the CPU,
 /// as f32 tensors on a GPU.
 enum LayerCache {
@@ -502,6 +505,31 @@ impl Model {
             context_length,
             device: device.clone(),
         })
+    }
+
+    /// Empty KV caches for every layer, to swap in with [`swap_caches`](Self::swap_caches).
+    pub(crate) fn empty_caches(&self) -> KvCaches {
+        let c = &self.config;
+        KvCaches(
+            self.layers
+                .iter()
+                .map(|_| {
+                    if self.device.is_cpu() {
+                        LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim))
+                    } else {
+                        LayerCache::Device(DeviceKvCache::new())
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Exchanges the model's KV caches with `caches` (a generation set aside keeps its
+    /// cache while another one runs).
+    pub(crate) fn swap_caches(&mut self, caches: &mut KvCaches) {
+        for (layer, cache) in self.layers.iter_mut().zip(&mut caches.0) {
+            std::mem::swap(&mut layer.cache, cache);
+        }
     }
 
     /// Tokens held in the KV cache.
