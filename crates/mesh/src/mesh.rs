@@ -211,6 +211,8 @@ enum SwarmCommand {
         known: Option<oneshot::Sender<()>>,
     },
     Disconnect(PeerId),
+    /// A peer became a friend: reserve a relay slot on it if it relays.
+    Trusted(PeerId),
 }
 
 #[derive(Default)]
@@ -326,9 +328,7 @@ impl Mesh {
                         None
                     }),
                     relay_client,
-                    relay: Toggle::from(
-                        config.relay_server.then(|| relay::Behaviour::new(local, relay::Config::default())),
-                    ),
+                    relay: Toggle::from(config.relay_server.then(|| relay::Behaviour::new(local, relay_config()))),
                     dcutr: dcutr::Behaviour::new(local),
                     stream: libp2p_stream::Behaviour::new(),
                 })
@@ -463,7 +463,7 @@ impl Mesh {
     pub fn invite_for(&self, ttl: Duration) -> InviteCode {
         let mut addrs = self.listen_addrs();
         // Addresses others can reach first: loopback only helps on this machine.
-        addrs.sort_by_key(is_loopback);
+        addrs.sort_by_key(|a| (is_loopback(a), a.iter().any(|p| matches!(p, Protocol::P2pCircuit))));
         let code = InviteCode::new(self.peer_id(), addrs, now_s() + ttl.as_secs());
         let pending = code.pending();
         self.update(|s| {
@@ -523,7 +523,7 @@ impl Mesh {
                     friend
                 });
                 tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
-                self.refresh_soon();
+                self.refresh_soon(friend.peer_id);
                 Ok(friend)
             }
             Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
@@ -652,7 +652,8 @@ impl Mesh {
 
     /// [`refresh`](Self::refresh) in the background (after pairing: the new friend's
     /// offer is known by the time anyone asks).
-    fn refresh_soon(&self) {
+    fn refresh_soon(&self, friend: PeerId) {
+        let _ = self.inner.commands.send(SwarmCommand::Trusted(friend));
         let mesh = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -871,7 +872,7 @@ impl Mesh {
         match verdict {
             Ok((friend, proof)) => {
                 tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
-                self.refresh_soon();
+                self.refresh_soon(friend.peer_id);
                 Ok(Pairing::Welcome { name: self.state().name, proof })
             }
             Err(e) => {
@@ -1013,6 +1014,20 @@ impl Mesh {
     }
 }
 
+/// Relaying for friends (only they can connect at all): circuits long and large enough
+/// for an answer, a handful per friend.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuit_duration: Duration::from_secs(3600),
+        max_circuit_bytes: 1 << 30,
+        max_circuits_per_peer: 8,
+        ..relay::Config::default()
+    }
+}
+
+/// The protocol of a relay v2 server.
+const RELAY_HOP: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
+
 fn has_open_invite(state: &MeshState, now: u64) -> bool {
     state.invites.iter().any(|i| !i.used && i.expires > now)
 }
@@ -1094,6 +1109,32 @@ where
     }
 }
 
+/// Friends' relays: the address each was dialled at, which relay, and which hold a slot
+/// for us.
+#[derive(Default)]
+struct Relays {
+    dialed: HashMap<PeerId, Multiaddr>,
+    capable: std::collections::HashSet<PeerId>,
+    reserved: std::collections::HashSet<PeerId>,
+}
+
+/// Reserves a slot on `peer` if it is a trusted relay we dialled, so that friends who
+/// cannot reach this node directly can through it (and then try hole punching).
+fn reserve(swarm: &mut libp2p::Swarm<Behaviour>, relays: &mut Relays, peer: PeerId) {
+    if !relays.capable.contains(&peer) || relays.reserved.contains(&peer) {
+        return;
+    }
+    let Some(addr) = relays.dialed.get(&peer) else { return };
+    let circuit = addr.clone().with_p2p(peer).unwrap_or_else(|addr| addr).with(Protocol::P2pCircuit);
+    match swarm.listen_on(circuit.clone()) {
+        Ok(_) => {
+            tracing::info!(relay = %peer, %circuit, "asking a friend for a relay slot");
+            relays.reserved.insert(peer);
+        }
+        Err(e) => tracing::debug!(relay = %peer, error = %e, "no relay slot"),
+    }
+}
+
 async fn run_swarm(
     mut swarm: libp2p::Swarm<Behaviour>,
     mut commands: mpsc::UnboundedReceiver<SwarmCommand>,
@@ -1102,6 +1143,7 @@ async fn run_swarm(
 ) {
     // Where peers were reached or said they listen (the swarm keeps no address book).
     let mut book: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+    let mut relays = Relays::default();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
@@ -1134,10 +1176,11 @@ async fn run_swarm(
                 Some(SwarmCommand::Disconnect(peer)) => {
                     let _ = swarm.disconnect_peer_id(peer);
                 }
+                Some(SwarmCommand::Trusted(peer)) => reserve(&mut swarm, &mut relays, peer),
             },
             event = swarm.select_next_some() => {
                 let Some(inner) = mesh.upgrade() else { return };
-                on_event(&mut swarm, event, &inner, &listen, &mut book);
+                on_event(&mut swarm, event, &inner, &listen, &mut book, &mut relays);
             }
         }
     }
@@ -1149,6 +1192,7 @@ fn on_event(
     inner: &Inner,
     listen: &watch::Sender<Vec<Multiaddr>>,
     book: &mut HashMap<PeerId, Vec<Multiaddr>>,
+    relays: &mut Relays,
 ) {
     let mut remember = |peer: PeerId, addr: Multiaddr| {
         let known = book.entry(peer).or_default();
@@ -1165,11 +1209,23 @@ fn on_event(
     match event {
         SwarmEvent::NewListenAddr { address, .. } => {
             tracing::info!(%address, "mesh listening");
+            // A relay serves only once it has an external address: friends that reach this
+            // node at one of its own addresses (not loopback, not a circuit) may use it.
+            if inner.config.relay_server
+                && !is_loopback(&address)
+                && !address.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+            {
+                swarm.add_external_address(address.clone());
+            }
             listen.send_modify(|addrs| addrs.push(address));
         }
         SwarmEvent::ExpiredListenAddr { address, .. } => listen.send_modify(|addrs| addrs.retain(|a| *a != address)),
         SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
             let relayed = endpoint.get_remote_address().iter().any(|p| matches!(p, Protocol::P2pCircuit));
+            if endpoint.is_dialer() && !relayed {
+                // An address that reaches this peer from here: where to ask for a relay slot.
+                relays.dialed.insert(peer_id, endpoint.get_remote_address().clone());
+            }
             tracing::debug!(peer = %peer_id, relayed, "connected");
             with_live(peer_id, &mut |l| {
                 l.connected = true;
@@ -1187,6 +1243,8 @@ fn on_event(
             inner.connections.send_modify(|n| *n += 1);
         }
         SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            // Its relay slot (if any) went with the connection.
+            relays.reserved.remove(&peer_id);
             with_live(peer_id, &mut |l| {
                 l.connected = false;
                 l.path = None;
@@ -1202,6 +1260,24 @@ fn on_event(
                 swarm.add_peer_address(peer_id, addr.clone());
                 remember(peer_id, addr);
             }
+            tracing::debug!(peer = %peer_id, protocols = ?info.protocols, "identified a friend");
+            if info.protocols.contains(&RELAY_HOP) {
+                relays.capable.insert(peer_id);
+            }
+            reserve(swarm, relays, peer_id);
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            // Not trusted (yet): remember whether it relays, for when pairing succeeds.
+            tracing::debug!(peer = %peer_id, protocols = ?info.protocols, "identified a stranger");
+            if info.protocols.contains(&RELAY_HOP) {
+                relays.capable.insert(peer_id);
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+            relay_peer_id,
+            ..
+        })) => {
+            tracing::info!(relay = %relay_peer_id, "relay slot reserved");
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
             for (peer, addr) in found {
