@@ -47,7 +47,9 @@ start() { # ns name model
   mkdir -p "$home"
   ln -s "$models" "$home/models"
   KITH_HOME="$home" KITH_PASSPHRASE="relay $2" "$kith" vault init >/dev/null 2>&1
-  in_ns "$1" "$home" KITH_PASSPHRASE="relay $2" KITH_NODE_NAME="$2" KITH_NO_MDNS=1 KITH_LOG=kith_mesh=info \
+  # Not through in_ns: a backgrounded function is a subshell, and $! must be kith itself
+  # (ip netns exec and env exec it) for the cleanup to reach it.
+  ip netns exec "$1" env KITH_HOME="$home" KITH_PASSPHRASE="relay $2" KITH_NODE_NAME="$2" KITH_NO_MDNS=1 KITH_LOG=kith_mesh=info \
     "$kith" serve --model "$3" --listen 127.0.0.1:0 --mesh-listen /ip4/0.0.0.0/tcp/4790 >"$home/serve.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 100); do

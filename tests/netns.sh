@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Two Kith nodes in separate network namespaces, joined by a veth pair (no loopback
 # shortcut): B serves Gemma, A serves SmolLM2. They pair through an invite and A's
-# request for Gemma runs on B. Needs root (ip netns) and the pulled models.
+# request for Gemma runs on B. Then B restarts on another port: the address A saved is
+# stale, and B finds A again with mDNS (which only ever looks for trusted peers), so A's
+# next request runs on B again. Needs root (ip netns) and the pulled models.
 #
 #   sudo KITH_HOME=~/.local/share/kith tests/netns.sh [path/to/kith]
 set -euo pipefail
@@ -42,10 +44,12 @@ for name in a b; do
   ln -s "$models" "$work/$name/models"
 done
 
-start() { # ns home name ip model
-  KITH_HOME="$2" KITH_PASSPHRASE="netns $3" "$kith" vault init >/dev/null 2>&1
-  in_ns "$1" "$2" KITH_PASSPHRASE="netns $3" KITH_NODE_NAME="$3" KITH_NO_MDNS=1 \
-    "$kith" serve --model "$5" --listen 127.0.0.1:0 --mesh-listen "/ip4/$4/tcp/4790" >"$2/serve.log" 2>&1 &
+start() { # ns home name ip model [port]
+  [ -e "$2/vault" ] || KITH_HOME="$2" KITH_PASSPHRASE="netns $3" "$kith" vault init >/dev/null 2>&1
+  # Not through in_ns: a backgrounded function is a subshell, and $! must be kith itself
+  # (ip netns exec and env exec it) for the kills below to reach it.
+  ip netns exec "$1" env KITH_HOME="$2" KITH_PASSPHRASE="netns $3" KITH_NODE_NAME="$3" KITH_LOG=kith_mesh=info \
+    "$kith" serve --model "$5" --listen 127.0.0.1:0 --mesh-listen "/ip4/$4/tcp/${6:-4790}" >"$2/serve.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 100); do
     grep -q '^Mesh: device id' "$2/serve.log" && return 0
@@ -67,4 +71,15 @@ grep -q "ran on bob (through the node at" <<<"$answer" || { echo "the answer did
 usage=$(in_ns "$ns_b" "$work/b" "$kith" peers usage)
 echo "$usage"
 grep -q "1 requests" <<<"$usage" || { echo "bob's ledger does not show alice's request" >&2; exit 1; }
-echo "netns: paired across namespaces and offloaded"
+
+# B moves to another port; A only knows the old one. mDNS brings them together again.
+kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+start "$ns_b" "$work/b" bob 10.77.0.2 gemma3-270m 4791
+for _ in $(seq 1 50); do
+  in_ns "$ns_a" "$work/a" "$kith" peers list | grep -q '^bob .* connected' && break
+  sleep 0.2
+done
+again=$(in_ns "$ns_a" "$work/a" "$kith" ask --model gemma3-270m --temperature 0 --max-tokens 4 --stats "The sea is" 2>&1) || true
+echo "$again"
+grep -q "ran on bob (through the node at" <<<"$again" || { echo "bob was not found again after moving" >&2; exit 1; }
+echo "netns: paired across namespaces, offloaded, and found again with mDNS"
