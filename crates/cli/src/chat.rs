@@ -312,7 +312,15 @@ impl Backend {
 
     async fn open(args: &ChatArgs) -> Result<Self> {
         let home = kith_models::Store::from_env()?.home().to_owned();
-        if let Some(remote) = remote_for(&args.model.model).await? {
+        let remote = match &args.peer {
+            Some(_) => Some(
+                crate::remote::connect(&home)
+                    .await?
+                    .context("--peer needs a running node (`kith serve` with a vault), which holds the mesh")?,
+            ),
+            None => remote_for(&args.model.model).await?,
+        };
+        if let Some(remote) = remote {
             let memory = remote.has_memory() && !args.no_save;
             if !memory && args.resume.is_some() {
                 anyhow::bail!("the node running at {} has no vault: nothing to resume", remote.url());
@@ -462,6 +470,13 @@ pub(crate) async fn chat(args: ChatArgs) -> Result<ExitCode> {
                         history.push(ChatMessage::user(input));
                         completion_body(model, &history, &params)
                     };
+                    let mut body = body;
+                    if let Some(peer) = &args.peer {
+                        if !body["kith"].is_object() {
+                            body["kith"] = serde_json::json!({});
+                        }
+                        body["kith"]["peer"] = peer.clone().into();
+                    }
                     let (ending, said) = print_remote(remote, &body, &mut printer).await?;
                     if said.conversation.is_some() {
                         conversation = said.conversation;

@@ -405,6 +405,10 @@ pub(crate) struct ChatArgs {
     /// friend's node you allowed offloading to). Saved with the conversation.
     #[arg(long)]
     pub(crate) privacy: Option<kith_types::Privacy>,
+    /// Run the answers on this friend's node (name, peer id or device id), through the
+    /// running node.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) peer: Option<String>,
     /// Read the vault passphrase from this file's first line (else KITH_PASSPHRASE or a prompt).
     #[arg(long)]
     pub(crate) passphrase_file: Option<PathBuf>,

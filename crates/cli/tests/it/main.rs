@@ -645,8 +645,15 @@ fn peers_pair_through_invites_and_offload() {
         &[],
     ));
     assert!(stderr(&forced).contains("ran on bobs-gpu-box"), "{}", stderr(&forced));
+    // A chat turn with memory on A, its answer made on B.
+    let chat = ok(kith_input(
+        &["chat", "--peer", "bobs-gpu-box", "--model", "gemma3-270m", "--max-tokens", "4", "--stats"],
+        a,
+        b"Hello there\n/exit\n",
+    ));
+    assert!(stderr(&chat).contains("ran on bobs-gpu-box"), "{}", stderr(&chat));
     let usage = stdout(&ok(kith_with(&["peers", "usage"], b, &[])));
-    assert!(usage.contains("alice") && usage.contains("2 requests"), "{usage}");
+    assert!(usage.contains("alice") && usage.contains("3 requests"), "{usage}");
 
     // B caps alice's daily tokens: the next request is refused, naming the quota.
     let set = stdout(&ok(kith_with(&["peers", "set", "alice", "--tokens-per-day", "10"], b, &[])));
