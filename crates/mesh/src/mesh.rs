@@ -904,13 +904,20 @@ impl Mesh {
             return;
         };
         let (reader, writer) = stream.split();
-        let handle = tokio::spawn(self.clone().run_job(friend, reader, writer));
-        let abort = handle.abort_handle();
+        // Registered before it runs, so that its own concurrency check counts it.
+        let (go, ready) = oneshot::channel::<()>();
+        let mesh = self.clone();
+        let handle = tokio::spawn(async move {
+            if ready.await.is_ok() {
+                mesh.run_job(friend, reader, writer).await;
+            }
+        });
         if let Ok(mut jobs) = self.inner.jobs.lock() {
             let list = jobs.entry(peer).or_default();
             list.retain(|h| !h.is_finished());
-            list.push(abort);
+            list.push(handle.abort_handle());
         }
+        let _ = go.send(());
         let _ = handle.await;
     }
 

@@ -243,3 +243,25 @@ async fn quic_pairs_and_offloads_and_unknown_versions_are_refused() {
     let err = collect(&a, b.peer_id(), future).await.expect_err("must fail");
     assert!(matches!(&err, MeshError::Remote { error, .. } if error.code == "version"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_quota_holds() {
+    let (a, _) = node("alice", Duration::from_millis(1)).await;
+    let (b, _) = node("bob", Duration::from_millis(20)).await;
+    a.accept(&b.invite().encode()).await.expect("must succeed");
+    b.set("alice", FriendUpdate { max_concurrent: Some(1), ..Default::default() }).expect("must succeed");
+    let mut first = a.infer(b.peer_id(), request(1000)).await.expect("must succeed");
+    assert!(matches!(first.next().await, Some(Ok(ToClient::Token { .. }))));
+    let err = collect(&a, b.peer_id(), request(2)).await.expect_err("must fail");
+    match &err {
+        MeshError::Remote { error, .. } => {
+            assert_eq!(error.code, "quota");
+            assert!(error.message.contains("at most 1 at a time"), "{}", error.message);
+        }
+        other => panic!("expected a concurrency refusal, got {other}"),
+    }
+    first.cancel().await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(collect(&a, b.peer_id(), request(2)).await.expect("a place again"), "0 1 ");
+}
