@@ -167,6 +167,17 @@ pub enum Path {
     HolePunched,
 }
 
+impl Path {
+    /// `direct`, `relayed` or `hole-punched`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Relayed => "relayed",
+            Path::HolePunched => "hole-punched",
+        }
+    }
+}
+
 /// A friend as `kith peers list` shows them.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerView {
@@ -493,45 +504,34 @@ impl Mesh {
 
     async fn pair_with(&self, code: &InviteCode) -> Result<Friend, MeshError> {
         let inviter = code.inviter;
-        let peer = inviter.to_string();
         self.learn(inviter, code.addrs.clone()).await;
         let mut stream = self.open(inviter, PAIR_PROTOCOL).await?;
-        let frame = |source| MeshError::Frame { peer: peer.clone(), source };
-        let nonce = match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await {
-            Ok(Ok(Some(Pairing::Challenge { nonce }))) => unhex(&nonce).unwrap_or_default(),
-            Ok(Ok(Some(Pairing::Refused(e)))) => return Err(MeshError::Refused(e.message)),
-            Ok(Ok(Some(_))) => return Err(MeshError::Refused("unexpected answer".into())),
-            Ok(Ok(None)) => return Err(MeshError::Refused("the inviter closed the stream".into())),
-            Ok(Err(e)) => return Err(frame(e)),
-            Err(_) => return Err(MeshError::Refused("no answer".into())),
+        let Pairing::Challenge { nonce } = read_answer(&mut stream, &inviter).await? else {
+            return Err(MeshError::Refused("unexpected answer".into()));
         };
+        let nonce = unhex(&nonce).unwrap_or_default();
         let me = self.peer_id();
-        let name = self.state().name;
-        let proof = Pairing::Proof { invite: code.id(), proof: code.proof(&me, &nonce), name };
-        wire::write(&mut stream, &proof).await.map_err(frame)?;
-        match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await {
-            Ok(Ok(Some(Pairing::Welcome { name, proof }))) => {
-                if !code.verify_welcome(&me, &nonce, &proof) {
-                    return Err(MeshError::BadWelcome);
-                }
-                let addrs = code.addrs.iter().map(|a| a.to_string()).collect();
-                let friend = self.update(|s| {
-                    s.friends.retain(|f| f.peer_id != inviter);
-                    let mut friend = Friend::new(s.free_name(&name), inviter, now_s());
-                    friend.addrs = addrs;
-                    s.friends.push(friend.clone());
-                    friend
-                });
-                tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
-                self.refresh_soon(friend.peer_id);
-                Ok(friend)
-            }
-            Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
-            Ok(Ok(Some(_))) => Err(MeshError::Refused("unexpected answer".into())),
-            Ok(Ok(None)) => Err(MeshError::Refused("the inviter closed the stream".into())),
-            Ok(Err(e)) => Err(frame(e)),
-            Err(_) => Err(MeshError::Refused("no answer".into())),
+        let proof = Pairing::Proof { invite: code.id(), proof: code.proof(&me, &nonce), name: self.state().name };
+        wire::write(&mut stream, &proof)
+            .await
+            .map_err(|source| MeshError::Frame { peer: inviter.to_string(), source })?;
+        let Pairing::Welcome { name, proof } = read_answer(&mut stream, &inviter).await? else {
+            return Err(MeshError::Refused("unexpected answer".into()));
+        };
+        if !code.verify_welcome(&me, &nonce, &proof) {
+            return Err(MeshError::BadWelcome);
         }
+        let addrs = code.addrs.iter().map(|a| a.to_string()).collect();
+        let friend = self.update(|s| {
+            s.friends.retain(|f| f.peer_id != inviter);
+            let mut friend = Friend::new(s.free_name(&name), inviter, now_s());
+            friend.addrs = addrs;
+            s.friends.push(friend.clone());
+            friend
+        });
+        tracing::info!(friend = %friend.name, device_id = %friend.device_id(), "paired");
+        self.refresh_soon(friend.peer_id);
+        Ok(friend)
     }
 
     /// The trust list with live connection facts.
@@ -1034,6 +1034,17 @@ fn relay_config() -> relay::Config {
 
 /// The protocol of a relay v2 server.
 const RELAY_HOP: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
+
+/// The inviter's next pairing message; a refusal, silence or a closed stream is an error.
+async fn read_answer(stream: &mut Stream, inviter: &PeerId) -> Result<Pairing, MeshError> {
+    match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(stream)).await {
+        Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
+        Ok(Ok(Some(answer))) => Ok(answer),
+        Ok(Ok(None)) => Err(MeshError::Refused("the inviter closed the stream".into())),
+        Ok(Err(source)) => Err(MeshError::Frame { peer: inviter.to_string(), source }),
+        Err(_) => Err(MeshError::Refused("no answer".into())),
+    }
+}
 
 fn has_open_invite(state: &MeshState, now: u64) -> bool {
     state.invites.iter().any(|i| !i.used && i.expires > now)

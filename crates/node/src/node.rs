@@ -420,11 +420,7 @@ impl Node {
         }
     }
 
-    pub(crate) fn unknown_model_error(&self, model: &str) -> NodeError {
-        self.unknown_model(model)
-    }
-
-    fn unknown_model(&self, model: &str) -> NodeError {
+    pub(crate) fn unknown_model(&self, model: &str) -> NodeError {
         NodeError::UnknownModel {
             name: model.to_owned(),
             loaded: self.inner.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),

@@ -106,14 +106,14 @@ impl Node {
     /// Sends `request` to a friend (`route` is [`Route::Peer`]) and relays the answer,
     /// falling over to the next friend or to this machine if that friend fails.
     pub(crate) fn offload(&self, model: &str, request: GenerateRequest, route: Route) -> Result<Generation, NodeError> {
-        let Route::Peer { peer, name } = &route else { return Err(self.unknown_model_error(model)) };
+        let Route::Peer { peer, name } = &route else { return Err(self.unknown_model(model)) };
         let mut request = request;
         let Prompt::Chat(messages) = std::mem::replace(&mut request.prompt, Prompt::Tokens(Vec::new())) else {
             return Err(NodeError::Generate(GenerateError::InvalidParams(
                 "only chat requests can run on a friend's node".into(),
             )));
         };
-        let mesh = self.mesh().ok_or_else(|| self.unknown_model_error(model))?.clone();
+        let mesh = self.mesh().ok_or_else(|| self.unknown_model(model))?.clone();
         let (tx, stream) = kith_infer::TokenStream::channel();
         let parts = RanOnParts::default();
         let relay =

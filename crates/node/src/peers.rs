@@ -145,9 +145,7 @@ impl From<kith_mesh::PeerView> for PeerItem {
             max_concurrent: v.friend.max_concurrent,
             offload_to: v.friend.offload_to,
             connected: v.connected,
-            path: v
-                .path
-                .map(|p| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+            path: v.path.map(|p| p.as_str().to_owned()),
             rtt_ms: v.rtt_ms,
             offers: v
                 .offers
