@@ -11,7 +11,7 @@
 //! keeps the token ids its KV cache holds; a request whose prompt starts with them (the
 //! next turn of the same chat) only prefills the new tokens.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::error::GenerateError;
 use crate::loader::{LoadedModel, ModelInfo};
-use crate::model::Model;
+use crate::model::{Model, Step};
 use crate::sampler::Sampler;
 use crate::template::ChatTemplate;
 use crate::text::TextAssembler;
@@ -277,6 +277,9 @@ pub struct EngineHandle {
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     /// Decode speed of the last generation long enough to measure (f32 tok/s bits).
     speed: Arc<AtomicU32>,
+    /// Set when an owner's (foreground) request was queued: a background forward pass
+    /// steps aside at its next layer.
+    owner_waiting: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -291,6 +294,7 @@ impl EngineHandle {
         let (commands, rx) = mpsc::channel(QUEUE_DEPTH);
         let LoadedModel { model, tokenizer, template, info } = model;
         let speed = Arc::new(AtomicU32::new(0));
+        let owner_waiting = Arc::new(AtomicBool::new(false));
         let mut engine = Engine {
             model,
             tokenizer: tokenizer.clone(),
@@ -298,11 +302,20 @@ impl EngineHandle {
             cached: Vec::new(),
             speed: speed.clone(),
             aside: None,
+            owner_waiting: owner_waiting.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("kith-engine-{}", info.architecture))
             .spawn(move || engine.run(rx))?;
-        Ok(Self { commands, info, tokenizer, template, thread: Arc::new(Mutex::new(Some(thread))), speed })
+        Ok(Self {
+            commands,
+            info,
+            tokenizer,
+            template,
+            thread: Arc::new(Mutex::new(Some(thread))),
+            speed,
+            owner_waiting,
+        })
     }
 
     /// Facts about the model.
@@ -332,10 +345,16 @@ impl EngineHandle {
         // Refuse bad parameters here, before the request waits in the queue.
         Sampler::new(request.params.clone())?;
         let (events, rx) = mpsc::channel(STREAM_DEPTH);
+        let foreground = !request.background;
         self.commands
             .send(Command::Generate { request, events, queued_at: Instant::now() })
             .await
             .map_err(|_| GenerateError::EngineStopped)?;
+        // After the send: the engine clears the flag before it looks for commands, so
+        // this one is either seen there or flagged (at worst a pause finds nothing).
+        if foreground {
+            self.owner_waiting.store(true, Ordering::SeqCst);
+        }
         Ok(TokenStream { rx })
     }
 
@@ -361,6 +380,7 @@ struct Engine {
     /// The foreground cache and its ids while a background generation has the model's,
     /// and the other way round (so both keep their prefixes).
     aside: Option<(crate::model::KvCaches, Vec<u32>)>,
+    owner_waiting: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -374,7 +394,7 @@ impl Engine {
             .build();
         let mut waiting = Waiting::default();
         loop {
-            waiting.collect(&mut commands);
+            self.collect(&mut waiting, &mut commands);
             let command = match waiting.next() {
                 Some(command) => command,
                 None => match commands.blocking_recv() {
@@ -402,12 +422,51 @@ impl Engine {
         }
     }
 
-    /// Runs the foreground commands waiting now (between two tokens of a background one).
-    fn run_foreground(&mut self, commands: &mut mpsc::Receiver<Command>, waiting: &mut Waiting) {
+    /// Takes the commands sent since, without blocking.
+    fn collect(&self, waiting: &mut Waiting, commands: &mut mpsc::Receiver<Command>) {
+        self.owner_waiting.store(false, Ordering::SeqCst);
         waiting.collect(commands);
+    }
+
+    /// Runs the foreground commands waiting now (in the middle of a background pass).
+    fn run_foreground(&mut self, commands: &mut mpsc::Receiver<Command>, waiting: &mut Waiting) {
+        self.collect(waiting, commands);
         while let Some(command) = waiting.next_foreground() {
             self.run_one(command, commands, waiting);
-            waiting.collect(commands);
+            self.collect(waiting, commands);
+        }
+    }
+
+    /// One forward pass of `tokens`. A background one steps aside between two layers
+    /// when the owner's requests arrive: they run on their own cache, then this pass
+    /// picks up at the layer it reached, its cache untouched. `None`: the stream was
+    /// closed meanwhile.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        background: bool,
+        events: &mpsc::Sender<Result<StreamEvent, GenerateError>>,
+        commands: &mut mpsc::Receiver<Command>,
+        waiting: &mut Waiting,
+    ) -> Result<Option<Vec<f32>>, GenerateError> {
+        if !background {
+            return Ok(Some(self.model.forward(tokens)?));
+        }
+        let mut pass = self.model.begin(tokens)?;
+        loop {
+            let owner_waiting = &self.owner_waiting;
+            match self.model.resume(pass, || owner_waiting.load(Ordering::SeqCst))? {
+                Step::Done(logits) => return Ok(Some(logits)),
+                Step::Paused(paused) => {
+                    self.swap_aside();
+                    self.run_foreground(commands, waiting);
+                    self.swap_aside();
+                    if events.is_closed() {
+                        return Ok(None);
+                    }
+                    pass = paused;
+                }
+            }
         }
     }
 
@@ -484,7 +543,10 @@ impl Engine {
             if events.is_closed() {
                 return Ok(());
             }
-            logits = self.model.forward(&rest[batch.clone()])?;
+            match self.forward(&rest[batch.clone()], request.background, events, commands, waiting)? {
+                Some(batch_logits) => logits = batch_logits,
+                None => return Ok(()),
+            }
             self.cached.extend_from_slice(&rest[batch]);
         }
         let prefill = started.elapsed();
@@ -532,20 +594,10 @@ impl Engine {
             if self.model.cache_len() + 1 >= context_length {
                 break StopReason::ContextFull;
             }
-            if request.background {
-                waiting.collect(commands);
-                if waiting.0.iter().any(|c| !c.background()) {
-                    // The owner's requests first, on their own cache; then this one picks
-                    // up where it was, its cache untouched.
-                    self.swap_aside();
-                    self.run_foreground(commands, waiting);
-                    self.swap_aside();
-                    if events.is_closed() {
-                        break StopReason::Cancelled;
-                    }
-                }
+            match self.forward(&[id], request.background, events, commands, waiting)? {
+                Some(next) => logits = next,
+                None => break StopReason::Cancelled,
             }
-            logits = self.model.forward(&[id])?;
             self.cached.push(id);
         };
         let first_token = first_token.unwrap_or_default();

@@ -553,6 +553,18 @@ impl Model {
     /// Runs `tokens` (one micro-batch) at positions `cache_len()..` and returns the logits
     /// of the last one.
     pub(crate) fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let mut pass = self.begin(tokens)?;
+        loop {
+            match self.resume(pass, || false)? {
+                Step::Done(logits) => return Ok(logits),
+                Step::Paused(paused) => pass = paused,
+            }
+        }
+    }
+
+    /// Starts a forward pass of `tokens` at positions `cache_len()..`; [`resume`]
+    /// (Self::resume) runs its layers.
+    pub(crate) fn begin(&self, tokens: &[u32]) -> candle_core::Result<Pass> {
         let pos = self.cache_len();
         let seq = tokens.len();
         if seq == 0 || pos + seq > self.context_length {
@@ -561,7 +573,7 @@ impl Model {
                 self.context_length
             );
         }
-        let c = self.config.clone();
+        let c = &self.config;
         let mut x = self.embed.lookup(tokens, &self.device)?.unsqueeze(0)?;
         if c.arch == Arch::Gemma3 {
             // ggml_scale by sqrtf(n_embd), an f32 product.
@@ -580,8 +592,24 @@ impl Model {
         // Host RoPE angles, once per forward for each base.
         let table = self.rope.host_table(pos, seq);
         let local_table = self.rope_local.as_ref().map(|rope| rope.host_table(pos, seq));
+        Ok(Pass { x, pos, seq, next_layer: 0, table, local_table, full_mask, window_mask })
+    }
+
+    /// Runs the layers of `pass` still to run, and returns the logits of its last token;
+    /// or, when `pause()` says so between two layers (after at least one), the pass to
+    /// resume later. Meanwhile the layers run hold one more position in their caches
+    /// than the rest: the model's caches must be swapped aside (or truncated) before any
+    /// other pass runs.
+    pub(crate) fn resume(&mut self, pass: Pass, pause: impl Fn() -> bool) -> candle_core::Result<Step> {
+        let Pass { mut x, pos, seq, next_layer, table, local_table, full_mask, window_mask } = pass;
+        let c = self.config.clone();
         let n_layer = self.layers.len();
-        for (il, layer) in self.layers.iter_mut().enumerate() {
+        for il in next_layer..n_layer {
+            if il > next_layer && pause() {
+                let pass = Pass { x, pos, seq, next_layer: il, table, local_table, full_mask, window_mask };
+                return Ok(Step::Paused(pass));
+            }
+            let layer = &mut self.layers[il];
             let (rope, table, mask) = match (&self.rope_local, &local_table, layer.sliding) {
                 (Some(local), Some(local_table), true) => (local, local_table, window_mask.as_ref()),
                 _ => (&self.rope, &table, full_mask.as_ref()),
@@ -612,8 +640,29 @@ impl Model {
         let last = x.narrow(1, x.dim(1)? - 1, 1)?;
         let last = rms_norm(&last, &self.output_norm, c.rms_eps)?;
         let logits = self.lm_head.forward(&last)?;
-        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+        Ok(Step::Done(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
     }
+}
+
+/// A forward pass between two layers (see [`Model::resume`]).
+pub(crate) struct Pass {
+    /// The hidden state entering layer `next_layer`.
+    x: Tensor,
+    pos: usize,
+    seq: usize,
+    next_layer: usize,
+    table: Vec<f32>,
+    local_table: Option<Vec<f32>>,
+    full_mask: Option<Tensor>,
+    window_mask: Option<Tensor>,
+}
+
+/// What [`Model::resume`] got to.
+pub(crate) enum Step {
+    /// The logits of the pass's last token.
+    Done(Vec<f32>),
+    /// Paused between two layers.
+    Paused(Pass),
 }
 
 impl Layer {

@@ -243,3 +243,52 @@ async fn the_owners_request_runs_between_tokens_of_a_background_one() {
     );
     engine.shutdown().await;
 }
+
+/// On the real default model: the owner's request arriving during a friend's long
+/// prefill runs between two layers of it, not after it, and neither answer changes.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test]
+async fn the_owners_request_steps_in_during_a_background_prefill() {
+    let _turn = model_lock();
+    let engine = EngineHandle::spawn(load("smollm2-135m", None)).expect("engine");
+    let long: Vec<u32> = (100..1600).collect();
+    let background = |prompt: Vec<u32>| {
+        let mut request = tokens(prompt, 4);
+        request.cache_prompt = false;
+        request.background = true;
+        request
+    };
+    let owner_request = || {
+        let mut request = tokens(vec![1, 504, 3458, 282], 3);
+        request.cache_prompt = false;
+        request
+    };
+    let alone = collect(&engine, background(long.clone())).await.expect("reference");
+    let prefill = alone.done.timings.prefill;
+    let owner_alone = collect(&engine, owner_request()).await.expect("owner reference");
+
+    let friend = {
+        let engine = engine.clone();
+        let request = background(long);
+        tokio::spawn(async move {
+            let out = collect(&engine, request).await.expect("friend");
+            (out, std::time::Instant::now())
+        })
+    };
+    // Well inside the friend's prefill.
+    let wait = prefill / 4;
+    tokio::task::spawn_blocking(move || std::thread::sleep(wait)).await.expect("slept");
+    let owner = collect(&engine, owner_request()).await.expect("owner");
+    let owner_at = std::time::Instant::now();
+    let (friend, friend_at) = friend.await.expect("friend task");
+
+    assert_eq!(owner.ids, owner_alone.ids, "the owner's answer is as if alone");
+    assert_eq!(friend.ids, alone.ids, "the friend's answer resumed exactly");
+    assert!(owner_at < friend_at, "the owner finished first");
+    assert!(
+        owner.done.timings.queued * 4 < prefill,
+        "owner queued {:?} behind a prefill of {prefill:?}",
+        owner.done.timings.queued
+    );
+    engine.shutdown().await;
+}
