@@ -1128,12 +1128,67 @@ where
 }
 
 /// Friends' relays: the address each was dialled at, which relay, and which hold a slot
-/// for us.
+/// for us; and over which transports each was reached or tried.
 #[derive(Default)]
 struct Relays {
     dialed: HashMap<PeerId, Multiaddr>,
     capable: std::collections::HashSet<PeerId>,
     reserved: std::collections::HashSet<PeerId>,
+    transports: std::collections::HashSet<(PeerId, Transport)>,
+    /// Relayed connections to each friend, closed once a hole is punched.
+    circuits: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Transport {
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    fn of(addr: &Multiaddr) -> Option<Self> {
+        if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+            None
+        } else if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+            Some(Self::Quic)
+        } else if addr.iter().any(|p| matches!(p, Protocol::Tcp(_))) {
+            Some(Self::Tcp)
+        } else {
+            None
+        }
+    }
+}
+
+/// Connects to the relay `peer` over each transport it listens on and we have not used
+/// with it yet (once each): hole punching can only meet on a transport both sides know
+/// their outside address for, and a node learns that address (identify's observed one)
+/// only from a connection over that transport.
+fn observe_on_every_transport(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    relays: &mut Relays,
+    peer: PeerId,
+    listen_addrs: &[Multiaddr],
+) {
+    if !relays.capable.contains(&peer) {
+        return;
+    }
+    for transport in [Transport::Tcp, Transport::Quic] {
+        if relays.transports.contains(&(peer, transport)) {
+            continue;
+        }
+        let addrs: Vec<Multiaddr> =
+            listen_addrs.iter().filter(|a| Transport::of(a) == Some(transport) && !is_loopback(a)).cloned().collect();
+        if addrs.is_empty() {
+            continue;
+        }
+        relays.transports.insert((peer, transport));
+        tracing::debug!(relay = %peer, ?transport, "connecting over another transport to learn our address on it");
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        let _ = swarm.dial(opts);
+    }
 }
 
 /// Reserves a slot on `peer` if it is a trusted relay we dialled, so that friends who
@@ -1238,11 +1293,17 @@ fn on_event(
             listen.send_modify(|addrs| addrs.push(address));
         }
         SwarmEvent::ExpiredListenAddr { address, .. } => listen.send_modify(|addrs| addrs.retain(|a| *a != address)),
-        SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+        SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
             let relayed = endpoint.get_remote_address().iter().any(|p| matches!(p, Protocol::P2pCircuit));
+            if relayed {
+                relays.circuits.entry(peer_id).or_default().push(connection_id);
+            }
             if endpoint.is_dialer() && !relayed {
                 // An address that reaches this peer from here: where to ask for a relay slot.
                 relays.dialed.insert(peer_id, endpoint.get_remote_address().clone());
+            }
+            if let Some(transport) = Transport::of(endpoint.get_remote_address()) {
+                relays.transports.insert((peer_id, transport));
             }
             tracing::debug!(peer = %peer_id, relayed, "connected");
             with_live(peer_id, &mut |l| {
@@ -1263,6 +1324,8 @@ fn on_event(
         SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
             // Its relay slot (if any) went with the connection.
             relays.reserved.remove(&peer_id);
+            relays.transports.retain(|(peer, _)| *peer != peer_id);
+            relays.circuits.remove(&peer_id);
             with_live(peer_id, &mut |l| {
                 l.connected = false;
                 l.path = None;
@@ -1274,15 +1337,16 @@ fn on_event(
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
             if trusted(&peer_id) =>
         {
-            for addr in info.listen_addrs {
+            for addr in &info.listen_addrs {
                 swarm.add_peer_address(peer_id, addr.clone());
-                remember(peer_id, addr);
+                remember(peer_id, addr.clone());
             }
             tracing::debug!(peer = %peer_id, protocols = ?info.protocols, "identified a friend");
             if info.protocols.contains(&RELAY_HOP) {
                 relays.capable.insert(peer_id);
             }
             reserve(swarm, relays, peer_id);
+            observe_on_every_transport(swarm, relays, peer_id, &info.listen_addrs);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
             // Not trusted (yet): remember whether it relays, for when pairing succeeds.
@@ -1314,6 +1378,10 @@ fn on_event(
             Ok(_) => {
                 tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
                 with_live(remote_peer_id, &mut |l| l.path = Some(Path::HolePunched));
+                // Streams go over the direct connection from now on: the relay's is closed.
+                for circuit in relays.circuits.remove(&remote_peer_id).unwrap_or_default() {
+                    swarm.close_connection(circuit);
+                }
             }
             Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed"),
         },

@@ -237,7 +237,7 @@ struct ModelSlot {
     info: kith_infer::ModelInfo,
     queue: Arc<Semaphore>,
     /// Places for friends' requests, apart from the owner's: friends never fill the
-    /// owner's queue, and their generations yield to the owner's between tokens.
+    /// owner's queue, and their generations yield to the owner's between two layers.
     friends: Arc<Semaphore>,
     created: u64,
 }
