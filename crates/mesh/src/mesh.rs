@@ -48,6 +48,8 @@ const OPEN_ATTEMPTS: u32 = 3;
 const PAIR_FAILURES_PER_MINUTE: usize = 5;
 /// Adverts older than this are refreshed before routing.
 const ADVERT_TTL: Duration = Duration::from_secs(30);
+/// Addresses saved per friend from what it says it listens on.
+const MAX_SAVED_ADDRS: usize = 8;
 
 /// How the mesh listens and behaves.
 #[derive(Debug, Clone)]
@@ -449,20 +451,7 @@ impl Mesh {
     }
 
     fn update<T>(&self, change: impl FnOnce(&mut MeshState) -> T) -> T {
-        let (out, snapshot) = {
-            let mut state = match self.inner.state.lock() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let out = change(&mut state);
-            (out, state.clone())
-        };
-        if let Ok(mut admission) = self.inner.admission.write() {
-            admission.trusted = snapshot.friends.iter().map(|f| f.peer_id).collect();
-            admission.pairing_open = has_open_invite(&snapshot, now_s());
-        }
-        self.inner.saved.send_replace(snapshot);
-        out
+        update(&self.inner, change)
     }
 
     /// Makes a one-time invite valid for the configured time.
@@ -1127,6 +1116,25 @@ where
     }
 }
 
+/// Changes the mesh state, updates admission from it and hands the new state to whoever
+/// saves it.
+fn update<T>(inner: &Inner, change: impl FnOnce(&mut MeshState) -> T) -> T {
+    let (out, snapshot) = {
+        let mut state = match inner.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let out = change(&mut state);
+        (out, state.clone())
+    };
+    if let Ok(mut admission) = inner.admission.write() {
+        admission.trusted = snapshot.friends.iter().map(|f| f.peer_id).collect();
+        admission.pairing_open = has_open_invite(&snapshot, now_s());
+    }
+    inner.saved.send_replace(snapshot);
+    out
+}
+
 /// Friends' relays: the address each was dialled at, which relay, and which hold a slot
 /// for us; and over which transports each was reached or tried.
 #[derive(Default)]
@@ -1156,6 +1164,24 @@ impl Transport {
         } else {
             None
         }
+    }
+}
+
+/// Saves where a friend says it listens (at most [`MAX_SAVED_ADDRS`]), so that after a
+/// restart this node can dial it whichever side made the invite.
+fn save_addrs(inner: &Inner, peer: PeerId, listen_addrs: &[Multiaddr]) {
+    let mut sorted = listen_addrs.to_vec();
+    sorted.sort_by_key(|a| (is_loopback(a), a.iter().any(|p| matches!(p, Protocol::P2pCircuit))));
+    let addrs: Vec<String> = sorted.iter().take(MAX_SAVED_ADDRS).map(|a| a.to_string()).collect();
+    let unchanged = inner.state.lock().is_ok_and(|s| {
+        s.friends.iter().find(|f| f.peer_id == peer).is_none_or(|f| f.addrs == addrs || addrs.is_empty())
+    });
+    if !unchanged {
+        update(inner, |s| {
+            if let Some(friend) = s.friends.iter_mut().find(|f| f.peer_id == peer) {
+                friend.addrs = addrs;
+            }
+        });
     }
 }
 
@@ -1342,6 +1368,7 @@ fn on_event(
                 remember(peer_id, addr.clone());
             }
             tracing::debug!(peer = %peer_id, protocols = ?info.protocols, "identified a friend");
+            save_addrs(inner, peer_id, &info.listen_addrs);
             if info.protocols.contains(&RELAY_HOP) {
                 relays.capable.insert(peer_id);
             }
