@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kith_infer::{GenerateRequest, LoadOptions, LoadedModel, Prompt, StreamEvent};
 use kith_mesh::{Identity, Mesh, MeshConfig, MeshState};
-use kith_node::{ChatTurn, Node, NodeBuilder, Route};
+use kith_node::{ChatTurn, Node, NodeBuilder, Offload, Route};
 use kith_types::{ChatMessage, Privacy, SamplingParams};
 
 use crate::support::{load_smollm, model_path, open_store};
@@ -146,6 +146,41 @@ async fn offload_matches_the_friends_own_output_and_fails_over_mid_answer() {
     assert!(!ledger.contains("lighthouse") && !ledger.contains("primary"));
     assert!(c_mesh.state().used_on(&a_mesh.peer_id(), kith_mesh::now_s() / 86_400).tokens_out > 0);
     for node in [a, b, c] {
+        node.shutdown().await;
+    }
+}
+
+/// Under `when-faster`, a request for a model A has but whose queue is full goes to a
+/// friend that has it (the same greedy tokens as the friend's own); `local-only` still
+/// keeps it home (busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_goes_to_a_friend_when_faster_is_allowed() {
+    let a = NodeBuilder::new()
+        .model("smollm2-135m", load_smollm())
+        .queue_per_model(1)
+        .offload(Offload::WhenFaster)
+        .build()
+        .expect("A");
+    let b = NodeBuilder::new().model("smollm2-135m", load_smollm()).build().expect("B");
+    let (a_mesh, b_mesh) = (join(&a, "alice").await, join(&b, "bob").await);
+    a_mesh.accept(&b_mesh.invite().encode()).await.expect("A pairs with B");
+    a_mesh.refresh().await;
+
+    // A's one place is taken by an answer nobody reads yet.
+    let question = vec![ChatMessage::user("Name three rivers.")];
+    let long = GenerateRequest::new(Prompt::Chat(vec![ChatMessage::user("Count to a hundred.")]), greedy(200));
+    let held = a.generate("smollm2-135m", long, Privacy::FriendsAllowed).await.expect("first");
+    assert_eq!(held.route, Route::Local, "a free place here and no speed measured: local");
+
+    let (route, ids, _) = collect(&a, "smollm2-135m", question.clone(), Privacy::FriendsAllowed).await;
+    assert_eq!(route.as_str(), "bob", "A's queue is full: B takes it");
+    let (_, b_ids, _) = collect(&b, "smollm2-135m", question.clone(), Privacy::LocalOnly).await;
+    assert_eq!(ids, b_ids);
+    let refused =
+        a.generate("smollm2-135m", GenerateRequest::new(Prompt::Chat(question), greedy(4)), Privacy::LocalOnly);
+    assert!(refused.await.expect_err("local-only and full").to_string().contains("busy"));
+    drop(held);
+    for node in [a, b] {
         node.shutdown().await;
     }
 }

@@ -78,6 +78,12 @@ pub(crate) struct ServeArgs {
     /// you allowed offloading to).
     #[arg(long, env = "KITH_PRIVACY", default_value = "friends-allowed")]
     pub(crate) privacy: kith_types::Privacy,
+    /// When a model loaded here may still run on a friend's node (privacy permitting):
+    /// when-missing (only models not loaded here go to friends) or when-faster (also when
+    /// a friend with nothing queued advertises 1.5x this node's measured speed for it, or
+    /// this node's queue for it is full).
+    #[arg(long, env = "KITH_OFFLOAD", default_value = "when-missing")]
+    pub(crate) offload: kith_node::Offload,
     /// Read the vault passphrase from this file's first line (else the OS keyring where
     /// enabled, KITH_PASSPHRASE, or a prompt).
     #[arg(long)]

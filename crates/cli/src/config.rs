@@ -15,6 +15,11 @@
 //! max_body = 1048576
 //! no_memory = false
 //! privacy = "friends-allowed"
+//! offload = "when-missing"
+//! no_mesh = false
+//! mesh_listen = ["/ip4/0.0.0.0/tcp/4790", "/ip4/0.0.0.0/udp/4790/quic-v1"]
+//! no_mdns = false
+//! name = "bobs-gpu-box"
 //! ```
 
 use std::path::PathBuf;
@@ -48,6 +53,11 @@ pub(crate) struct ServeSection {
     pub(crate) max_body: Option<usize>,
     pub(crate) no_memory: Option<bool>,
     pub(crate) privacy: Option<kith_types::Privacy>,
+    pub(crate) offload: Option<kith_node::Offload>,
+    pub(crate) no_mesh: Option<bool>,
+    pub(crate) mesh_listen: Option<Vec<String>>,
+    pub(crate) no_mdns: Option<bool>,
+    pub(crate) name: Option<String>,
 }
 
 /// Where the config file is looked for.
@@ -127,6 +137,31 @@ pub(crate) fn apply_serve(file: &FileConfig, args: &mut ServeArgs, matches: &Arg
     {
         args.privacy = privacy;
     }
+    if let Some(offload) = serve.offload
+        && unset(matches, "offload")
+    {
+        args.offload = offload;
+    }
+    if let Some(no_mesh) = serve.no_mesh
+        && unset(matches, "no_mesh")
+    {
+        args.no_mesh = no_mesh;
+    }
+    if let Some(mesh_listen) = &serve.mesh_listen
+        && unset(matches, "mesh_listen")
+    {
+        args.mesh_listen = mesh_listen.clone();
+    }
+    if let Some(no_mdns) = serve.no_mdns
+        && unset(matches, "no_mdns")
+    {
+        args.no_mdns = no_mdns;
+    }
+    if let Some(name) = &serve.name
+        && unset(matches, "name")
+    {
+        args.name = Some(name.clone());
+    }
     Ok(())
 }
 
@@ -168,5 +203,13 @@ pub(crate) fn show(threads: Option<usize>, threads_source: &str) -> Result<std::
     println!("max_body = {}  # {}", args.max_body, source("max_body", file.serve.max_body.is_some()));
     println!("no_memory = {}  # {}", args.no_memory, source("no_memory", file.serve.no_memory.is_some()));
     println!("privacy = \"{}\"  # {}", args.privacy, source("privacy", file.serve.privacy.is_some()));
+    println!("offload = \"{}\"  # {}", args.offload, source("offload", file.serve.offload.is_some()));
+    println!("no_mesh = {}  # {}", args.no_mesh, source("no_mesh", file.serve.no_mesh.is_some()));
+    println!("mesh_listen = {:?}  # {}", args.mesh_listen, source("mesh_listen", file.serve.mesh_listen.is_some()));
+    println!("no_mdns = {}  # {}", args.no_mdns, source("no_mdns", file.serve.no_mdns.is_some()));
+    match &args.name {
+        Some(name) => println!("name = {name:?}  # {}", source("name", file.serve.name.is_some())),
+        None => println!("# name: the host name  # default"),
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -32,6 +32,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<ExitCode> {
         .model(name.clone(), model)
         .queue_per_model(args.queue)
         .privacy(args.privacy)
+        .offload(args.offload)
         .model_store(Store::new(home.clone()), kith_models::PullOptions::from_env());
     if let Some(embedder) = crate::memory::load_embedder(true)? {
         builder = builder.embedder(crate::memory::EMBEDDING_MODEL, embedder);

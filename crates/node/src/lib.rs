@@ -35,7 +35,9 @@ pub use extract::extract_candidates;
 pub use memory::{Review, SavedMemory};
 pub use models::{ModelListing, PullUpdate};
 pub use native::NativeApi;
-pub use node::{DEFAULT_QUEUE_PER_MODEL, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Route};
+pub use node::{
+    DEFAULT_QUEUE_PER_MODEL, FASTER, Generation, ModelStatus, Node, NodeBuilder, NodeError, NodeStatus, Offload, Route,
+};
 pub use offload::RanOnParts;
 pub use token::ApiToken;
 pub use turn::{ChatTurn, MEMORY_CLOSE, MEMORY_OPEN, Recalled, Turn, remember_request};

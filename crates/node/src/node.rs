@@ -128,6 +128,59 @@ impl Route {
     }
 }
 
+/// When a request for a model loaded here may still run on a friend's node (only ever
+/// under `friends-allowed`). A model not loaded here goes to a friend under either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Offload {
+    /// Only models not loaded here go to friends.
+    #[default]
+    WhenMissing,
+    /// Also when a friend offering the model has nothing queued and advertises at least
+    /// [`FASTER`] times this node's measured decode speed for it, or when this node's
+    /// queue for it is full.
+    WhenFaster,
+}
+
+/// How much faster a friend must be for [`Offload::WhenFaster`] to prefer it.
+pub const FASTER: f64 = 1.5;
+
+impl Offload {
+    /// `when-missing` or `when-faster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Offload::WhenMissing => "when-missing",
+            Offload::WhenFaster => "when-faster",
+        }
+    }
+
+    /// Whether a model loaded here goes to `friend` instead: `local_speed` is this node's
+    /// measured decode speed for it (0 before it has run), `local_full` whether its queue
+    /// here is full.
+    pub fn prefers(self, friend: &kith_mesh::Candidate, local_speed: f64, local_full: bool) -> bool {
+        self == Offload::WhenFaster
+            && friend.queued == 0
+            && (local_full || (local_speed > 0.0 && friend.tokens_per_s >= FASTER * local_speed))
+    }
+}
+
+impl std::fmt::Display for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Offload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "when-missing" => Ok(Offload::WhenMissing),
+            "when-faster" => Ok(Offload::WhenFaster),
+            other => Err(format!("unknown offload policy {other:?} (when-missing or when-faster)")),
+        }
+    }
+}
+
 /// Assembles a [`Node`].
 pub struct NodeBuilder {
     models: Vec<(String, LoadedModel)>,
@@ -135,6 +188,7 @@ pub struct NodeBuilder {
     memory: Option<(kith_memory::MemoryStore, kith_memory::RecallIndex)>,
     queue_per_model: usize,
     privacy: Privacy,
+    offload: Offload,
     model_store: Option<(kith_models::Store, kith_models::PullOptions)>,
 }
 
@@ -153,6 +207,7 @@ impl NodeBuilder {
             memory: None,
             queue_per_model: DEFAULT_QUEUE_PER_MODEL,
             privacy: Privacy::default(),
+            offload: Offload::default(),
             model_store: None,
         }
     }
@@ -184,6 +239,12 @@ impl NodeBuilder {
     /// The privacy mode of new conversations and of requests that name none.
     pub fn privacy(mut self, privacy: Privacy) -> Self {
         self.privacy = privacy;
+        self
+    }
+
+    /// When a model loaded here may still run on a friend's node.
+    pub fn offload(mut self, offload: Offload) -> Self {
+        self.offload = offload;
         self
     }
 
@@ -220,6 +281,7 @@ impl NodeBuilder {
                 })),
                 queue_per_model: self.queue_per_model,
                 privacy: self.privacy,
+                offload: self.offload,
                 model_store: self.model_store,
                 pulling: std::sync::Mutex::new(std::collections::HashSet::new()),
                 started: Instant::now(),
@@ -256,6 +318,7 @@ pub(crate) struct Inner {
     queue_per_model: usize,
     /// For new conversations and requests that name none.
     privacy: Privacy,
+    offload: Offload,
     pub(crate) model_store: Option<(kith_models::Store, kith_models::PullOptions)>,
     /// Models being pulled now.
     pub(crate) pulling: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -381,12 +444,29 @@ impl Node {
         self.inner.privacy
     }
 
+    /// When a model loaded here may still run on a friend's node.
+    pub fn offload_policy(&self) -> Offload {
+        self.inner.offload
+    }
+
     /// Decides where a request for `model` runs under `privacy`: this machine when the
-    /// model is loaded here; otherwise, if the privacy mode allows it, the best friend
-    /// offering it (from their last adverts); otherwise an error that names the privacy
-    /// mode when that is what keeps it here.
+    /// model is loaded here (unless the [`Offload`] policy prefers a friend); otherwise,
+    /// if the privacy mode allows it, the best friend offering it (from their last
+    /// adverts); otherwise an error that names the privacy mode when that is what keeps
+    /// it here.
     pub fn route(&self, model: &str, privacy: Privacy) -> Result<Route, NodeError> {
-        if self.inner.models.iter().any(|m| m.name == model) {
+        if let Some(slot) = self.inner.models.iter().find(|m| m.name == model) {
+            if privacy == Privacy::FriendsAllowed
+                && self.inner.offload != Offload::WhenMissing
+                && let Some(friend) = self.mesh().and_then(|mesh| mesh.candidates(model).into_iter().next())
+            {
+                let speed = slot.engine().map_or(0.0, |e| e.decode_speed());
+                let full = slot.queue.available_permits() == 0;
+                if self.inner.offload.prefers(&friend, speed, full) {
+                    tracing::debug!(model, friend = %friend.name, local_speed = speed, local_full = full, "offloading a local model");
+                    return Ok(Route::Peer { peer: friend.peer, name: friend.name });
+                }
+            }
             return Ok(Route::Local);
         }
         match privacy {
@@ -409,8 +489,21 @@ impl Node {
             let friend = mesh.find(who)?;
             return Ok(Route::Peer { peer: friend.peer_id, name: friend.name });
         }
+        let stale = self.mesh().is_some_and(|m| m.adverts_stale());
         match self.route(model, privacy) {
-            Err(NodeError::UnknownModel { .. }) if self.mesh().is_some_and(|m| m.adverts_stale()) => {
+            Err(NodeError::UnknownModel { .. }) if stale => {
+                if let Some(mesh) = self.mesh() {
+                    mesh.refresh().await;
+                }
+                self.route(model, privacy)
+            }
+            // Full here: a friend may take it under `when-faster`, if it still offers it.
+            Ok(Route::Local)
+                if stale
+                    && privacy == Privacy::FriendsAllowed
+                    && self.inner.offload == Offload::WhenFaster
+                    && self.inner.models.iter().any(|m| m.name == model && m.queue.available_permits() == 0) =>
+            {
                 if let Some(mesh) = self.mesh() {
                     mesh.refresh().await;
                 }
@@ -608,5 +701,38 @@ impl Node {
             }
             tracing::info!("vault closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn friend(tokens_per_s: f64, queued: u32) -> kith_mesh::Candidate {
+        kith_mesh::Candidate {
+            peer: kith_mesh::PeerId::random(),
+            name: "bob".into(),
+            tokens_per_s,
+            queued,
+            rtt: None,
+            context_length: 8192,
+        }
+    }
+
+    #[test]
+    fn when_faster_prefers_a_free_friend_that_is_much_faster_or_a_full_queue_here() {
+        let faster = Offload::WhenFaster;
+        assert!(faster.prefers(&friend(300.0, 0), 100.0, false), "3x faster and idle");
+        assert!(faster.prefers(&friend(150.0, 0), 100.0, false), "exactly 1.5x");
+        assert!(!faster.prefers(&friend(140.0, 0), 100.0, false), "not fast enough");
+        assert!(!faster.prefers(&friend(300.0, 1), 100.0, false), "the friend has a queue");
+        assert!(!faster.prefers(&friend(300.0, 0), 0.0, false), "not measured here yet: run here");
+        assert!(faster.prefers(&friend(10.0, 0), 100.0, true), "full here: any free friend");
+        assert!(!faster.prefers(&friend(10.0, 2), 100.0, true), "full there too");
+        for (speed, full) in [(100.0, false), (100.0, true), (0.0, true)] {
+            assert!(!Offload::WhenMissing.prefers(&friend(1000.0, 0), speed, full));
+        }
+        assert_eq!("when-faster".parse::<Offload>(), Ok(Offload::WhenFaster));
+        assert!("always".parse::<Offload>().expect_err("unknown").contains("when-missing or when-faster"));
     }
 }

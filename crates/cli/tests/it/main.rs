@@ -504,8 +504,12 @@ fn serve_answers_with_the_token_and_stops_on_sigterm() {
 fn config_file_flags_and_variables() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("config.toml");
-    std::fs::write(&file, "threads = 1\nmodel = \"gemma3-270m\"\n[serve]\nqueue = 3\nlisten = \"127.0.0.1:9000\"\n")
-        .expect("write");
+    std::fs::write(
+        &file,
+        "threads = 1\nmodel = \"gemma3-270m\"\n[serve]\nqueue = 3\nlisten = \"127.0.0.1:9000\"\n\
+         offload = \"when-faster\"\nmesh_listen = [\"/ip4/0.0.0.0/tcp/4800\"]\nno_mdns = true\nname = \"box\"\n",
+    )
+    .expect("write");
     let file_arg = file.to_str().expect("utf-8 path");
     let shown = stdout(&kith_with(&["config"], dir.path(), &[("KITH_CONFIG", file_arg), ("KITH_QUEUE", "5")]));
     for line in [
@@ -514,6 +518,11 @@ fn config_file_flags_and_variables() {
         "listen = \"127.0.0.1:9000\"  # config file",
         "queue = 5  # environment",
         "max_tokens = 4096  # default",
+        "offload = \"when-faster\"  # config file",
+        "mesh_listen = [\"/ip4/0.0.0.0/tcp/4800\"]  # config file",
+        "no_mdns = true  # config file",
+        "name = \"box\"  # config file",
+        "no_mesh = false  # default",
     ] {
         assert!(shown.contains(line), "missing {line:?} in:\n{shown}");
     }
@@ -521,6 +530,9 @@ fn config_file_flags_and_variables() {
     let bad = kith_with(&["config"], dir.path(), &[("KITH_CONFIG", file_arg)]);
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains(file_arg) && stderr(&bad).contains("queue"), "{}", stderr(&bad));
+    std::fs::write(&file, "[serve]\noffload = \"always\"\n").expect("write");
+    let bad = kith_with(&["config"], dir.path(), &[("KITH_CONFIG", file_arg)]);
+    assert!(!bad.status.success() && stderr(&bad).contains("offload"), "{}", stderr(&bad));
 }
 
 /// `kith` with `input` on stdin.
