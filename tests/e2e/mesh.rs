@@ -184,3 +184,47 @@ async fn a_full_queue_goes_to_a_friend_when_faster_is_allowed() {
         node.shutdown().await;
     }
 }
+
+/// A friend's prompt counts against their quota: one that does not fit in what is left is
+/// refused before it runs, naming the quota; a request cancelled after its first token
+/// still counts its prompt in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_count_against_the_quota_even_when_cancelled() {
+    let a = NodeBuilder::new().build().expect("A, no model");
+    let b = NodeBuilder::new().model("smollm2-135m", load_smollm()).build().expect("B");
+    let (a_mesh, b_mesh) = (join(&a, "alice").await, join(&b, "bob").await);
+    a_mesh.accept(&b_mesh.invite().encode()).await.expect("A pairs with B");
+    let limit = |tokens| kith_mesh::FriendUpdate { tokens_per_day: Some(tokens), ..Default::default() };
+    let today = kith_mesh::now_s() / 86_400;
+    let question = vec![ChatMessage::user("Tell me about the history of the printing press in Europe.")];
+    let prompt_tokens = b.chat_prompt_tokens("smollm2-135m", &question).expect("count");
+
+    b_mesh.set("alice", limit(prompt_tokens as u64)).expect("quota");
+    let request = GenerateRequest::new(Prompt::Chat(question.clone()), greedy(8));
+    let generation = a.generate("smollm2-135m", request, Privacy::FriendsAllowed).await.expect("routed to B");
+    let mut stream = generation.stream;
+    let refused = stream.next().await.expect("an event").expect_err("over quota");
+    assert!(refused.to_string().contains("does not fit in the"), "{refused}");
+    assert!(refused.to_string().contains("daily token quota"), "{refused}");
+    let after_refusal = b_mesh.state().used_on(&a_mesh.peer_id(), today);
+    assert_eq!(after_refusal.tokens_in + after_refusal.tokens_out, 0, "nothing ran");
+
+    b_mesh.set("alice", limit(100_000)).expect("quota");
+    let request = GenerateRequest::new(Prompt::Chat(question), greedy(200));
+    let mut generation = a.generate("smollm2-135m", request, Privacy::FriendsAllowed).await.expect("routed to B");
+    assert!(matches!(generation.stream.next().await, Some(Ok(StreamEvent::Token(_)))));
+    drop(generation); // cancelled after one token
+    let mut used = b_mesh.state().used_on(&a_mesh.peer_id(), today);
+    for _ in 0..50 {
+        if used.requests > after_refusal.requests {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        used = b_mesh.state().used_on(&a_mesh.peer_id(), today);
+    }
+    assert_eq!(used.tokens_in, prompt_tokens as u64, "the cancelled request's prompt counts");
+    assert!(used.tokens_out >= 1 && used.tokens_out < 200, "{used:?}");
+    for node in [a, b] {
+        node.shutdown().await;
+    }
+}

@@ -148,10 +148,22 @@ pub struct RemoteError {
 pub struct ServeJob {
     /// The friend's name here (for logs: never log the request's content).
     pub friend: String,
-    /// The request.
+    /// The request (`max_tokens` already capped to what is left of the quota).
     pub request: InferRequest,
     /// Where the answer goes.
     pub events: mpsc::Sender<ToClient>,
+    /// Tokens (in and out) left of the friend's daily quota here before this request;
+    /// `None` without a quota. A prompt longer than this should be refused.
+    pub tokens_left: Option<u64>,
+    prompt_tokens: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ServeJob {
+    /// Tells the ledger this request's prompt tokens once it runs, so that they count
+    /// even if the friend cancels before the `Done` that carries them.
+    pub fn count_prompt(&self, tokens: u64) {
+        self.prompt_tokens.store(tokens, Ordering::Relaxed);
+    }
 }
 
 /// What the node offers (all models); the mesh filters it per friend.
@@ -965,15 +977,24 @@ impl Mesh {
             return;
         }
         let mut request = request;
-        if let Some(limit) = friend.tokens_per_day {
+        let tokens_left = friend.tokens_per_day.map(|limit| {
             let used = self.state().used_on(&friend.peer_id, day);
-            let left = limit.saturating_sub(used.tokens_in + used.tokens_out) as usize;
-            let budget = left + request.continue_ids.len();
+            limit.saturating_sub(used.tokens_in + used.tokens_out)
+        });
+        if let Some(left) = tokens_left {
+            let budget = left as usize + request.continue_ids.len();
             request.params.max_tokens = request.params.max_tokens.min(budget);
         }
         let request_id = request.request_id.clone();
         let (events, mut rx) = mpsc::channel(64);
-        let job = ServeJob { friend: friend.name.clone(), request, events };
+        let prompt_tokens = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let job = ServeJob {
+            friend: friend.name.clone(),
+            request,
+            events,
+            tokens_left,
+            prompt_tokens: prompt_tokens.clone(),
+        };
         if self.inner.serve.send(job).await.is_err() {
             let _ = wire::write(&mut writer, &refuse("failed", "this node is shutting down".into())).await;
             return;
@@ -1005,6 +1026,10 @@ impl Mesh {
             }
         }
         drop(rx);
+        if tokens_in == 0 {
+            // Cancelled (or failed) before the end: the prompt still ran.
+            tokens_in = prompt_tokens.load(Ordering::Relaxed);
+        }
         self.update(|s| s.record(&friend.peer_id, day, tokens_in, tokens_out));
         tracing::info!(friend = %friend.name, request = %request_id, tokens_in, tokens_out, "friend's request ended");
     }

@@ -636,6 +636,14 @@ impl Node {
         self.memory().is_some()
     }
 
+    /// How many tokens `messages` make as a prompt for `model` (chat template applied).
+    pub fn chat_prompt_tokens(&self, model: &str, messages: &[kith_types::ChatMessage]) -> Result<usize, NodeError> {
+        let engine = self.engine_handle(model)?;
+        let text = engine.chat_template().render(messages, true)?;
+        let ids = engine.tokenizer().encode(&text, true, true).map_err(kith_infer::GenerateError::Tokenizer)?;
+        Ok(ids.len())
+    }
+
     pub(crate) fn engine_handle(&self, model: &str) -> Result<EngineHandle, NodeError> {
         let slot = self.inner.models.iter().find(|m| m.name == model).ok_or_else(|| self.unknown_model(model))?;
         slot.engine().ok_or(NodeError::ShuttingDown)

@@ -268,12 +268,39 @@ fn rand_u64() -> u64 {
 /// Runs a friend's job on this node's engine and streams the answer back. Nothing of
 /// the request or the answer is stored or logged.
 async fn serve_job(node: Node, job: ServeJob) {
-    let ServeJob { friend, request, events } = job;
     let started = Instant::now();
     let refuse = |code: &str, message: String| ToClient::Error(WireError::new(code, message));
-    let mut generate = GenerateRequest::new(Prompt::Chat(request.messages), request.params);
+    let (friend, events) = (job.friend.clone(), job.events.clone());
+    let request = job.request.clone();
+    // The prompt counts against the friend's quota: one longer than what is left is
+    // refused before it runs, and what it leaves bounds the answer.
+    let prompt_tokens = match node.chat_prompt_tokens(&request.model, &request.messages) {
+        Ok(n) => n as u64,
+        Err(e) => {
+            let code = if matches!(e, NodeError::UnknownModel { .. }) { "model" } else { "bad_request" };
+            let _ = events.send(refuse(code, e.to_string())).await;
+            return;
+        }
+    };
+    let mut params = request.params;
+    if let Some(left) = job.tokens_left {
+        if prompt_tokens >= left {
+            let message = format!(
+                "this prompt of {prompt_tokens} tokens does not fit in the {left} tokens left of your daily token quota on this node; it resets at 00:00 UTC"
+            );
+            let _ = events.send(refuse("quota", message)).await;
+            return;
+        }
+        let answer_budget = (left - prompt_tokens) as usize + request.continue_ids.len();
+        params.max_tokens = params.max_tokens.min(answer_budget.max(1));
+    }
+    let mut generate = GenerateRequest::new(Prompt::Chat(request.messages), params);
     generate.continue_from = request.continue_ids;
-    let mut generation = match node.generate_for_friend(&request.model, generate).await {
+    let generation = node.generate_for_friend(&request.model, generate).await;
+    if generation.is_ok() {
+        job.count_prompt(prompt_tokens);
+    }
+    let mut generation = match generation {
         Ok(generation) => generation,
         Err(NodeError::Busy(model)) => {
             let _ = events.send(refuse("busy", format!("{model} is busy on this node; try again shortly"))).await;
