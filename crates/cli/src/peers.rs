@@ -131,11 +131,14 @@ fn print_peer(peer: &Value) {
         if peer["offload_to"].as_bool().unwrap_or(false) { "on" } else { "off" }
     );
     for offer in peer["offers"].as_array().cloned().unwrap_or_default() {
+        let speed = match offer["tokens_per_s"].as_f64().unwrap_or(0.0) {
+            0.0 => "speed not measured yet".to_owned(),
+            speed => format!("{speed:.0} tok/s"),
+        };
         println!(
-            "  offers {} on {} ({:.0} tok/s, {} queued)",
+            "  offers {} on {} ({speed}, {} queued)",
             text(&offer["model"]),
             text(&offer["device"]),
-            offer["tokens_per_s"].as_f64().unwrap_or(0.0),
             offer["queued"]
         );
     }
