@@ -91,6 +91,10 @@ async fn join(node: &Node, name: &str) -> Mesh {
 }
 
 fn main() {
+    // KITH_LOG=kith_mesh=debug (say) shows the mesh at work.
+    if let Ok(filter) = std::env::var("KITH_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
         let b = NodeBuilder::new().model(MODEL, load()).build().expect("B");

@@ -506,8 +506,19 @@ impl Mesh {
     async fn pair_with(&self, code: &InviteCode) -> Result<Friend, MeshError> {
         let inviter = code.inviter;
         self.learn(inviter, code.addrs.clone()).await;
-        let mut stream = self.open(inviter, PAIR_PROTOCOL).await?;
-        let Pairing::Challenge { nonce } = read_answer(&mut stream, &inviter).await? else {
+        let mut attempt = 1;
+        let (mut stream, challenge) = loop {
+            let mut stream = self.open(inviter, PAIR_PROTOCOL).await?;
+            let first = tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await;
+            match first {
+                Ok(first) if dropped_unanswered(&first) && attempt < UNANSWERED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
+                }
+                first => break (stream, first),
+            }
+        };
+        let Pairing::Challenge { nonce } = answer(challenge, &inviter)? else {
             return Err(MeshError::Refused("unexpected answer".into()));
         };
         let nonce = unhex(&nonce).unwrap_or_default();
@@ -663,11 +674,20 @@ impl Mesh {
     }
 
     async fn query_status(&self, peer: PeerId) -> Result<Advert, MeshError> {
-        let mut stream = self.open(peer, STATUS_PROTOCOL).await?;
-        match wire::read::<Advert>(&mut stream).await {
-            Ok(Some(advert)) => Ok(advert),
-            Ok(None) => Err(MeshError::Unreachable { peer: peer.to_string(), reason: "no status".into() }),
-            Err(source) => Err(MeshError::Frame { peer: peer.to_string(), source }),
+        let mut attempt = 1;
+        loop {
+            let mut stream = self.open(peer, STATUS_PROTOCOL).await?;
+            let answer = wire::read::<Advert>(&mut stream).await;
+            if dropped_unanswered(&answer) && attempt < UNANSWERED_ATTEMPTS {
+                attempt += 1;
+                tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
+                continue;
+            }
+            return match answer {
+                Ok(Some(advert)) => Ok(advert),
+                Ok(None) => Err(MeshError::Unreachable { peer: peer.to_string(), reason: "no status".into() }),
+                Err(source) => Err(MeshError::Frame { peer: peer.to_string(), source }),
+            };
         }
     }
 
@@ -678,12 +698,31 @@ impl Mesh {
         if !friend.offload_to {
             return Err(MeshError::OffloadOff(friend.name));
         }
-        let mut stream = self.open(peer, INFER_PROTOCOL).await?;
-        wire::write(&mut stream, &ToServer::Infer(request))
-            .await
-            .map_err(|source| MeshError::Frame { peer: friend.name.clone(), source })?;
-        let (read, write) = stream.split();
-        Ok(Offload { friend: friend.name, read, write: Some(write), done: false })
+        let (read, write) = self.send_infer(peer, &friend.name, &request).await?;
+        let retry = Some((self.clone(), peer, request));
+        Ok(Offload { friend: friend.name, read, write: Some(write), done: false, retry, attempt: 1 })
+    }
+
+    /// Opens an inference stream to `peer` and sends `request` on it.
+    async fn send_infer(
+        &self,
+        peer: PeerId,
+        name: &str,
+        request: &InferRequest,
+    ) -> Result<(futures_util::io::ReadHalf<Stream>, futures_util::io::WriteHalf<Stream>), MeshError> {
+        let mut attempt = 1;
+        loop {
+            let mut stream = self.open(peer, INFER_PROTOCOL).await?;
+            match wire::write(&mut stream, &ToServer::Infer(request.clone())).await {
+                Ok(()) => return Ok(stream.split()),
+                // Dropped unread (see `dropped_unanswered`): again.
+                Err(FrameError::Io(_)) if attempt < UNANSWERED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
+                }
+                Err(source) => return Err(MeshError::Frame { peer: name.to_owned(), source }),
+            }
+        }
     }
 
     /// Tries the inference protocol against any peer, trusted or not, as a stranger
@@ -1050,8 +1089,28 @@ fn relay_config() -> relay::Config {
 const RELAY_HOP: StreamProtocol = StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
 
 /// The inviter's next pairing message; a refusal, silence or a closed stream is an error.
+/// Tries at a request whose stream the peer dropped before answering anything.
+const UNANSWERED_ATTEMPTS: u32 = 3;
+const UNANSWERED_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Whether a stream ended (or broke) before its first frame. libp2p-stream drops an
+/// inbound stream when the previous one has not been taken yet (its accept channel holds
+/// one), so a burst of requests can lose some before the peer saw them: the peer never
+/// read them, and sending again is safe.
+fn dropped_unanswered<T>(first: &Result<Option<T>, FrameError>) -> bool {
+    matches!(first, Ok(None) | Err(FrameError::Io(_)))
+}
+
 async fn read_answer(stream: &mut Stream, inviter: &PeerId) -> Result<Pairing, MeshError> {
-    match tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(stream)).await {
+    answer(tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(stream)).await, inviter)
+}
+
+/// An inviter's answer, read within [`FIRST_FRAME`].
+fn answer(
+    read: Result<Result<Option<Pairing>, FrameError>, tokio::time::error::Elapsed>,
+    inviter: &PeerId,
+) -> Result<Pairing, MeshError> {
+    match read {
         Ok(Ok(Some(Pairing::Refused(e)))) => Err(MeshError::Refused(e.message)),
         Ok(Ok(Some(answer))) => Ok(answer),
         Ok(Ok(None)) => Err(MeshError::Refused("the inviter closed the stream".into())),
@@ -1078,6 +1137,10 @@ pub struct Offload {
     read: futures_util::io::ReadHalf<Stream>,
     write: Option<futures_util::io::WriteHalf<Stream>>,
     done: bool,
+    /// To send the request again while nothing has been answered (see
+    /// [`dropped_unanswered`]); gone after the first frame.
+    retry: Option<(Mesh, PeerId, InferRequest)>,
+    attempt: u32,
 }
 
 impl std::fmt::Debug for Offload {
@@ -1098,7 +1161,24 @@ impl Offload {
         if self.done {
             return None;
         }
-        let event = wire::read::<ToClient>(&mut self.read).await;
+        let mut event = wire::read::<ToClient>(&mut self.read).await;
+        while dropped_unanswered(&event) && self.attempt < UNANSWERED_ATTEMPTS {
+            let Some((mesh, peer, request)) = &self.retry else { break };
+            self.attempt += 1;
+            tracing::debug!(friend = %self.friend, attempt = self.attempt, "request dropped unanswered; sending it again");
+            tokio::time::sleep(UNANSWERED_BACKOFF * self.attempt).await;
+            match mesh.send_infer(*peer, &self.friend, request).await {
+                Ok((read, write)) => {
+                    (self.read, self.write) = (read, Some(write));
+                    event = wire::read::<ToClient>(&mut self.read).await;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.retry = None;
         let peer = self.friend.clone();
         match event {
             Ok(Some(ToClient::Error(e))) => {

@@ -265,3 +265,27 @@ async fn the_concurrency_quota_holds() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(collect(&a, b.peer_id(), request(2)).await.expect("a place again"), "0 1 ");
 }
+
+/// A burst of requests opened at once all get answered: streams the serving side drops
+/// unread (libp2p-stream keeps one waiting inbound stream) are sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_is_all_answered() {
+    let (a, _) = node("alice", Duration::from_millis(1)).await;
+    let (b, _) = node("bob", Duration::from_millis(1)).await;
+    a.accept(&b.invite().encode()).await.expect("pairs");
+    b.set("alice", FriendUpdate { max_concurrent: Some(128), tokens_per_day: Some(0), ..Default::default() })
+        .expect("limits");
+    for round in 0..5 {
+        let burst: Vec<_> = (0..64)
+            .map(|_| {
+                let a = a.clone();
+                let peer = b.peer_id();
+                tokio::spawn(async move { collect(&a, peer, request(4)).await })
+            })
+            .collect();
+        for answer in futures_util::future::join_all(burst).await {
+            let answer = answer.expect("task").unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(answer, "0 1 2 3 ");
+        }
+    }
+}
