@@ -56,3 +56,19 @@ serve() { # ns name model mesh-listen [VAR=value…]: `kith serve` in $work/name
   cat "$home/serve.log" >&2
   return 1
 }
+
+peers() { local ns=$1 name=$2; shift 2; in_ns "$ns" "$work/$name" "$kith" peers "$@"; }
+
+# A (alice in $ns_a) and C (carol in $ns_c) pair with R (relay in $ns_r); once C holds a
+# slot on R's relay, A accepts C's invite, which carries C's address through R.
+pair_through_relay() {
+  peers "$ns_a" alice accept "$(peers "$ns_r" relay invite 2>/dev/null)"
+  peers "$ns_c" carol accept "$(peers "$ns_r" relay invite 2>/dev/null)"
+  # C holds a slot on R once it has identified R as a relay.
+  for _ in $(seq 1 50); do
+    grep -q 'relay slot reserved' "$work/carol/serve.log" && break
+    sleep 0.2
+  done
+  grep -q 'relay slot reserved' "$work/carol/serve.log" || { cat "$work/carol/serve.log" >&2; echo "no relay slot" >&2; exit 1; }
+  peers "$ns_a" alice accept "$(peers "$ns_c" carol invite)"
+}

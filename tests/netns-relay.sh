@@ -16,21 +16,11 @@ if ip -n "$ns_a" route get 10.78.2.2 >/dev/null 2>&1; then
   echo "A can reach C directly: the test would prove nothing" >&2; exit 1
 fi
 
-peers() { local ns=$1 name=$2; shift 2; in_ns "$ns" "$work/$name" "$kith" peers "$@"; }
 serve "$ns_r" relay smollm2-135m /ip4/0.0.0.0/tcp/4790 KITH_NO_MDNS=1
 serve "$ns_a" alice smollm2-135m /ip4/0.0.0.0/tcp/4790 KITH_NO_MDNS=1
 serve "$ns_c" carol gemma3-270m /ip4/0.0.0.0/tcp/4790 KITH_NO_MDNS=1
 
-peers "$ns_a" alice accept "$(peers "$ns_r" relay invite 2>/dev/null)"
-peers "$ns_c" carol accept "$(peers "$ns_r" relay invite 2>/dev/null)"
-# C holds a slot on R once it has identified R as a relay.
-for _ in $(seq 1 50); do
-  grep -q 'relay slot reserved' "$work/carol/serve.log" && break
-  sleep 0.2
-done
-grep -q 'relay slot reserved' "$work/carol/serve.log" || { cat "$work/carol/serve.log" >&2; echo "no relay slot" >&2; exit 1; }
-code=$(peers "$ns_c" carol invite)
-peers "$ns_a" alice accept "$code"
+pair_through_relay
 listed=$(peers "$ns_a" alice list)
 echo "$listed"
 grep -A0 '^carol' <<<"$listed" | grep -q 'connected (relayed' || { echo "carol is not reached through the relay" >&2; exit 1; }

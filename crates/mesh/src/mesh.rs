@@ -1380,7 +1380,13 @@ async fn run_swarm(
                 Some(SwarmCommand::Disconnect(peer)) => {
                     let _ = swarm.disconnect_peer_id(peer);
                 }
-                Some(SwarmCommand::Trusted(peer)) => reserve(&mut swarm, &mut relays, peer),
+                Some(SwarmCommand::Trusted(peer)) => {
+                    reserve(&mut swarm, &mut relays, peer);
+                    // What it said it listens on while still a stranger (pairing).
+                    if let (Some(inner), Some(addrs)) = (mesh.upgrade(), book.get(&peer)) {
+                        save_addrs(&inner, peer, addrs);
+                    }
+                }
             },
             event = swarm.select_next_some() => {
                 let Some(inner) = mesh.upgrade() else { return };
@@ -1423,6 +1429,10 @@ fn on_event(
             }
             listen.send_modify(|addrs| addrs.push(address));
         }
+        SwarmEvent::NewExternalAddrCandidate { address } => {
+            // What a peer sees of this node (identify): hole punching's candidates.
+            tracing::info!(%address, "outside address seen by a peer");
+        }
         SwarmEvent::ExpiredListenAddr { address, .. } => listen.send_modify(|addrs| addrs.retain(|a| *a != address)),
         SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
             let relayed = endpoint.get_remote_address().iter().any(|p| matches!(p, Protocol::P2pCircuit));
@@ -1457,6 +1467,9 @@ fn on_event(
             relays.reserved.remove(&peer_id);
             relays.transports.retain(|(peer, _)| *peer != peer_id);
             relays.circuits.remove(&peer_id);
+            if !trusted(&peer_id) {
+                book.remove(&peer_id);
+            }
             with_live(peer_id, &mut |l| {
                 l.connected = false;
                 l.path = None;
@@ -1481,8 +1494,12 @@ fn on_event(
             observe_on_every_transport(swarm, relays, peer_id, &info.listen_addrs);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-            // Not trusted (yet): remember whether it relays, for when pairing succeeds.
+            // Not trusted (yet): remember whether it relays and where it listens, for when
+            // pairing succeeds (only the swarm's own book: nothing is dialled or saved).
             tracing::debug!(peer = %peer_id, protocols = ?info.protocols, "identified a stranger");
+            for addr in info.listen_addrs.into_iter().take(MAX_SAVED_ADDRS) {
+                remember(peer_id, addr);
+            }
             if info.protocols.contains(&RELAY_HOP) {
                 relays.capable.insert(peer_id);
             }

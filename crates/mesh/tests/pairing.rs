@@ -113,6 +113,18 @@ async fn pairing_offload_and_refusals() {
     assert_eq!(friend.peer_id, b.peer_id());
     let seen_by_b = b.find("alice").expect("must succeed");
     assert_eq!(seen_by_b.peer_id, a.peer_id());
+    // The inviter saves where the accepter listens (told while it was still a stranger),
+    // so that it can dial it after a restart.
+    let mut saved = Vec::new();
+    for _ in 0..50 {
+        saved = b.find("alice").expect("must succeed").addrs;
+        if !saved.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a_listens: Vec<String> = a.listen_addrs().iter().map(|m| m.to_string()).collect();
+    assert!(saved.iter().any(|s| a_listens.contains(s)), "saved {saved:?}, A listens on {a_listens:?}");
     assert!(b.state().invites.iter().all(|i| i.used));
     assert_eq!(a.find(&b.device_id().to_string()).expect("must succeed").name, "bob");
 
