@@ -45,21 +45,12 @@ if ip netns exec "$ns_c" timeout 2 bash -c 'exec 3<>/dev/tcp/192.168.1.2/4790' 2
   echo "C can open a connection to A: the test would prove nothing" >&2; exit 1
 fi
 
-peers() { local ns=$1 name=$2; shift 2; in_ns "$ns" "$work/$name" "$kith" peers "$@"; }
 listen=/ip4/0.0.0.0/tcp/4790,/ip4/0.0.0.0/udp/4790/quic-v1
 serve "$ns_r" relay smollm2-135m "$listen" KITH_NO_MDNS=1
 serve "$ns_a" alice smollm2-135m "$listen" KITH_NO_MDNS=1 KITH_LOG=${NAT_LOG:-kith_mesh=info}
 serve "$ns_c" carol gemma3-270m "$listen" KITH_NO_MDNS=1 KITH_LOG=${NAT_LOG:-kith_mesh=info}
 
-peers "$ns_a" alice accept "$(peers "$ns_r" relay invite 2>/dev/null)"
-peers "$ns_c" carol accept "$(peers "$ns_r" relay invite 2>/dev/null)"
-for _ in $(seq 1 50); do
-  grep -q 'relay slot reserved' "$work/carol/serve.log" && break
-  sleep 0.2
-done
-grep -q 'relay slot reserved' "$work/carol/serve.log" || { cat "$work/carol/serve.log" >&2; echo "no relay slot" >&2; exit 1; }
-code=$(peers "$ns_c" carol invite)
-peers "$ns_a" alice accept "$code"
+pair_through_relay
 for _ in $(seq 1 50); do
   listed=$(peers "$ns_a" alice list)
   grep '^carol' <<<"$listed" | grep -q 'hole-punched' && break
