@@ -510,13 +510,10 @@ impl Mesh {
         let (mut stream, challenge) = loop {
             let mut stream = self.open(inviter, PAIR_PROTOCOL).await?;
             let first = tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(&mut stream)).await;
-            match first {
-                Ok(first) if dropped_unanswered(&first) && attempt < UNANSWERED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
-                }
-                first => break (stream, first),
+            if matches!(&first, Ok(first) if dropped_unanswered(first)) && try_again(&mut attempt).await {
+                continue;
             }
+            break (stream, first);
         };
         let Pairing::Challenge { nonce } = answer(challenge, &inviter)? else {
             return Err(MeshError::Refused("unexpected answer".into()));
@@ -678,9 +675,7 @@ impl Mesh {
         loop {
             let mut stream = self.open(peer, STATUS_PROTOCOL).await?;
             let answer = wire::read::<Advert>(&mut stream).await;
-            if dropped_unanswered(&answer) && attempt < UNANSWERED_ATTEMPTS {
-                attempt += 1;
-                tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
+            if dropped_unanswered(&answer) && try_again(&mut attempt).await {
                 continue;
             }
             return match answer {
@@ -716,10 +711,7 @@ impl Mesh {
             match wire::write(&mut stream, &ToServer::Infer(request.clone())).await {
                 Ok(()) => return Ok(stream.split()),
                 // Dropped unread (see `dropped_unanswered`): again.
-                Err(FrameError::Io(_)) if attempt < UNANSWERED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(UNANSWERED_BACKOFF * attempt).await;
-                }
+                Err(FrameError::Io(_)) if try_again(&mut attempt).await => {}
                 Err(source) => return Err(MeshError::Frame { peer: name.to_owned(), source }),
             }
         }
@@ -1101,6 +1093,17 @@ fn dropped_unanswered<T>(first: &Result<Option<T>, FrameError>) -> bool {
     matches!(first, Ok(None) | Err(FrameError::Io(_)))
 }
 
+/// Whether attempt number `attempt` at a request dropped unanswered may be followed by
+/// another; if so, counts it and waits a little longer each time first.
+async fn try_again(attempt: &mut u32) -> bool {
+    if *attempt >= UNANSWERED_ATTEMPTS {
+        return false;
+    }
+    *attempt += 1;
+    tokio::time::sleep(UNANSWERED_BACKOFF * *attempt).await;
+    true
+}
+
 async fn read_answer(stream: &mut Stream, inviter: &PeerId) -> Result<Pairing, MeshError> {
     answer(tokio::time::timeout(FIRST_FRAME, wire::read::<Pairing>(stream)).await, inviter)
 }
@@ -1162,11 +1165,9 @@ impl Offload {
             return None;
         }
         let mut event = wire::read::<ToClient>(&mut self.read).await;
-        while dropped_unanswered(&event) && self.attempt < UNANSWERED_ATTEMPTS {
+        while dropped_unanswered(&event) && self.retry.is_some() && try_again(&mut self.attempt).await {
             let Some((mesh, peer, request)) = &self.retry else { break };
-            self.attempt += 1;
             tracing::debug!(friend = %self.friend, attempt = self.attempt, "request dropped unanswered; sending it again");
-            tokio::time::sleep(UNANSWERED_BACKOFF * self.attempt).await;
             match mesh.send_infer(*peer, &self.friend, request).await {
                 Ok((read, write)) => {
                     (self.read, self.write) = (read, Some(write));
