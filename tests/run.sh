@@ -27,13 +27,13 @@ export KITH_TEST_PYTHON="$PWD/$sdk/py/bin/python" KITH_TEST_JS="$PWD/$sdk/js"
 
 cargo test --workspace "$@"
 
-# Nodes in separate network namespaces pair and offload: directly and through a friend's
-# relay (needs root for ip netns). tests/netns-nat.sh (hole punching behind two NATs) is
-# not run here yet: it races with learning the outside addresses (issue 5's note).
+# Nodes in separate network namespaces pair and offload: directly, through a friend's
+# relay, and hole-punched through two NATs (needs root for ip netns, and iptables).
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && ip netns add kith-probe-$$ 2>/dev/null; then
   ip netns del kith-probe-$$
   tests/netns.sh target/debug/kith
   tests/netns-relay.sh target/debug/kith
+  tests/netns-nat.sh target/debug/kith
 else
   echo "skipping tests/netns*.sh: they need root and ip netns (run them with sudo)" >&2
 fi

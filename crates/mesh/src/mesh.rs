@@ -181,6 +181,23 @@ pub enum Path {
     HolePunched,
 }
 
+impl Live {
+    fn connected(&self) -> bool {
+        !self.direct.is_empty() || !self.relayed.is_empty()
+    }
+
+    /// The best path open now.
+    fn path(&self) -> Option<Path> {
+        if !self.direct.is_empty() {
+            Some(if self.punched { Path::HolePunched } else { Path::Direct })
+        } else if !self.relayed.is_empty() {
+            Some(Path::Relayed)
+        } else {
+            None
+        }
+    }
+}
+
 impl Path {
     /// `direct`, `relayed` or `hole-punched`.
     pub fn as_str(self) -> &'static str {
@@ -242,8 +259,12 @@ enum SwarmCommand {
 
 #[derive(Default)]
 struct Live {
-    connected: bool,
-    path: Option<Path>,
+    /// Open connections, direct and through a relay.
+    direct: std::collections::HashSet<libp2p::swarm::ConnectionId>,
+    relayed: std::collections::HashSet<libp2p::swarm::ConnectionId>,
+    /// A hole was punched since the last relayed connection: the direct ones run
+    /// through it (they may reconnect after hole punching's simultaneous dials race).
+    punched: bool,
     rtt: Option<Duration>,
     advert: Option<(Instant, Advert)>,
     /// Why the last dial failed, until the next attempt.
@@ -554,8 +575,8 @@ impl Mesh {
                 let l = live.as_ref().ok().and_then(|l| l.get(&friend.peer_id));
                 PeerView {
                     device_id: friend.device_id().to_string(),
-                    connected: l.is_some_and(|l| l.connected),
-                    path: l.and_then(|l| l.path),
+                    connected: l.is_some_and(Live::connected),
+                    path: l.and_then(Live::path),
                     rtt_ms: l.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1000.0),
                     offers: l.and_then(|l| l.advert.as_ref()).map(|(_, a)| a.models.clone()).unwrap_or_default(),
                     friend,
@@ -747,7 +768,7 @@ impl Mesh {
     }
 
     fn is_connected(&self, peer: &PeerId) -> bool {
-        self.inner.live.lock().is_ok_and(|live| live.get(peer).is_some_and(|l| l.connected))
+        self.inner.live.lock().is_ok_and(|live| live.get(peer).is_some_and(Live::connected))
     }
 
     /// Waits until a connection to `peer` is up (dialling its known addresses), so that
@@ -1251,6 +1272,8 @@ struct Relays {
     transports: std::collections::HashSet<(PeerId, Transport)>,
     /// Relayed connections to each friend, closed once a hole is punched.
     circuits: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    /// Transports on which a peer has told us our outside address.
+    outside: std::collections::HashSet<Transport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1323,6 +1346,36 @@ fn observe_on_every_transport(
     }
 }
 
+/// Opens a new relayed connection to each friend reachable only through a relay. DCUtR
+/// takes both sides' outside addresses once, when a relayed connection opens, and retries
+/// with those: after this node learns its address on another transport, only a new
+/// relayed connection lets hole punching try it (the old one is closed on success).
+fn punch_again(swarm: &mut libp2p::Swarm<Behaviour>, relays: &Relays) {
+    let Some((relay, addr)) = relays.dialed.iter().find(|(peer, _)| relays.capable.contains(peer)) else {
+        return;
+    };
+    let through: Vec<PeerId> = relays
+        .circuits
+        .iter()
+        .filter(|(friend, ids)| !ids.is_empty() && *friend != relay)
+        .map(|(friend, _)| *friend)
+        .collect();
+    for friend in through {
+        let circuit = addr
+            .clone()
+            .with_p2p(*relay)
+            .unwrap_or_else(|addr| addr)
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(friend));
+        tracing::info!(peer = %friend, %circuit, "new outside address: through the relay again to punch a hole with it");
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(friend)
+            .addresses(vec![circuit])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        let _ = swarm.dial(opts);
+    }
+}
+
 /// Reserves a slot on `peer` if it is a trusted relay we dialled, so that friends who
 /// cannot reach this node directly can through it (and then try hole punching).
 fn reserve(swarm: &mut libp2p::Swarm<Behaviour>, relays: &mut Relays, peer: PeerId) {
@@ -1386,6 +1439,7 @@ async fn run_swarm(
                     // What it said it listens on while still a stranger (pairing).
                     if let (Some(inner), Some(addrs)) = (mesh.upgrade(), book.get(&peer)) {
                         save_addrs(&inner, peer, addrs);
+                        observe_on_every_transport(&mut swarm, &mut relays, peer, addrs);
                     }
                 }
             },
@@ -1433,10 +1487,15 @@ fn on_event(
         SwarmEvent::NewExternalAddrCandidate { address } => {
             // What a peer sees of this node (identify): hole punching's candidates.
             tracing::info!(%address, "outside address seen by a peer");
+            if let Some(transport) = Transport::of(&address)
+                && relays.outside.insert(transport)
+            {
+                punch_again(swarm, relays);
+            }
         }
         SwarmEvent::ExpiredListenAddr { address, .. } => listen.send_modify(|addrs| addrs.retain(|a| *a != address)),
         SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
-            let relayed = endpoint.get_remote_address().iter().any(|p| matches!(p, Protocol::P2pCircuit));
+            let relayed = endpoint.is_relayed();
             if relayed {
                 relays.circuits.entry(peer_id).or_default().push(connection_id);
             }
@@ -1449,9 +1508,11 @@ fn on_event(
             }
             tracing::debug!(peer = %peer_id, relayed, "connected");
             with_live(peer_id, &mut |l| {
-                l.connected = true;
-                if l.path != Some(Path::HolePunched) || relayed {
-                    l.path = Some(if relayed { Path::Relayed } else { Path::Direct });
+                if relayed {
+                    l.relayed.insert(connection_id);
+                    l.punched = false;
+                } else {
+                    l.direct.insert(connection_id);
                 }
             });
             inner.connections.send_modify(|n| *n += 1);
@@ -1463,7 +1524,16 @@ fn on_event(
             with_live(peer, &mut |l| l.dial_error = Some(error.to_string()));
             inner.connections.send_modify(|n| *n += 1);
         }
-        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+        SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+            with_live(peer_id, &mut |l| {
+                l.direct.remove(&connection_id);
+                l.relayed.remove(&connection_id);
+            });
+            if num_established > 0 {
+                tracing::debug!(peer = %peer_id, num_established, ?cause, "one connection closed");
+                return;
+            }
+            tracing::debug!(peer = %peer_id, ?cause, "disconnected");
             // Its relay slot (if any) went with the connection.
             relays.reserved.remove(&peer_id);
             relays.transports.retain(|(peer, _)| *peer != peer_id);
@@ -1471,10 +1541,6 @@ fn on_event(
             if !trusted(&peer_id) {
                 book.remove(&peer_id);
             }
-            with_live(peer_id, &mut |l| {
-                l.connected = false;
-                l.path = None;
-            });
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
             with_live(peer, &mut |l| l.rtt = Some(rtt));
@@ -1527,7 +1593,7 @@ fn on_event(
         SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
             Ok(_) => {
                 tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
-                with_live(remote_peer_id, &mut |l| l.path = Some(Path::HolePunched));
+                with_live(remote_peer_id, &mut |l| l.punched = true);
                 // Streams go over the direct connection from now on: the relay's is closed.
                 for circuit in relays.circuits.remove(&remote_peer_id).unwrap_or_default() {
                     swarm.close_connection(circuit);
