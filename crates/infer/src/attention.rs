@@ -74,6 +74,8 @@ pub(crate) struct AttentionShape {
 const TILE_ROWS: usize = 64;
 /// Key/value cells per tile of that kernel.
 const TILE_CELLS: usize = 64;
+/// Dimensions of the value accumulator updated together (held in registers).
+const DIMS: usize = 64;
 
 /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
 /// (which already holds their own keys). `queries` and the result are laid out
@@ -89,28 +91,35 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
     let head_dim = shape.head_dim;
     let n_rep = shape.n_head / shape.n_kv;
     let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
-    // Widen the cache once per call rather than once per query (f16 → f32 is exact); the
-    // tiled kernel reads keys transposed (per head, per dimension, positions contiguous)
-    // so that one score per lane is computed, as ggml's tile GEMM does.
+    // The tiled kernel's rows are many: it reads the cache widened once per call (f16 → f32
+    // is exact), keys transposed (per head, per dimension, positions contiguous) so that
+    // one score per lane is computed, as ggml's tile GEMM does. The one-chunk kernel reads
+    // the f16 cache as it is.
     let len = cache.len();
-    let mut values = vec![0f32; cache.values.len()];
-    cache.values.convert_to_f32_slice(&mut values);
-    let mut keys = vec![0f32; cache.keys.len()];
-    cache.keys.convert_to_f32_slice(&mut keys);
-    let keys_t = if tiled {
-        let mut t = vec![0f32; keys.len()];
-        for (p, row) in keys.chunks_exact(shape.n_kv * head_dim).enumerate() {
+    let (keys_t, values) = if tiled {
+        let mut t = vec![0f32; cache.keys.len()];
+        for (p, row) in cache.keys.chunks_exact(shape.n_kv * head_dim).enumerate() {
             for (h, head) in row.chunks_exact(head_dim).enumerate() {
                 for (d, &k) in head.iter().enumerate() {
-                    t[(h * head_dim + d) * len + p] = k;
+                    t[(h * head_dim + d) * len + p] = k.to_f32();
                 }
             }
         }
-        t
+        let mut values = vec![0f32; cache.values.len()];
+        cache.values.convert_to_f32_slice(&mut values);
+        (t, values)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
-    let rows = Rows { keys: &keys, keys_t: &keys_t, values: &values, n_kv: shape.n_kv, head_dim, len };
+    let rows = Rows {
+        keys16: &cache.keys,
+        values16: &cache.values,
+        keys_t: &keys_t,
+        values: &values,
+        n_kv: shape.n_kv,
+        head_dim,
+        len,
+    };
     let mut out = vec![0f32; queries.len()];
     out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
         let query_pos = pos + idx / shape.n_head;
@@ -131,11 +140,13 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
     out
 }
 
-/// The widened cache of one layer.
+/// The cache of one layer, and for the tiled kernel its widened form.
 struct Rows<'a> {
-    keys: &'a [f32],
+    keys16: &'a [f16],
+    values16: &'a [f16],
     /// Keys laid out `[kv_head][dim][position]` (tiled kernel only).
     keys_t: &'a [f32],
+    /// Values widened (tiled kernel only).
     values: &'a [f32],
     n_kv: usize,
     head_dim: usize,
@@ -150,7 +161,29 @@ impl Rows<'_> {
 }
 
 /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` for one query row.
+#[allow(unsafe_code)]
 fn attend_one_chunk(
+    rows: &Rows,
+    kv_head: usize,
+    q: &[f32],
+    scale: f32,
+    visible: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && rows.head_dim.is_multiple_of(64)
+    {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        unsafe { simd::attend_one_chunk(rows, kv_head, q, scale, visible, out) };
+        return;
+    }
+    attend_one_chunk_scalar(rows, kv_head, q, scale, visible, out);
+}
+
+fn attend_one_chunk_scalar(
     rows: &Rows,
     kv_head: usize,
     q: &[f32],
@@ -171,9 +204,12 @@ fn attend_one_chunk(
         acc16.convert_from_f32_slice(acc);
         acc16.convert_to_f32_slice(acc);
     };
+    let (mut key, mut value) = (vec![0f32; head_dim], vec![0f32; head_dim]);
     let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
     for key_pos in visible {
-        let s = dot_f16(&rows.keys[rows.at(key_pos, kv_head)], &q) * scale;
+        rows.keys16[rows.at(key_pos, kv_head)].convert_to_f32_slice(&mut key);
+        rows.values16[rows.at(key_pos, kv_head)].convert_to_f32_slice(&mut value);
+        let s = dot_f16(&key, &q) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > max {
             ms = (max - s).exp();
@@ -183,7 +219,7 @@ fn attend_one_chunk(
         } else {
             vs = (s - max).exp();
         }
-        for (a, v) in acc.iter_mut().zip(&rows.values[rows.at(key_pos, kv_head)]) {
+        for (a, v) in acc.iter_mut().zip(&value) {
             *a = v.mul_add(vs, *a);
         }
         round(&mut acc);
@@ -193,6 +229,135 @@ fn attend_one_chunk(
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = a * inverse;
     }
+}
+
+/// The one-chunk kernel with F16C: the cache read as f16, eight lanes at a time (ggml's
+/// sixteen-lane accumulators as pairs of eight: each lane's arithmetic is the same).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::Rows;
+
+    /// Eight f16 values widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load(values: &[f16]) -> __m256 {
+        assert!(values.len() >= 8);
+        // SAFETY: eight values (checked above) are read.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(values.as_ptr().cast()) })
+    }
+
+    /// Eight f32 values rounded to f16 (to nearest, ties to even).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store(values: &mut [f16], v: __m256) {
+        assert!(values.len() >= 8);
+        // SAFETY: eight values (checked above) are written.
+        unsafe { _mm_storeu_si128(values.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)) };
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn lanes(v: __m256) -> [f32; 8] {
+        let mut out = [0f32; 8];
+        // SAFETY: eight lanes are written to an array of eight.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        out
+    }
+
+    /// `ggml_vec_dot_f16` for a multiple of 64 values: four sixteen-lane accumulators
+    /// (here low and high halves), reduced `(0+2) + (1+3)`, then as `reduce_add_16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot(k: &[f16], q: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (k, q) in k.chunks_exact(64).zip(q.chunks_exact(64)) {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let at = j * 8;
+                // SAFETY: q holds 64 values; at + 8 ≤ 64.
+                let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(at)) };
+                *acc = _mm256_fmadd_ps(load(&k[at..]), qv, *acc);
+            }
+        }
+        // acc[2j] and acc[2j + 1] are the low and high halves of accumulator j.
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let h8 = lanes(_mm256_add_ps(hi, lo));
+        let h4 = [h8[4] + h8[0], h8[5] + h8[1], h8[6] + h8[2], h8[7] + h8[3]];
+        (h4[0] + h4[2]) + (h4[1] + h4[3])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn attend_one_chunk(
+        rows: &Rows,
+        kv_head: usize,
+        q: &[f32],
+        scale: f32,
+        visible: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let head_dim = rows.head_dim;
+        // Q rounded to f16 and widened back.
+        let mut q16 = vec![f16::ZERO; head_dim];
+        for (q16, q) in q16.chunks_exact_mut(8).zip(q.chunks_exact(8)) {
+            // SAFETY: eight values of q.
+            store(q16, unsafe { _mm256_loadu_ps(q.as_ptr()) });
+        }
+        let mut q = vec![0f32; head_dim];
+        for (q, q16) in q.chunks_exact_mut(8).zip(q16.chunks_exact(8)) {
+            // SAFETY: eight values of q.
+            unsafe { _mm256_storeu_ps(q.as_mut_ptr(), load(q16)) };
+        }
+        // The running sum of V in f16, its normaliser and the running maximum score.
+        let mut acc = vec![f16::ZERO; head_dim];
+        let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
+        for key_pos in visible {
+            let at = rows.at(key_pos, kv_head);
+            let s = dot(&rows.keys16[at.clone()], &q) * scale;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > max {
+                ms = (max - s).exp();
+                max = s;
+                let msv = _mm256_set1_ps(ms);
+                for a in acc.chunks_exact_mut(8) {
+                    store(a, _mm256_mul_ps(load(a), msv));
+                }
+            } else {
+                vs = (s - max).exp();
+            }
+            let vsv = _mm256_set1_ps(vs);
+            for (a, v) in acc.chunks_exact_mut(8).zip(rows.values16[at].chunks_exact(8)) {
+                store(a, _mm256_fmadd_ps(load(v), vsv, load(a)));
+            }
+            total = total.mul_add(ms, vs);
+        }
+        let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.to_f32() * inverse;
+        }
+    }
+}
+
+/// The scores of a whole tile: a fixed-size accumulator the compiler keeps in registers
+/// across the head dimension (each score the same fused chain as the general loop).
+#[inline]
+fn tile_scores(rows: &Rows, kv_head: usize, q: &[f32], tile_start: usize) -> [f32; TILE_CELLS] {
+    let mut scores = [0f32; TILE_CELLS];
+    let base = kv_head * rows.head_dim * rows.len + tile_start;
+    for (d, &qd) in q.iter().enumerate() {
+        let keys: &[f32; TILE_CELLS] = match rows.keys_t[base + d * rows.len..].first_chunk() {
+            Some(keys) => keys,
+            None => return scores,
+        };
+        for (s, &k) in scores.iter_mut().zip(keys) {
+            *s = k.mul_add(qd, *s);
+        }
+    }
+    scores
 }
 
 /// `ggml_compute_forward_flash_attn_ext_tiled` for one query row: the cache in tiles of
@@ -207,11 +372,15 @@ fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std
         // simd_gemm: each score one fused multiply-add chain over the head dimension, the
         // 64 scores of the tile side by side.
         let cells = TILE_CELLS.min(rows.len - tile_start);
-        scores.fill(0.0);
-        for (d, &qd) in q.iter().enumerate() {
-            let at = (kv_head * head_dim + d) * rows.len + tile_start;
-            for (s, &k) in scores[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
-                *s = k.mul_add(qd, *s);
+        if cells == TILE_CELLS {
+            scores = tile_scores(rows, kv_head, q, tile_start);
+        } else {
+            scores.fill(0.0);
+            for (d, &qd) in q.iter().enumerate() {
+                let at = (kv_head * head_dim + d) * rows.len + tile_start;
+                for (s, &k) in scores[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
+                    *s = k.mul_add(qd, *s);
+                }
             }
         }
         for (t, score) in scores.iter_mut().enumerate() {
@@ -236,11 +405,33 @@ fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std
             sum += f64::from(reduce_add_16(block));
         }
         total = (f64::from(total) + sum) as f32;
-        for (t, &p) in scores.iter().enumerate() {
-            let key_pos = tile_start + t;
-            if visible.contains(&key_pos) {
-                for (a, v) in acc.iter_mut().zip(&rows.values[rows.at(key_pos, kv_head)]) {
-                    *a = v.mul_add(p, *a);
+        // The weighted values, 64 dimensions at a time so that the compiler keeps that
+        // part of the accumulator in registers across the tile's cells.
+        let cells = tile_start..(tile_start + TILE_CELLS).min(visible.end);
+        for (chunk, part) in acc.chunks_mut(DIMS).enumerate() {
+            let dims = chunk * DIMS..chunk * DIMS + part.len();
+            match part.as_mut_array::<DIMS>() {
+                Some(part) => {
+                    let mut local = *part;
+                    for key_pos in cells.clone().filter(|p| visible.contains(p)) {
+                        let p = scores[key_pos - tile_start];
+                        let at = rows.at(key_pos, kv_head).start + dims.start;
+                        if let Some(values) = rows.values[at..].first_chunk::<DIMS>() {
+                            for (a, v) in local.iter_mut().zip(values) {
+                                *a = v.mul_add(p, *a);
+                            }
+                        }
+                    }
+                    *part = local;
+                }
+                None => {
+                    for key_pos in cells.clone().filter(|p| visible.contains(p)) {
+                        let p = scores[key_pos - tile_start];
+                        let at = rows.at(key_pos, kv_head).start + dims.start;
+                        for (a, v) in part.iter_mut().zip(&rows.values[at..at + dims.len()]) {
+                            *a = v.mul_add(p, *a);
+                        }
+                    }
                 }
             }
         }
@@ -266,6 +457,30 @@ mod tests {
         (0..q.len())
             .map(|d| values.iter().zip(&weights).map(|(v, w)| f64::from(v[d]) * w).sum::<f64>() / total)
             .collect()
+    }
+
+    /// The F16C one-chunk kernel computes the scalar one's bits (head sizes 64 and 256,
+    /// with and without a window, scores that rise and fall so both softmax branches run).
+    #[test]
+    fn one_chunk_kernels_agree_bit_for_bit() {
+        for head_dim in [64, 256] {
+            let (n_kv, len) = (2, 97);
+            let mut cache = HostKvCache::new(n_kv, head_dim);
+            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
+            let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+            let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+            cache.append(&keys, &values);
+            let rows =
+                Rows { keys16: &cache.keys, values16: &cache.values, keys_t: &[], values: &[], n_kv, head_dim, len };
+            let q: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 1.37).collect();
+            for visible in [0..len, 40..len, 0..1] {
+                let mut scalar = vec![0f32; head_dim];
+                attend_one_chunk_scalar(&rows, 1, &q, 0.125, visible.clone(), &mut scalar);
+                let mut dispatched = vec![0f32; head_dim];
+                attend_one_chunk(&rows, 1, &q, 0.125, visible.clone(), &mut dispatched);
+                assert_eq!(scalar, dispatched, "head_dim {head_dim}, keys {visible:?}");
+            }
+        }
     }
 
     #[test]
