@@ -508,14 +508,20 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn lanes_i8(x: __m256i, y: __m256i) -> __m256i {
-        let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-        _mm256_madd_epi16(dot, _mm256_set1_epi16(1))
+        lanes_u8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
     }
 
     /// The same for unsigned x ≤ 127.
     #[inline]
     #[target_feature(enable = "avx2")]
     fn lanes_u8(x: __m256i, y: __m256i) -> __m256i {
+        // The pair sums cannot saturate 16 bits (x ≤ 127, |y| ≤ 128), so VNNI's one
+        // instruction gives the same sums as the two of AVX2. Chosen at build time, with
+        // `-C target-cpu=native` (`.cargo/config.toml`).
+        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+        // SAFETY: the build enables AVX-512 VNNI and VL (the cfg above).
+        return unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) };
+        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
     }
 
