@@ -183,6 +183,15 @@ fn attend_one_chunk(
     attend_one_chunk_scalar(rows, kv_head, q, scale, visible, out);
 }
 
+/// `q` rounded to f16 and widened back (what ggml's one-chunk kernel multiplies keys by).
+fn rounded_to_f16(q: &[f32]) -> Vec<f32> {
+    let mut q16 = vec![f16::ZERO; q.len()];
+    q16.convert_from_f32_slice(q);
+    let mut widened = vec![0f32; q.len()];
+    q16.convert_to_f32_slice(&mut widened);
+    widened
+}
+
 fn attend_one_chunk_scalar(
     rows: &Rows,
     kv_head: usize,
@@ -192,10 +201,7 @@ fn attend_one_chunk_scalar(
     out: &mut [f32],
 ) {
     let head_dim = rows.head_dim;
-    let mut q16 = vec![f16::ZERO; head_dim];
-    q16.convert_from_f32_slice(q);
-    let mut q = vec![0f32; head_dim];
-    q16.convert_to_f32_slice(&mut q);
+    let q = rounded_to_f16(q);
     // The running sum of V (kept in f16 as ggml keeps it, widened here for the arithmetic),
     // its normaliser and the running maximum score.
     let mut acc = vec![0f32; head_dim];
@@ -300,20 +306,9 @@ mod simd {
         visible: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        let head_dim = rows.head_dim;
-        // Q rounded to f16 and widened back.
-        let mut q16 = vec![f16::ZERO; head_dim];
-        for (q16, q) in q16.chunks_exact_mut(8).zip(q.chunks_exact(8)) {
-            // SAFETY: eight values of q.
-            store(q16, unsafe { _mm256_loadu_ps(q.as_ptr()) });
-        }
-        let mut q = vec![0f32; head_dim];
-        for (q, q16) in q.chunks_exact_mut(8).zip(q16.chunks_exact(8)) {
-            // SAFETY: eight values of q.
-            unsafe { _mm256_storeu_ps(q.as_mut_ptr(), load(q16)) };
-        }
+        let q = super::rounded_to_f16(q);
         // The running sum of V in f16, its normaliser and the running maximum score.
-        let mut acc = vec![f16::ZERO; head_dim];
+        let mut acc = vec![f16::ZERO; rows.head_dim];
         let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
         for key_pos in visible {
             let at = rows.at(key_pos, kv_head);
