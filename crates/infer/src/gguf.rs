@@ -6,12 +6,12 @@
 //! tensor data is allocated.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::error::LoadError;
 
@@ -94,6 +94,27 @@ impl GgufFile {
 
     /// Reads tensor `name`, checking that it has the shape the architecture expects.
     pub(crate) fn tensor(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor, LoadError> {
+        self.checked(name, expected)?;
+        Ok(self.content.tensor(&mut self.reader, name, device)?)
+    }
+
+    /// The type of tensor `name`, after checking its shape.
+    pub(crate) fn tensor_type(&self, name: &str, expected: &[usize]) -> Result<GgmlDType, LoadError> {
+        Ok(self.checked(name, expected)?.0)
+    }
+
+    /// A reader of tensor `name`'s raw bytes (its extent was checked when the file was
+    /// opened), for tensors converted a piece at a time.
+    pub(crate) fn raw_tensor(&mut self, name: &str, expected: &[usize]) -> Result<impl Read + '_, LoadError> {
+        let (_, start, len) = self.checked(name, expected)?;
+        let io_err = |source| LoadError::Io { path: self.path.clone(), source };
+        self.reader.seek(SeekFrom::Start(start)).map_err(io_err)?;
+        Ok((&mut self.reader).take(len))
+    }
+
+    /// The type, first byte and length of tensor `name`, or why it cannot be read with
+    /// shape `expected`.
+    fn checked(&self, name: &str, expected: &[usize]) -> Result<(GgmlDType, u64, u64), LoadError> {
         let info =
             self.content.tensor_infos.get(name).ok_or_else(|| self.malformed(format!("missing tensor {name}")))?;
         if info.shape.dims() != expected {
@@ -102,7 +123,9 @@ impl GgufFile {
                 info.shape.dims()
             )));
         }
-        Ok(self.content.tensor(&mut self.reader, name, device)?)
+        let dtype = info.ggml_dtype;
+        let len = (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64;
+        Ok((dtype, self.content.tensor_data_offset + info.offset, len))
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<&Value> {

@@ -414,15 +414,19 @@ impl Model {
             if gguf.has_tensor(name) { vector(gguf, name, len).map(Some) } else { Ok(None) }
         };
 
-        let embed_tensor = gguf.tensor("token_embd.weight", &[c.n_vocab, c.n_embd], device)?;
-        let own_embed = if device.is_cpu() && embed_tensor.dtype() == GgmlDType::Q8_0 {
-            Q8_0Matrix::from_bytes(&embed_tensor.data()?, c.n_vocab, c.n_embd)
+        // A Q8_0 table is converted as it is read: the file's copy is never held whole
+        // beside Kith's (Gemma's is 178 MB, and holding both set the peak memory).
+        let embed_shape = [c.n_vocab, c.n_embd];
+        let own_embed = if device.is_cpu() && gguf.tensor_type("token_embd.weight", &embed_shape)? == GgmlDType::Q8_0 {
+            let reader = gguf.raw_tensor("token_embd.weight", &embed_shape)?;
+            Q8_0Matrix::read(reader, c.n_vocab, c.n_embd)
+                .map_err(|source| LoadError::Io { path: gguf.path.clone(), source })?
         } else {
             None
         };
         let embed = match own_embed {
             Some(matrix) => Embedding::Q8_0(Arc::new(matrix)),
-            None => Embedding::Candle(Arc::new(embed_tensor)),
+            None => Embedding::Candle(Arc::new(gguf.tensor("token_embd.weight", &embed_shape, device)?)),
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for idx in 0..c.n_layer {

@@ -158,14 +158,27 @@ pub(crate) struct Q8_0Matrix {
 impl Q8_0Matrix {
     /// From raw GGUF bytes (34 bytes a block: f16 d, 32 signed bytes).
     pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK, 34, |raw| {
-            let mut qs = [0i8; QK];
-            for (q, b) in qs.iter_mut().zip(&raw[2..]) {
-                *q = *b as i8;
-            }
-            BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
-        })?;
+        let blocks = parse_blocks(bytes, n, k, QK, 34, parse_q8_0)?;
         Some(Self { n, k, blocks })
+    }
+
+    /// The same, read from `reader` a piece at a time, so that the raw bytes are never all
+    /// held beside the converted blocks (for large tables: Gemma's embedding is 178 MB).
+    /// `Ok(None)` when `k` is not a whole number of blocks.
+    pub(crate) fn read(mut reader: impl std::io::Read, n: usize, k: usize) -> std::io::Result<Option<Self>> {
+        const PIECE: usize = 4096;
+        if !k.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        let total = n * k / QK;
+        let mut blocks = Vec::with_capacity(total);
+        let mut piece = vec![0u8; PIECE * 34];
+        while blocks.len() < total {
+            let bytes = &mut piece[..(total - blocks.len()).min(PIECE) * 34];
+            reader.read_exact(bytes)?;
+            blocks.par_extend(bytes.par_chunks_exact(34).map(parse_q8_0));
+        }
+        Ok(Some(Self { n, k, blocks }))
     }
 
     /// From raw Q5_0 bytes (22 bytes a block: f16 d, 32 high bits, 16 bytes of nibbles).
@@ -205,6 +218,15 @@ impl Q8_0Matrix {
         let activations: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
         par_matmul(&self.blocks, &activations, self.n, m, self.k / QK, |_, w, a| dot_q8_0(w, a))
     }
+}
+
+/// One raw Q8_0 block (34 bytes).
+fn parse_q8_0(raw: &[u8]) -> BlockQ8_0 {
+    let mut qs = [0i8; QK];
+    for (q, b) in qs.iter_mut().zip(&raw[2..]) {
+        *q = *b as i8;
+    }
+    BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
 }
 
 /// ggml's `quantize_row_q8_0` (x86 SIMD version).
@@ -703,6 +725,20 @@ mod tests {
                 assert!((o - e).abs() <= 1e-2 * scale, "({n},{k},{m}): ours {o} exact {e}");
             }
         }
+    }
+
+    /// A Q8_0 table read a piece at a time (more than one piece, a partial last one) holds
+    /// what converting the whole bytes gives; a short reader is an error.
+    #[test]
+    fn q8_0_read_in_pieces_equals_from_bytes() {
+        let (n, k) = (300, 640);
+        let w = Tensor::from_vec(values(n * k, 11), (n, k), &Device::Cpu).expect("tensor");
+        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize").data().expect("bytes").to_vec();
+        let whole = Q8_0Matrix::from_bytes(&bytes, n, k).expect("layout");
+        let read = Q8_0Matrix::read(bytes.as_slice(), n, k).expect("read").expect("layout");
+        assert_eq!((0..n).map(|r| read.row(r)).collect::<Vec<_>>(), (0..n).map(|r| whole.row(r)).collect::<Vec<_>>());
+        let short = Q8_0Matrix::read(&bytes[..bytes.len() - 1], n, k);
+        assert!(short.is_err_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof));
     }
 
     /// Every own kernel against f32 arithmetic on candle's dequantized weights.
