@@ -181,23 +181,6 @@ pub enum Path {
     HolePunched,
 }
 
-impl Live {
-    fn connected(&self) -> bool {
-        !self.direct.is_empty() || !self.relayed.is_empty()
-    }
-
-    /// The best path open now.
-    fn path(&self) -> Option<Path> {
-        if !self.direct.is_empty() {
-            Some(if self.punched { Path::HolePunched } else { Path::Direct })
-        } else if !self.relayed.is_empty() {
-            Some(Path::Relayed)
-        } else {
-            None
-        }
-    }
-}
-
 impl Path {
     /// `direct`, `relayed` or `hole-punched`.
     pub fn as_str(self) -> &'static str {
@@ -269,6 +252,23 @@ struct Live {
     advert: Option<(Instant, Advert)>,
     /// Why the last dial failed, until the next attempt.
     dial_error: Option<String>,
+}
+
+impl Live {
+    fn connected(&self) -> bool {
+        !self.direct.is_empty() || !self.relayed.is_empty()
+    }
+
+    /// The best path open now.
+    fn path(&self) -> Option<Path> {
+        if !self.direct.is_empty() {
+            Some(if self.punched { Path::HolePunched } else { Path::Direct })
+        } else if !self.relayed.is_empty() {
+            Some(Path::Relayed)
+        } else {
+            None
+        }
+    }
 }
 
 struct Inner {
