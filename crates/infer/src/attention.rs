@@ -121,22 +121,44 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
         len,
     };
     let mut out = vec![0f32; queries.len()];
-    out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(|(idx, (out_row, query))| {
-        let query_pos = pos + idx / shape.n_head;
-        let kv_head = (idx % shape.n_head) / n_rep;
-        let first = shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window));
-        let (q, scale): (Vec<f32>, f32) = if shape.scale_q_first {
+    let prepare = |query: &[f32]| -> (Vec<f32>, f32) {
+        if shape.scale_q_first {
             (query.iter().map(|x| x * shape.scale).collect(), 1.0)
         } else {
             (query.to_vec(), shape.scale)
-        };
-        let visible = first..query_pos + 1;
-        if tiled {
-            attend_tiled(&rows, kv_head, &q, scale, visible, out_row);
-        } else {
-            attend_one_chunk(&rows, kv_head, &q, scale, visible, out_row);
         }
-    });
+    };
+    let visible =
+        |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
+    if tiled {
+        // Per position, the query heads that share a K/V head see the same keys: they go
+        // through the kernel two at a time, each with its own accumulators (so each row's
+        // arithmetic is unchanged) and twice the independent chains of one.
+        let width = shape.n_head * head_dim;
+        out.par_chunks_mut(width).zip(queries.par_chunks(width)).enumerate().for_each(|(i, (out_pos, query_pos))| {
+            let group = n_rep * head_dim;
+            for (kv_head, (outs, qs)) in out_pos.chunks_mut(group).zip(query_pos.chunks(group)).enumerate() {
+                let mut outs = outs.chunks_mut(head_dim);
+                let mut qs = qs.chunks(head_dim).map(prepare);
+                while let (Some(out0), Some((q0, scale))) = (outs.next(), qs.next()) {
+                    match (outs.next(), qs.next()) {
+                        (Some(out1), Some((q1, _))) => {
+                            attend_tiled(&rows, kv_head, [&q0, &q1], scale, visible(pos + i), [out0, out1]);
+                        }
+                        _ => attend_tiled(&rows, kv_head, [&q0], scale, visible(pos + i), [out0]),
+                    }
+                }
+            }
+        });
+    } else {
+        out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(
+            |(idx, (out_row, query))| {
+                let kv_head = (idx % shape.n_head) / n_rep;
+                let (q, scale) = prepare(query);
+                attend_one_chunk(&rows, kv_head, &q, scale, visible(pos + idx / shape.n_head), out_row);
+            },
+        );
+    }
     out
 }
 
@@ -337,31 +359,49 @@ mod simd {
     }
 }
 
-/// The scores of a whole tile: a fixed-size accumulator the compiler keeps in registers
-/// across the head dimension (each score the same fused chain as the general loop).
+/// The scores of a whole tile for `R` query rows: fixed-size accumulators the compiler
+/// keeps in registers across the head dimension (each score the same fused chain as the
+/// general loop), the keys read once for the rows.
 #[inline]
-fn tile_scores(rows: &Rows, kv_head: usize, q: &[f32], tile_start: usize) -> [f32; TILE_CELLS] {
-    let mut scores = [0f32; TILE_CELLS];
+fn tile_scores<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    q: [&[f32]; R],
+    tile_start: usize,
+) -> [[f32; TILE_CELLS]; R] {
+    let mut scores = [[0f32; TILE_CELLS]; R];
     let base = kv_head * rows.head_dim * rows.len + tile_start;
-    for (d, &qd) in q.iter().enumerate() {
+    for d in 0..rows.head_dim {
         let keys: &[f32; TILE_CELLS] = match rows.keys_t[base + d * rows.len..].first_chunk() {
             Some(keys) => keys,
             None => return scores,
         };
-        for (s, &k) in scores.iter_mut().zip(keys) {
-            *s = k.mul_add(qd, *s);
+        for (row, q) in scores.iter_mut().zip(q) {
+            let qd = q[d];
+            for (s, &k) in row.iter_mut().zip(keys) {
+                *s = k.mul_add(qd, *s);
+            }
         }
     }
     scores
 }
 
-/// `ggml_compute_forward_flash_attn_ext_tiled` for one query row: the cache in tiles of
-/// [`TILE_CELLS`] cells from position 0; tiles without a visible key are skipped.
-fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std::ops::Range<usize>, acc: &mut [f32]) {
+/// `ggml_compute_forward_flash_attn_ext_tiled` for `R` query rows that see the same keys
+/// (`visible`, of K/V head `kv_head`): the cache in tiles of [`TILE_CELLS`] cells from
+/// position 0; tiles without a visible key are skipped. Each row is computed exactly as
+/// alone; the rows share the reads of K and V.
+fn attend_tiled<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    q: [&[f32]; R],
+    scale: f32,
+    visible: std::ops::Range<usize>,
+    mut acc: [&mut [f32]; R],
+) {
     let head_dim = rows.head_dim;
-    acc.fill(0.0);
-    let (mut total, mut max) = (0f32, f32::NEG_INFINITY);
-    let mut scores = [0f32; TILE_CELLS];
+    acc.iter_mut().for_each(|acc| acc.fill(0.0));
+    let (mut total, mut max) = ([0f32; R], [f32::NEG_INFINITY; R]);
+    let mut scores = [[0f32; TILE_CELLS]; R];
     let mut tile_start = visible.start / TILE_CELLS * TILE_CELLS;
     while tile_start < visible.end {
         // simd_gemm: each score one fused multiply-add chain over the head dimension, the
@@ -370,60 +410,71 @@ fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std
         if cells == TILE_CELLS {
             scores = tile_scores(rows, kv_head, q, tile_start);
         } else {
-            scores.fill(0.0);
-            for (d, &qd) in q.iter().enumerate() {
-                let at = (kv_head * head_dim + d) * rows.len + tile_start;
-                for (s, &k) in scores[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
-                    *s = k.mul_add(qd, *s);
+            for (row, q) in scores.iter_mut().zip(q) {
+                row.fill(0.0);
+                for (d, &qd) in q.iter().enumerate() {
+                    let at = (kv_head * head_dim + d) * rows.len + tile_start;
+                    for (s, &k) in row[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
+                        *s = k.mul_add(qd, *s);
+                    }
                 }
             }
         }
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = if visible.contains(&(tile_start + t)) { *score * scale } else { f32::NEG_INFINITY };
-        }
-        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let new_max = max.max(tile_max);
-        if new_max > max {
-            let ms = (max - new_max).exp();
-            acc.iter_mut().for_each(|a| *a *= ms);
-            total *= ms;
-        }
-        max = new_max;
-        // ggml_vec_soft_max_f32: vectorised exp, each 16 lanes reduced and summed in f64.
-        let mut sum = 0f64;
-        for lanes in scores.chunks_exact_mut(16) {
-            let mut block = [0f32; 16];
-            for (b, s) in block.iter_mut().zip(lanes.iter_mut()) {
-                *s = v_expf(*s - max);
-                *b = *s;
+        for r in 0..R {
+            let row = &mut scores[r];
+            for (t, score) in row.iter_mut().enumerate() {
+                *score = if visible.contains(&(tile_start + t)) { *score * scale } else { f32::NEG_INFINITY };
             }
-            sum += f64::from(reduce_add_16(block));
+            let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[r].max(tile_max);
+            if new_max > max[r] {
+                let ms = (max[r] - new_max).exp();
+                acc[r].iter_mut().for_each(|a| *a *= ms);
+                total[r] *= ms;
+            }
+            max[r] = new_max;
+            // ggml_vec_soft_max_f32: vectorised exp, each 16 lanes reduced and summed in f64.
+            let mut sum = 0f64;
+            for lanes in row.chunks_exact_mut(16) {
+                let mut block = [0f32; 16];
+                for (b, s) in block.iter_mut().zip(lanes.iter_mut()) {
+                    *s = v_expf(*s - new_max);
+                    *b = *s;
+                }
+                sum += f64::from(reduce_add_16(block));
+            }
+            total[r] = (f64::from(total[r]) + sum) as f32;
         }
-        total = (f64::from(total) + sum) as f32;
         // The weighted values, 64 dimensions at a time so that the compiler keeps that
-        // part of the accumulator in registers across the tile's cells.
+        // part of each row's accumulator in registers across the tile's cells.
         let cells = tile_start..(tile_start + TILE_CELLS).min(visible.end);
-        for (chunk, part) in acc.chunks_mut(DIMS).enumerate() {
-            let dims = chunk * DIMS..chunk * DIMS + part.len();
-            match part.as_mut_array::<DIMS>() {
-                Some(part) => {
-                    let mut local = *part;
-                    for key_pos in cells.clone().filter(|p| visible.contains(p)) {
-                        let p = scores[key_pos - tile_start];
-                        let at = rows.at(key_pos, kv_head).start + dims.start;
-                        if let Some(values) = rows.values[at..].first_chunk::<DIMS>() {
+        for chunk in 0..head_dim.div_ceil(DIMS) {
+            let dims = chunk * DIMS..(chunk * DIMS + DIMS).min(head_dim);
+            if dims.len() == DIMS {
+                let mut local = [[0f32; DIMS]; R];
+                for (local, acc) in local.iter_mut().zip(acc.iter()) {
+                    local.copy_from_slice(&acc[dims.clone()]);
+                }
+                for key_pos in cells.clone().filter(|p| visible.contains(p)) {
+                    let at = rows.at(key_pos, kv_head).start + dims.start;
+                    if let Some(values) = rows.values[at..].first_chunk::<DIMS>() {
+                        for (local, row) in local.iter_mut().zip(&scores) {
+                            let p = row[key_pos - tile_start];
                             for (a, v) in local.iter_mut().zip(values) {
                                 *a = v.mul_add(p, *a);
                             }
                         }
                     }
-                    *part = local;
                 }
-                None => {
+                for (local, acc) in local.iter().zip(acc.iter_mut()) {
+                    acc[dims.clone()].copy_from_slice(local);
+                }
+            } else {
+                for (acc, row) in acc.iter_mut().zip(&scores) {
                     for key_pos in cells.clone().filter(|p| visible.contains(p)) {
-                        let p = scores[key_pos - tile_start];
+                        let p = row[key_pos - tile_start];
                         let at = rows.at(key_pos, kv_head).start + dims.start;
-                        for (a, v) in part.iter_mut().zip(&rows.values[at..at + dims.len()]) {
+                        for (a, v) in acc[dims.clone()].iter_mut().zip(&rows.values[at..at + dims.len()]) {
                             *a = v.mul_add(p, *a);
                         }
                     }
@@ -432,8 +483,10 @@ fn attend_tiled(rows: &Rows, kv_head: usize, q: &[f32], scale: f32, visible: std
         }
         tile_start += TILE_CELLS;
     }
-    let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
-    acc.iter_mut().for_each(|a| *a *= inverse);
+    for (acc, total) in acc.iter_mut().zip(total) {
+        let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+        acc.iter_mut().for_each(|a| *a *= inverse);
+    }
 }
 
 #[cfg(test)]
@@ -474,6 +527,36 @@ mod tests {
                 let mut dispatched = vec![0f32; head_dim];
                 attend_one_chunk(&rows, 1, &q, 0.125, visible.clone(), &mut dispatched);
                 assert_eq!(scalar, dispatched, "head_dim {head_dim}, keys {visible:?}");
+            }
+        }
+    }
+
+    /// Two rows through the tiled kernel together give each row's bits alone (head sizes
+    /// 64, 256 and 72, which has a partial chunk; a partial last tile; windows).
+    #[test]
+    fn tiled_rows_together_agree_with_rows_alone() {
+        for head_dim in [64, 256, 72] {
+            let (n_kv, len) = (2, 150);
+            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
+            let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+            let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+            let mut keys_t = vec![0f32; keys.len()];
+            for (p, row) in keys.chunks_exact(n_kv * head_dim).enumerate() {
+                for (i, &k) in row.iter().enumerate() {
+                    keys_t[i * len + p] = f16::from_f32(k).to_f32();
+                }
+            }
+            let values: Vec<f32> = values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
+            let q0: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 0.37).collect();
+            let q1: Vec<f32> = (0..head_dim).map(|i| value(i * 5 + 1) * 0.41).collect();
+            for visible in [0..len, 70..len, 0..100, 0..1] {
+                let (mut alone0, mut alone1) = (vec![0f32; head_dim], vec![0f32; head_dim]);
+                attend_tiled(&rows, 1, [&q0], 0.125, visible.clone(), [&mut alone0]);
+                attend_tiled(&rows, 1, [&q1], 0.125, visible.clone(), [&mut alone1]);
+                let (mut both0, mut both1) = (vec![0f32; head_dim], vec![0f32; head_dim]);
+                attend_tiled(&rows, 1, [&q0, &q1], 0.125, visible.clone(), [&mut both0, &mut both1]);
+                assert_eq!((alone0, alone1), (both0, both1), "head_dim {head_dim}, keys {visible:?}");
             }
         }
     }

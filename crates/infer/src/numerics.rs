@@ -120,11 +120,7 @@ pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 /// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
 /// to f16, the result read from a table of f16 values, then multiplied by `up`.
 pub(crate) fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
-    // The table is built by C code that GCC compiles with contraction: `1 + a*x*x` is
-    // one fused multiply-add.
-    let gelu = |v: f32| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (COEF_A * v).mul_add(v, 1.0)).tanh());
+    let table = gelu_table();
     gate.iter()
         .zip(up)
         .map(|(&x, &g)| {
@@ -133,11 +129,24 @@ pub(crate) fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
             } else if x >= 10.0 {
                 x * g
             } else {
-                let rounded = f16::from_f32(x).to_f32();
-                f16::from_f32(gelu(rounded)).to_f32() * g
+                table[usize::from(f16::from_f32(x).to_bits())] * g
             }
         })
         .collect()
+}
+
+/// ggml's `ggml_table_gelu_f16`: GELU of every f16 value, rounded to f16 (held as f32),
+/// indexed by the input's bits. Built once, on first use.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const COEF_A: f32 = 0.044_715;
+        // The table is built by C code that GCC compiles with contraction: `1 + a*x*x` is
+        // one fused multiply-add.
+        let gelu = |v: f32| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (COEF_A * v).mul_add(v, 1.0)).tanh());
+        (0..=u16::MAX).map(|bits| f16::from_f32(gelu(f16::from_bits(bits).to_f32())).to_f32()).collect()
+    })
 }
 
 /// `_mm512_reduce_add_ps` as GCC expands it: halves added pairwise down to one lane.
@@ -227,5 +236,28 @@ mod tests {
         let mut y = vec![1.0, 1.0, 0.0, 0.0];
         neox.apply(&mut y, &neox.table(3, 1));
         assert!((y[0] - 3f32.cos()).abs() < 1e-6 && (y[2] - 3f32.sin()).abs() < 1e-6);
+    }
+
+    /// The table holds GELU of each input's f16 rounding, at the input's bits; the ends
+    /// are cut off at ±10 as ggml does.
+    #[test]
+    fn geglu_reads_gelu_of_the_rounded_input() {
+        let gate: Vec<f32> = (-1300..1300).map(|i| i as f32 / 117.0).collect();
+        let up: Vec<f32> = gate.iter().map(|x| 1.0 + x.abs()).collect();
+        for ((y, &x), &g) in geglu(&gate, &up).iter().zip(&gate).zip(&up) {
+            let rounded = f64::from(f16::from_f32(x).to_f32());
+            let gelu = 0.5
+                * rounded
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (rounded + 0.044715 * rounded.powi(3))).tanh());
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                f64::from(x * g)
+            } else {
+                gelu * f64::from(g)
+            };
+            // One f16 rounding of the GELU value (relative 2^-11), then the product.
+            assert!((f64::from(*y) - want).abs() <= 1e-3 * want.abs() + 1e-6, "{x}: {y} vs {want}");
+        }
     }
 }

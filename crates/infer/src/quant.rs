@@ -12,25 +12,46 @@ use crate::numerics::hsum_8;
 const QK: usize = 32;
 
 /// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
-/// rows of activations of `per_row` blocks each: `dot(row, weights, activations)` per
-/// output, in parallel. Few, large work items: one per thread and a few more for balance;
-/// every output is computed the same way whatever the split, so results do not depend on it.
+/// rows of activations of `per_row` blocks each, in parallel. Activation rows go four at a
+/// time through `dot4(first_row, weights, activations)`, which decodes each weight block
+/// once for the four and keeps four independent accumulators (a single one is bound by the
+/// latency of its chain of fused multiply-adds); the last `m % 4` rows go one at a time
+/// through `dot(row, weights, activations)`. Every output is computed the same way whatever
+/// the split into work items, so results do not depend on the thread count.
 fn par_matmul<W: Sync, A: Sync>(
     weights: &[W],
     activations: &[A],
-    n: usize,
-    m: usize,
-    per_row: usize,
+    (n, m, per_row): (usize, usize, usize),
     dot: impl Fn(usize, &[W], &[A]) -> f32 + Sync,
+    dot4: impl Fn(usize, &[W], [&[A]; 4]) -> [f32; 4] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
-    out.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, out_row)| {
-        let a = &activations[row * per_row..(row + 1) * per_row];
+    let weight_row = |col: usize| &weights[col * per_row..(col + 1) * per_row];
+    let activation_row = |row: usize| &activations[row * per_row..(row + 1) * per_row];
+    let grouped = m / 4 * 4;
+    let (head, tail) = out.split_at_mut(grouped * n);
+    head.par_chunks_mut(4 * n).enumerate().for_each(|(group, rows)| {
+        let first = 4 * group;
+        let a = std::array::from_fn(|r| activation_row(first + r));
+        let (r0, rest) = rows.split_at_mut(n);
+        let (r1, rest) = rest.split_at_mut(n);
+        let (r2, r3) = rest.split_at_mut(n);
+        let pairs = r0.par_chunks_mut(chunk).zip(r1.par_chunks_mut(chunk));
+        let pairs = pairs.zip(r2.par_chunks_mut(chunk).zip(r3.par_chunks_mut(chunk)));
+        pairs.enumerate().for_each(|(chunk_idx, ((d0, d1), (d2, d3)))| {
+            for offset in 0..d0.len() {
+                let [v0, v1, v2, v3] = dot4(first, weight_row(chunk_idx * chunk + offset), a);
+                (d0[offset], d1[offset], d2[offset], d3[offset]) = (v0, v1, v2, v3);
+            }
+        });
+    });
+    tail.par_chunks_mut(n.max(1)).enumerate().for_each(|(index, out_row)| {
+        let row = grouped + index;
+        let a = activation_row(row);
         out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
             for (offset, value) in dst.iter_mut().enumerate() {
-                let col = chunk_idx * chunk + offset;
-                *value = dot(row, &weights[col * per_row..(col + 1) * per_row], a);
+                *value = dot(row, weight_row(chunk_idx * chunk + offset), a);
             }
         });
     });
@@ -98,7 +119,13 @@ impl Q4_1Matrix {
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
-        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK, |_, w, a| dot_q4_1(w, a))
+        par_matmul(
+            &self.blocks,
+            &activations,
+            (self.n, m, self.k / QK),
+            |_, w, a| dot_q4_1(w, a),
+            |_, w, a| dot4_q4_1(w, a),
+        )
     }
 }
 
@@ -216,7 +243,13 @@ impl Q8_0Matrix {
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
-        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK, |_, w, a| dot_q8_0(w, a))
+        par_matmul(
+            &self.blocks,
+            &activations,
+            (self.n, m, self.k / QK),
+            |_, w, a| dot_q8_0(w, a),
+            |_, w, a| dot4_q8_0(w, a),
+        )
     }
 }
 
@@ -263,12 +296,14 @@ struct BlockQ8K {
     d: f32,
     qs: [i8; QK_K],
     bsums: [i32; QK_K / 16],
+    /// The sums of each 32 values (Q4_K's sub-blocks).
+    sums32: [i32; QK_K / 32],
 }
 
 /// ggml's `quantize_row_q8_K_ref` (what x86 builds use): the scale from the signed value
 /// of largest magnitude, `-127 / max`, and `d` its reciprocal.
 fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
-    let mut block = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    let mut block = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16], sums32: [0; QK_K / 32] };
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -285,6 +320,9 @@ fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
     }
     for (sum, chunk) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
         *sum = chunk.iter().map(|&q| i32::from(q)).sum();
+    }
+    for (sum, pair) in block.sums32.iter_mut().zip(block.bsums.chunks_exact(2)) {
+        *sum = pair[0] + pair[1];
     }
     block.d = 1.0 / iscale;
     block
@@ -398,11 +436,23 @@ impl KMatrix {
     /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
-        par_matmul(&self.blocks, &activations, self.n, m, self.k / QK_K, |row, w, a| match self.kind {
-            KQuant::Q4K => dot_q4_k(w, a, row < m / 4 * 4),
-            KQuant::Q6K if m >= 8 => dot_q6_k_tiled(w, a),
-            KQuant::Q6K => dot_q6_k(w, a),
-        })
+        let (kind, tiled) = (self.kind, m >= 8);
+        par_matmul(
+            &self.blocks,
+            &activations,
+            (self.n, m, self.k / QK_K),
+            // Rows outside the groups of four: Q4_K's gemv kernel.
+            |_, w, a| match kind {
+                KQuant::Q4K => dot_q4_k(w, a),
+                KQuant::Q6K if tiled => dot_q6_k_tiled(w, a),
+                KQuant::Q6K => dot_q6_k(w, a),
+            },
+            |_, w, a| match kind {
+                KQuant::Q4K => dot4_q4_k(w, a),
+                KQuant::Q6K if tiled => a.map(|a| dot_q6_k_tiled(w, a)),
+                KQuant::Q6K => a.map(|a| dot_q6_k(w, a)),
+            },
+        )
     }
 }
 
@@ -420,7 +470,7 @@ fn dot_q4_k_scalar(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
             let dot: i32 =
                 wb.qs[range.clone()].iter().zip(&ab.qs[range]).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum();
             sum += wb.scales[sub] * dot;
-            mins += wb.mins[sub] * (ab.bsums[2 * sub] + ab.bsums[2 * sub + 1]);
+            mins += wb.mins[sub] * ab.sums32[sub];
             if gemm && sub % 2 == 1 {
                 acc = (sum as f32).mul_add(scale, acc);
                 acc_min = (mins as f32).mul_add(scale_min, acc_min);
@@ -482,43 +532,57 @@ fn has_avx2() -> bool {
 }
 
 macro_rules! dispatch {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $avx2:ident, $scalar:ident) => {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $avx2:ident, $scalar:expr) => {
         $(#[$doc])*
         #[allow(unsafe_code)]
-        fn $name($($arg: $ty),*) -> f32 {
+        fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
                 return unsafe { avx2::$avx2($($arg),*) };
             }
-            $scalar($($arg),*)
+            $scalar
         }
     };
 }
 
 dispatch!(
     /// Q4_1 × Q8_1: AVX2 when the CPU has it, the same arithmetic in scalar code otherwise.
-    fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) => dot_q4_1, dot_q4_1_scalar
+    fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 => dot_q4_1, dot_q4_1_scalar(w, a)
+);
+dispatch!(
+    /// Q4_1 × Q8_1 for four activation rows.
+    fn dot4_q4_1(w: &[BlockQ4_1], a: [&[BlockQ8_1]; 4]) -> [f32; 4] => dot4_q4_1, a.map(|a| dot_q4_1_scalar(w, a))
 );
 dispatch!(
     /// Q8_0 (and widened Q5_0) × Q8_0.
-    fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) => dot_q8_0, dot_q8_0_scalar
+    fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 => dot_q8_0, dot_q8_0_scalar(w, a)
 );
 dispatch!(
-    /// Q4_K × Q8_K, gemm or gemv rounding.
-    fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) => dot_q4_k, dot_q4_k_scalar
+    /// Q8_0 × Q8_0 for four activation rows.
+    fn dot4_q8_0(w: &[BlockQ8_0], a: [&[BlockQ8_0]; 4]) -> [f32; 4] => dot4_q8_0, a.map(|a| dot_q8_0_scalar(w, a))
+);
+dispatch!(
+    /// Q4_K × Q8_K as the repacked gemv kernel.
+    fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q4_k, dot_q4_k_scalar(w, a, false)
+);
+dispatch!(
+    /// Q4_K × Q8_K as the repacked gemm kernel, for four activation rows.
+    fn dot4_q4_k(w: &[BlockK], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q4_k, a.map(|a| dot_q4_k_scalar(w, a, true))
 );
 dispatch!(
     /// Q6_K × Q8_K as `ggml_vec_dot_q6_K_q8_K`.
-    fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) => dot_q6_k, dot_q6_k_scalar
+    fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q6_k, dot_q6_k_scalar(w, a)
 );
 dispatch!(
     /// Q6_K × Q8_K as the tiled K-quant kernel.
-    fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) => dot_q6_k_tiled, dot_q6_k_tiled_scalar
+    fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q6_k_tiled, dot_q6_k_tiled_scalar(w, a)
 );
 
 /// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
 /// sums gives the same result) and the same floating-point steps as the scalar versions.
+/// The four-row kernels decode each weight block once and keep each row's accumulator
+/// apart, so every row gets the one-row kernel's bits.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
@@ -557,11 +621,17 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2")]
+    fn load_i32(values: &[i32; 8]) -> __m256i {
+        // SAFETY: 32 readable bytes.
+        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
     fn hsum_i32(v: __m256i) -> i32 {
-        let mut lanes = [0i32; 8];
-        // SAFETY: 32 writable bytes.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v) };
-        lanes.iter().sum()
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
     }
 
     #[inline]
@@ -573,21 +643,46 @@ mod avx2 {
         hsum_8(lanes)
     }
 
+    /// Each of four block slices, zipped with the weight blocks.
+    fn zip4<'a, W, A>(w: &'a [W], a: [&'a [A]; 4]) -> impl Iterator<Item = (&'a W, [&'a A; 4])> {
+        let [a0, a1, a2, a3] = a;
+        w.iter().zip(a0).zip(a1).zip(a2).zip(a3).map(|((((w, a0), a1), a2), a3)| (w, [a0, a1, a2, a3]))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_1_nibbles(wb: &BlockQ4_1) -> __m256i {
+        // SAFETY: 16 readable bytes.
+        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
-        let low = _mm256_set1_epi8(0x0F);
         for (wb, ab) in w.iter().zip(a) {
             mins = wb.m.mul_add(ab.s, mins);
-            // SAFETY: 16 readable bytes.
-            let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
-            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-            let sums = lanes_u8(nibbles, load(&ab.qs));
+            let sums = lanes_u8(q4_1_nibbles(wb), load(&ab.qs));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc);
         }
         debug_assert_eq!(QK, 32);
         hsum_f32(acc) + mins
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot4_q4_1(w: &[BlockQ4_1], a: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for (wb, rows) in zip4(w, a) {
+            let nibbles = q4_1_nibbles(wb);
+            for (r, ab) in rows.into_iter().enumerate() {
+                mins[r] = wb.m.mul_add(ab.s, mins[r]);
+                let sums = lanes_u8(nibbles, load(&ab.qs));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum_f32(acc[r]) + mins[r])
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -601,28 +696,91 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
-        let (mut acc, mut acc_min) = (0f32, 0f32);
-        for (wb, ab) in w.iter().zip(a) {
-            let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
-            let (mut sum, mut mins) = (0i32, 0i32);
-            for sub in 0..8 {
-                let at = sub * 32;
-                let dot = hsum_i32(lanes_u8(load(&wb.qs[at..]), load(&ab.qs[at..])));
-                sum += wb.scales[sub] * dot;
-                mins += wb.mins[sub] * (ab.bsums[2 * sub] + ab.bsums[2 * sub + 1]);
-                if gemm && sub % 2 == 1 {
-                    acc = (sum as f32).mul_add(scale, acc);
-                    acc_min = (mins as f32).mul_add(scale_min, acc_min);
-                    (sum, mins) = (0, 0);
-                }
-            }
-            if !gemm {
-                acc = (sum as f32).mul_add(scale, acc);
-                acc_min = (mins as f32).mul_add(scale_min, acc_min);
+    pub(super) fn dot4_q8_0(w: &[BlockQ8_0], a: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (wb, rows) in zip4(w, a) {
+            // `lanes_i8` with the weight's half done once.
+            let values = load(&wb.qs);
+            let magnitudes = _mm256_sign_epi8(values, values);
+            for (r, ab) in rows.into_iter().enumerate() {
+                let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&ab.qs), values));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
             }
         }
+        acc.map(|acc| hsum_f32(acc))
+    }
+
+    /// One Q4_K super-block against one Q8_K block, the integer part: lanes 0-1 and 4-5
+    /// hold the scaled dot products of the sub-block pairs 0, 1, 2 and 3, lanes 2-3 and
+    /// 6-7 the minimums' terms of the same pairs.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_k_pairs(values: &[__m256i; 8], wb: &BlockK, ab: &BlockQ8K) -> __m256i {
+        let dots: [__m256i; 8] = std::array::from_fn(|sub| lanes_u8(values[sub], load(&ab.qs[sub * 32..])));
+        // Transposing sums: sub-block s's total lands in lane s.
+        let (h01, h23) = (_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+        let (h45, h67) = (_mm256_hadd_epi32(dots[4], dots[5]), _mm256_hadd_epi32(dots[6], dots[7]));
+        let (q03, q47) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
+        let per_sub =
+            _mm256_add_epi32(_mm256_permute2x128_si256(q03, q47, 0x20), _mm256_permute2x128_si256(q03, q47, 0x31));
+        let mut scales = [0i32; 8];
+        scales.copy_from_slice(&wb.scales[..8]);
+        let scaled = _mm256_mullo_epi32(per_sub, load_i32(&scales));
+        let mins = _mm256_mullo_epi32(load_i32(&wb.mins), load_i32(&ab.sums32));
+        _mm256_hadd_epi32(scaled, mins)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_k_values(wb: &BlockK) -> [__m256i; 8] {
+        std::array::from_fn(|sub| load(&wb.qs[sub * 32..]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+        let (mut acc, mut acc_min) = (0f32, 0f32);
+        for (wb, ab) in w.iter().zip(a) {
+            let pairs = q4_k_pairs(&q4_k_values(wb), wb, ab);
+            // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
+            let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            let (sum, mins) = (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2));
+            acc = (sum as f32).mul_add(wb.d * ab.d, acc);
+            acc_min = (mins as f32).mul_add(wb.dmin * ab.d, acc_min);
+        }
         acc - acc_min
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot4_q4_k(w: &[BlockK], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+        let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+        for (wb, rows) in zip4(w, a) {
+            let values = q4_k_values(wb);
+            let [f0, f1, f2, f3] = rows.map(|ab| _mm256_cvtepi32_ps(q4_k_pairs(&values, wb, ab)));
+            // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
+            let (t0, t1) = (_mm256_unpacklo_ps(f0, f1), _mm256_unpackhi_ps(f0, f1));
+            let (t2, t3) = (_mm256_unpacklo_ps(f2, f3), _mm256_unpackhi_ps(f2, f3));
+            let join = |lo: __m256, hi: __m256, high: bool| {
+                let (lo, hi) = (_mm256_castps_pd(lo), _mm256_castps_pd(hi));
+                _mm256_castpd_ps(if high { _mm256_unpackhi_pd(lo, hi) } else { _mm256_unpacklo_pd(lo, hi) })
+            };
+            let (c0, c1, c2, c3) = (join(t0, t2, false), join(t0, t2, true), join(t1, t3, false), join(t1, t3, true));
+            let d = _mm_setr_ps(rows[0].d, rows[1].d, rows[2].d, rows[3].d);
+            let (scale, scale_min) = (_mm_mul_ps(_mm_set1_ps(wb.d), d), _mm_mul_ps(_mm_set1_ps(wb.dmin), d));
+            let half =
+                |v: __m256, high: bool| if high { _mm256_extractf128_ps(v, 1) } else { _mm256_castps256_ps128(v) };
+            // Sub-block pairs 0, 1, 2, 3 in order: the sums in c0/c1, the minimums in c2/c3.
+            for (sums, mins) in [(c0, c2, false), (c1, c3, false), (c0, c2, true), (c1, c3, true)]
+                .map(|(s, m, high)| (half(s, high), half(m, high)))
+            {
+                acc = _mm_fmadd_ps(sums, scale, acc);
+                acc_min = _mm_fmadd_ps(mins, scale_min, acc_min);
+            }
+        }
+        let mut out = [0f32; 4];
+        // SAFETY: 16 writable bytes.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+        out
     }
 
     /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
@@ -640,19 +798,32 @@ mod avx2 {
         sums
     }
 
+    /// scale · bsum for the sixteen groups of 16 values: groups 0-7, then 8-15.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q6_offsets(wb: &BlockK, ab: &BlockQ8K) -> (__m256i, __m256i) {
+        let half = |values: &[i32]| {
+            let mut lanes = [0i32; 8];
+            lanes.copy_from_slice(values);
+            load_i32(&lanes)
+        };
+        (
+            _mm256_mullo_epi32(half(&wb.scales[..8]), half(&ab.bsums[..8])),
+            _mm256_mullo_epi32(half(&wb.scales[8..]), half(&ab.bsums[8..])),
+        )
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(a) {
             let d = ab.d * wb.d;
-            let mut offset = [0i32; 8];
-            for (lane, slot) in offset.iter_mut().enumerate() {
-                *slot =
-                    32 * (ab.bsums[2 * lane] * wb.scales[2 * lane] + ab.bsums[2 * lane + 1] * wb.scales[2 * lane + 1]);
-            }
-            // SAFETY: 32 readable bytes.
-            let offset = unsafe { _mm256_loadu_si256(offset.as_ptr().cast()) };
-            let sums = _mm256_sub_epi32(q6_lanes(wb, ab), offset);
+            // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
+            // the order 0-1, 2-3, 8-9, 10-11 | 4-5, 6-7, 12-13, 14-15).
+            let (low, high) = q6_offsets(wb, ab);
+            let pairs = _mm256_hadd_epi32(low, high);
+            let offsets = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+            let sums = _mm256_sub_epi32(q6_lanes(wb, ab), _mm256_slli_epi32(offsets, 5));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
         }
         hsum_f32(acc)
@@ -662,8 +833,9 @@ mod avx2 {
     pub(super) fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
         let mut acc = 0f32;
         for (wb, ab) in w.iter().zip(a) {
-            let offset: i32 = (0..QK_K / 16).map(|group| wb.scales[group] * 32 * ab.bsums[group]).sum();
-            let sum = hsum_i32(q6_lanes(wb, ab)) - offset;
+            let (low, high) = q6_offsets(wb, ab);
+            let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
+            let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(wb, ab), offsets));
             acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
         }
         acc
@@ -774,34 +946,44 @@ mod tests {
         }
     }
 
-    /// The SIMD kernels give the scalar kernels' bits.
+    /// The SIMD kernels give the scalar kernels' bits, and each row of a four-row kernel
+    /// the one-row scalar kernel's.
     #[test]
     fn simd_and_scalar_kernels_agree_bit_for_bit() {
         let (n, k) = (8, 512);
         let w_tensor = Tensor::from_vec(values(n * k, 11), (n, k), &Device::Cpu).expect("tensor");
-        let x = values(k, 13);
+        let x: Vec<Vec<f32>> = (0..4).map(|r| values(k, 13 + r)).collect();
         let row = |blocks_per_row: usize, col: usize| col * blocks_per_row..(col + 1) * blocks_per_row;
         let q41 = QTensor::quantize(&w_tensor, GgmlDType::Q4_1).expect("quantize");
         let q41 = Q4_1Matrix::from_bytes(&q41.data().expect("bytes"), n, k).expect("layout");
-        let a41: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let a41: Vec<Vec<BlockQ8_1>> = x.iter().map(|x| x.chunks_exact(QK).map(quantize_q8_1).collect()).collect();
         let q80 = QTensor::quantize(&w_tensor, GgmlDType::Q8_0).expect("quantize");
         let q80 = Q8_0Matrix::from_bytes(&q80.data().expect("bytes"), n, k).expect("layout");
-        let a80: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
+        let a80: Vec<Vec<BlockQ8_0>> = x.iter().map(|x| x.chunks_exact(QK).map(quantize_q8_0).collect()).collect();
         let q4k = QTensor::quantize(&w_tensor, GgmlDType::Q4K).expect("quantize");
         let q4k = KMatrix::from_q4_k_bytes(&q4k.data().expect("bytes"), n, k).expect("layout");
         let q6k = QTensor::quantize(&w_tensor, GgmlDType::Q6K).expect("quantize");
         let q6k = KMatrix::from_q6_k_bytes(&q6k.data().expect("bytes"), n, k).expect("layout");
-        let a8k: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
+        let a8k: Vec<Vec<BlockQ8K>> = x.iter().map(|x| x.chunks_exact(QK_K).map(quantize_q8_k).collect()).collect();
+        fn four<T>(a: &[Vec<T>]) -> [&[T]; 4] {
+            std::array::from_fn(|r| a[r].as_slice())
+        }
+        let bits = |v: [f32; 4]| v.map(f32::to_bits);
         for col in 0..n {
             let (w41, w80) = (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)]);
             let (w4k, w6k) = (&q4k.blocks[row(k / QK_K, col)], &q6k.blocks[row(k / QK_K, col)]);
-            assert_eq!(dot_q4_1(w41, &a41).to_bits(), dot_q4_1_scalar(w41, &a41).to_bits());
-            assert_eq!(dot_q8_0(w80, &a80).to_bits(), dot_q8_0_scalar(w80, &a80).to_bits());
-            for gemm in [false, true] {
-                assert_eq!(dot_q4_k(w4k, &a8k, gemm).to_bits(), dot_q4_k_scalar(w4k, &a8k, gemm).to_bits());
+            for r in 0..4 {
+                let (a41, a80, a8k) = (&a41[r], &a80[r], &a8k[r]);
+                assert_eq!(dot_q4_1(w41, a41).to_bits(), dot_q4_1_scalar(w41, a41).to_bits());
+                assert_eq!(dot_q8_0(w80, a80).to_bits(), dot_q8_0_scalar(w80, a80).to_bits());
+                assert_eq!(dot_q4_k(w4k, a8k).to_bits(), dot_q4_k_scalar(w4k, a8k, false).to_bits());
+                assert_eq!(dot_q6_k(w6k, a8k).to_bits(), dot_q6_k_scalar(w6k, a8k).to_bits());
+                assert_eq!(dot_q6_k_tiled(w6k, a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, a8k).to_bits());
             }
-            assert_eq!(dot_q6_k(w6k, &a8k).to_bits(), dot_q6_k_scalar(w6k, &a8k).to_bits());
-            assert_eq!(dot_q6_k_tiled(w6k, &a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, &a8k).to_bits());
+            let expected = |dot: &dyn Fn(usize) -> f32| bits(std::array::from_fn(dot));
+            assert_eq!(bits(dot4_q4_1(w41, four(&a41))), expected(&|r| dot_q4_1_scalar(w41, &a41[r])));
+            assert_eq!(bits(dot4_q8_0(w80, four(&a80))), expected(&|r| dot_q8_0_scalar(w80, &a80[r])));
+            assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
         }
     }
 
