@@ -774,7 +774,8 @@ impl Layer {
         };
         let activated = if gate.device().is_cpu() {
             let (g, u) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?);
-            let y = if c.arch == Arch::Gemma3 { numerics::geglu(&g, &u) } else { numerics::swiglu(&g, &u) };
+            let y =
+                if c.arch == Arch::Gemma3 { numerics::geglu(&g, &u, c.n_ff) } else { numerics::swiglu(&g, &u, c.n_ff) };
             Tensor::from_vec(y, gate.dims(), gate.device())?
         } else if c.arch == Arch::Gemma3 {
             (gate.gelu()? * up)?

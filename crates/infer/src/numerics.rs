@@ -10,19 +10,21 @@
 //! fused in ggml (explicit intrinsics, or contracted by the compiler).
 
 use half::f16;
+use rayon::prelude::*;
 
 /// `ggml_rms_norm` followed by `ggml_mul` with the weight, for each row of `x`.
 /// The sum of squares is taken in f64 over f32 products, as `ggml_compute_forward_rms_norm_f32`.
 pub(crate) fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    for row in x.chunks_exact_mut(n) {
+    // Rows in parallel: each row's f64 sum is one sequential chain.
+    x.par_chunks_exact_mut(n).with_min_len(8).for_each(|row| {
         let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
         let mean = (sum / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = (*v * scale) * w;
         }
-    }
+    });
 }
 
 /// Rotary position embedding as `ggml_rope_ext` computes it: the angle of pair `i` at
@@ -64,7 +66,7 @@ impl Rope {
         let pairs = self.head_dim / 2;
         let seq = table.len() / (pairs * 2);
         let per_position = x.len() / seq.max(1);
-        for (t, row) in x.chunks_exact_mut(per_position).enumerate() {
+        x.par_chunks_exact_mut(per_position.max(1)).with_min_len(8).enumerate().for_each(|(t, row)| {
             let angles = &table[t * pairs * 2..(t + 1) * pairs * 2];
             for head in row.chunks_exact_mut(self.head_dim) {
                 for i in 0..pairs {
@@ -77,7 +79,7 @@ impl Rope {
                     head[b] = x0.mul_add(sin, x1 * cos);
                 }
             }
-        }
+        });
     }
 }
 
@@ -103,36 +105,51 @@ pub(crate) fn v_expf(x: f32) -> f32 {
     (f64::from(j) * two_n) as f32
 }
 
-/// `ggml_vec_swiglu_f32`: `silu(gate) · up`, vectorised SiLU (`x / (1 + v_expf(-x))`) on
-/// blocks of 16, the C library's `expf` on the rest.
-pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let vectorised = gate.len() / 16 * 16;
-    gate.iter()
-        .zip(up)
-        .enumerate()
-        .map(|(i, (&x, &g))| {
+/// `ggml_vec_swiglu_f32` on each row of `row_len` values: `silu(gate) · up`, vectorised
+/// SiLU (`x / (1 + v_expf(-x))`) on blocks of 16, the C library's `expf` on the rest.
+/// Rows in parallel.
+pub(crate) fn swiglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
+    rows_in_parallel(gate, up, row_len, |gate, up, out| {
+        let vectorised = gate.len() / 16 * 16;
+        for (i, ((&x, &g), y)) in gate.iter().zip(up).zip(out).enumerate() {
             let e = if i < vectorised { v_expf(0.0 - x) } else { (-x).exp() };
-            (x / (1.0 + e)) * g
-        })
-        .collect()
+            *y = (x / (1.0 + e)) * g;
+        }
+    })
 }
 
 /// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
 /// to f16, the result read from a table of f16 values, then multiplied by `up`.
-pub(crate) fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+pub(crate) fn geglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
     let table = gelu_table();
-    gate.iter()
-        .zip(up)
-        .map(|(&x, &g)| {
-            if x <= -10.0 {
+    rows_in_parallel(gate, up, row_len, |gate, up, out| {
+        for ((&x, &g), y) in gate.iter().zip(up).zip(out) {
+            *y = if x <= -10.0 {
                 0.0
             } else if x >= 10.0 {
                 x * g
             } else {
                 table[usize::from(f16::from_f32(x).to_bits())] * g
-            }
-        })
-        .collect()
+            };
+        }
+    })
+}
+
+/// `row(gate, up, out)` on each row of `row_len` values, rows in parallel.
+fn rows_in_parallel(
+    gate: &[f32],
+    up: &[f32],
+    row_len: usize,
+    row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    let row_len = row_len.max(1);
+    out.par_chunks_mut(row_len).zip(gate.par_chunks(row_len).zip(up.par_chunks(row_len))).for_each(
+        |(out, (gate, up))| {
+            row(gate, up, out);
+        },
+    );
+    out
 }
 
 /// ggml's `ggml_table_gelu_f16`: GELU of every f16 value, rounded to f16 (held as f32),
@@ -244,7 +261,7 @@ mod tests {
     fn geglu_reads_gelu_of_the_rounded_input() {
         let gate: Vec<f32> = (-1300..1300).map(|i| i as f32 / 117.0).collect();
         let up: Vec<f32> = gate.iter().map(|x| 1.0 + x.abs()).collect();
-        for ((y, &x), &g) in geglu(&gate, &up).iter().zip(&gate).zip(&up) {
+        for ((y, &x), &g) in geglu(&gate, &up, 100).iter().zip(&gate).zip(&up) {
             let rounded = f64::from(f16::from_f32(x).to_f32());
             let gelu = 0.5
                 * rounded

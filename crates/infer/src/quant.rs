@@ -58,6 +58,11 @@ fn par_matmul<W: Sync, A: Sync>(
     out
 }
 
+/// Activations quantized `per_block` values at a time, in parallel for long inputs.
+fn quantize<B: Send>(x: &[f32], per_block: usize, block: impl Fn(&[f32]) -> B + Sync + Send) -> Vec<B> {
+    x.par_chunks_exact(per_block).with_min_len(2048 / per_block).map(block).collect()
+}
+
 /// Parses the raw blocks of an `n × k` matrix stored `per_block` values in `block_bytes`
 /// bytes a block, or `None` when the sizes do not fit.
 fn parse_blocks<B: Send>(
@@ -118,7 +123,7 @@ impl Q4_1Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let activations = quantize(x, QK, quantize_q8_1);
         par_matmul(
             &self.blocks,
             &activations,
@@ -242,7 +247,7 @@ impl Q8_0Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize_q8_0).collect();
+        let activations = quantize(x, QK, quantize_q8_0);
         par_matmul(
             &self.blocks,
             &activations,
@@ -435,7 +440,7 @@ impl KMatrix {
     /// matrices still get the repacked arithmetic here, close to but not bit-equal with
     /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
+        let activations = quantize(x, QK_K, quantize_q8_k);
         let (kind, tiled) = (self.kind, m >= 8);
         par_matmul(
             &self.blocks,
