@@ -18,7 +18,7 @@ use crate::attention::{AttentionShape, HostKvCache, attend};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::numerics;
-use crate::quant::{KMatrix, Q4_1Matrix, Q8_0Matrix};
+use crate::quant::{KMatrix, Q4_1Matrix, Q5_0Matrix, Q8_0Matrix};
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -156,6 +156,7 @@ enum Linear {
     Candle(QMatMul),
     Q4_1(Q4_1Matrix),
     Q8_0(Arc<Q8_0Matrix>),
+    Q5_0(Q5_0Matrix),
     KQuant(KMatrix),
 }
 
@@ -166,7 +167,7 @@ impl Linear {
             let own = match tensor.dtype() {
                 GgmlDType::Q4_1 => Q4_1Matrix::from_bytes(&tensor.data()?, n, k).map(Self::Q4_1),
                 GgmlDType::Q8_0 => Q8_0Matrix::from_bytes(&tensor.data()?, n, k).map(|m| Self::Q8_0(Arc::new(m))),
-                GgmlDType::Q5_0 => Q8_0Matrix::from_q5_0_bytes(&tensor.data()?, n, k).map(|m| Self::Q8_0(Arc::new(m))),
+                GgmlDType::Q5_0 => Q5_0Matrix::from_bytes(&tensor.data()?, n, k).map(Self::Q5_0),
                 GgmlDType::Q4K => KMatrix::from_q4_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
                 GgmlDType::Q6K => KMatrix::from_q6_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
                 _ => None,
@@ -183,6 +184,7 @@ impl Linear {
             Self::Candle(matmul) => matmul.forward(x),
             Self::Q4_1(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
             Self::Q8_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
+            Self::Q5_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
             Self::KQuant(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
         }
     }

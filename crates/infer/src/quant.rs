@@ -12,39 +12,35 @@ use crate::numerics::hsum_8;
 const QK: usize = 32;
 
 /// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
-/// rows of activations of `per_row` blocks each, in parallel. Activation rows go four at a
-/// time through `dot4(first_row, weights, activations)`, which decodes each weight block
-/// once for the four and keeps four independent accumulators (a single one is bound by the
-/// latency of its chain of fused multiply-adds); the last `m % 4` rows go one at a time
+/// rows of activations of `per_row` blocks each, in parallel. Activation rows go `G` at a
+/// time through `dotg(first_row, weights, activations)`, which decodes each weight block
+/// once for the `G` rows and keeps an accumulator per row (a single one is bound by the
+/// latency of its chain of fused multiply-adds); the last `m % G` rows go one at a time
 /// through `dot(row, weights, activations)`. Every output is computed the same way whatever
 /// the split into work items, so results do not depend on the thread count.
-fn par_matmul<W: Sync, A: Sync>(
+fn par_matmul<const G: usize, W: Sync, A: Sync>(
     weights: &[W],
     activations: &[A],
     (n, m, per_row): (usize, usize, usize),
     dot: impl Fn(usize, &[W], &[A]) -> f32 + Sync,
-    dot4: impl Fn(usize, &[W], [&[A]; 4]) -> [f32; 4] + Sync,
+    dotg: impl Fn(usize, &[W], [&[A]; G]) -> [f32; G] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
     let weight_row = |col: usize| &weights[col * per_row..(col + 1) * per_row];
     let activation_row = |row: usize| &activations[row * per_row..(row + 1) * per_row];
-    let grouped = m / 4 * 4;
+    let grouped = m / G * G;
     let (head, tail) = out.split_at_mut(grouped * n);
-    head.par_chunks_mut(4 * n).enumerate().for_each(|(group, rows)| {
-        let first = 4 * group;
+    head.par_chunks_mut(G * n).enumerate().for_each(|(group, rows)| {
+        let first = G * group;
         let a = std::array::from_fn(|r| activation_row(first + r));
-        let (r0, rest) = rows.split_at_mut(n);
-        let (r1, rest) = rest.split_at_mut(n);
-        let (r2, r3) = rest.split_at_mut(n);
-        let pairs = r0.par_chunks_mut(chunk).zip(r1.par_chunks_mut(chunk));
-        let pairs = pairs.zip(r2.par_chunks_mut(chunk).zip(r3.par_chunks_mut(chunk)));
-        pairs.enumerate().for_each(|(chunk_idx, ((d0, d1), (d2, d3)))| {
-            for offset in 0..d0.len() {
-                let [v0, v1, v2, v3] = dot4(first, weight_row(chunk_idx * chunk + offset), a);
-                (d0[offset], d1[offset], d2[offset], d3[offset]) = (v0, v1, v2, v3);
+        let columns: Vec<[f32; G]> =
+            (0..n).into_par_iter().with_min_len(chunk).map(|col| dotg(first, weight_row(col), a)).collect();
+        for (r, row) in rows.chunks_exact_mut(n).enumerate() {
+            for (value, column) in row.iter_mut().zip(&columns) {
+                *value = column[r];
             }
-        });
+        }
     });
     tail.par_chunks_mut(n.max(1)).enumerate().for_each(|(index, out_row)| {
         let row = grouped + index;
@@ -57,6 +53,10 @@ fn par_matmul<W: Sync, A: Sync>(
     });
     out
 }
+
+/// Activation rows per call of the Q4_1, Q8_0 and Q5_0 kernels in a prompt: each weight
+/// block decoded once for eight rows.
+const ROWS: usize = 8;
 
 /// Activations quantized `per_block` values at a time, in parallel for long inputs.
 fn quantize<B: Send>(x: &[f32], per_block: usize, block: impl Fn(&[f32]) -> B + Sync + Send) -> Vec<B> {
@@ -79,11 +79,13 @@ fn parse_blocks<B: Send>(
     Some(bytes.par_chunks_exact(block_bytes).map(parse).collect())
 }
 
-/// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16.
+/// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16; GGUF's 20 bytes as they are
+/// (the kernels widen the f16 scales: decoding is bound by memory bandwidth).
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct BlockQ4_1 {
-    d: f32,
-    m: f32,
+    d: f16,
+    m: f16,
     qs: [u8; QK / 2],
 }
 
@@ -108,11 +110,7 @@ impl Q4_1Matrix {
         let blocks = parse_blocks(bytes, n, k, QK, 20, |raw| {
             let mut qs = [0u8; QK / 2];
             qs.copy_from_slice(&raw[4..20]);
-            BlockQ4_1 {
-                d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-                m: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
-                qs,
-            }
+            BlockQ4_1 { d: f16::from_le_bytes([raw[0], raw[1]]), m: f16::from_le_bytes([raw[2], raw[3]]), qs }
         })?;
         Some(Self { n, k, blocks })
     }
@@ -129,7 +127,7 @@ impl Q4_1Matrix {
             &activations,
             (self.n, m, self.k / QK),
             |_, w, a| dot_q4_1(w, a),
-            |_, w, a| dot4_q4_1(w, a),
+            |_, w, a| dotn_q4_1::<ROWS>(w, a),
         )
     }
 }
@@ -157,8 +155,8 @@ fn dot_q4_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     let mut acc = [0f32; 8];
     let mut mins = 0f32;
     for (wb, ab) in w.iter().zip(a) {
-        mins = wb.m.mul_add(ab.s, mins);
-        let scale = wb.d * ab.d;
+        mins = wb.m.to_f32().mul_add(ab.s, mins);
+        let scale = wb.d.to_f32() * ab.d;
         for lane in 0..4 {
             let mut lo = 0i32;
             let mut hi = 0i32;
@@ -173,29 +171,156 @@ fn dot_q4_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     hsum_8(acc) + mins
 }
 
-/// One Q8_0 block: 32 values as `d * q`.
+/// One Q8_0 block of activations: 32 values as `d * q`.
 #[derive(Clone, Copy)]
 struct BlockQ8_0 {
     d: f32,
     qs: [i8; QK],
 }
 
-/// A Q8_0 weight matrix of `n` rows by `k` columns; also serves embedding lookups.
-pub(crate) struct Q8_0Matrix {
-    n: usize,
-    k: usize,
-    blocks: Vec<BlockQ8_0>,
+/// A Q8_0 weight block, GGUF's 34 bytes as they are.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct WeightQ8_0 {
+    d: f16,
+    qs: [i8; QK],
 }
 
-impl Q8_0Matrix {
-    /// From raw GGUF bytes (34 bytes a block: f16 d, 32 signed bytes).
+/// A Q5_0 weight block, GGUF's 22 bytes as they are: value `j` is `d * (q - 16)`, q's low
+/// four bits in byte `j % 16` of `qs` (the low nibble for `j < 16`), its fifth in bit `j`
+/// of `qh`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ5_0 {
+    d: f16,
+    qh: [u8; 4],
+    qs: [u8; QK / 2],
+}
+
+/// Weight blocks that ggml multiplies by Q8_0 activations with Q8_0's arithmetic: Q8_0
+/// itself, and Q5_0 (llamafile's tinyBLAS widens it to signed bytes first). Implementors
+/// are `repr(C)` with the f16 scale first, at least 8 bytes: the SIMD kernels read it there.
+#[allow(unsafe_code)]
+pub(crate) trait Q8Weights: Copy + Send + Sync {
+    /// Raw size in a GGUF file.
+    const BYTES: usize;
+    fn parse(raw: &[u8]) -> Self;
+    fn scale(&self) -> f16;
+    fn values(&self) -> [i8; QK];
+    /// The values as 32 signed bytes in a vector register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn bytes(&self) -> std::arch::x86_64::__m256i;
+}
+
+#[allow(unsafe_code)]
+impl Q8Weights for WeightQ8_0 {
+    const BYTES: usize = 34;
+
+    fn parse(raw: &[u8]) -> Self {
+        let mut qs = [0i8; QK];
+        for (q, b) in qs.iter_mut().zip(&raw[2..]) {
+            *q = *b as i8;
+        }
+        Self { d: f16::from_le_bytes([raw[0], raw[1]]), qs }
+    }
+
+    fn scale(&self) -> f16 {
+        self.d
+    }
+
+    fn values(&self) -> [i8; QK] {
+        self.qs
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn bytes(&self) -> std::arch::x86_64::__m256i {
+        // SAFETY: 32 readable bytes; the caller guarantees AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_si256(self.qs.as_ptr().cast()) }
+    }
+}
+
+#[allow(unsafe_code)]
+impl Q8Weights for BlockQ5_0 {
+    const BYTES: usize = 22;
+
+    fn parse(raw: &[u8]) -> Self {
+        let mut block = Self { d: f16::from_le_bytes([raw[0], raw[1]]), qh: [0; 4], qs: [0; QK / 2] };
+        block.qh.copy_from_slice(&raw[2..6]);
+        block.qs.copy_from_slice(&raw[6..22]);
+        block
+    }
+
+    fn scale(&self) -> f16 {
+        self.d
+    }
+
+    fn values(&self) -> [i8; QK] {
+        let high = u32::from_le_bytes(self.qh);
+        let bit = |i: usize| (((high >> i) & 1) << 4) as u8;
+        let mut values = [0i8; QK];
+        for j in 0..QK / 2 {
+            values[j] = ((self.qs[j] & 0x0F) | bit(j)) as i8 - 16;
+            values[j + QK / 2] = ((self.qs[j] >> 4) | bit(j + QK / 2)) as i8 - 16;
+        }
+        values
+    }
+
+    /// ggml's `bytes_from_nibbles_32` and `bytes_from_bits_32` (tinyBLAS's Q5_0 load).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn bytes(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX2; 16 readable bytes.
+        unsafe {
+            let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
+            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+            // With AVX-512 (chosen at build time, as VNNI): less 16 where the fifth bit is clear.
+            #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
+            return _mm256_mask_sub_epi8(nibbles, !u32::from_le_bytes(self.qh), nibbles, _mm256_set1_epi8(16));
+            #[cfg(not(all(target_feature = "avx512bw", target_feature = "avx512vl")))]
+            {
+                // Byte j all ones when bit j of qh is set.
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(i32::from_le_bytes(self.qh)),
+                    _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+                );
+                let set = _mm256_cmpeq_epi8(
+                    _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+                    _mm256_set1_epi64x(-1),
+                );
+                // q - 16 as a signed byte: the nibble, with 0xF0 where the fifth bit is clear.
+                _mm256_or_si256(nibbles, _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)))
+            }
+        }
+    }
+}
+
+/// A weight matrix of `n` rows by `k` columns in Q8_0 or Q5_0 blocks; a Q8_0 one also
+/// serves embedding lookups.
+pub(crate) struct Q8Matrix<B> {
+    n: usize,
+    k: usize,
+    blocks: Vec<B>,
+}
+
+pub(crate) type Q8_0Matrix = Q8Matrix<WeightQ8_0>;
+pub(crate) type Q5_0Matrix = Q8Matrix<BlockQ5_0>;
+
+impl<B: Q8Weights> Q8Matrix<B> {
+    /// From raw GGUF bytes.
     pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK, 34, parse_q8_0)?;
+        let blocks = parse_blocks(bytes, n, k, QK, B::BYTES, B::parse)?;
         Some(Self { n, k, blocks })
     }
 
     /// The same, read from `reader` a piece at a time, so that the raw bytes are never all
-    /// held beside the converted blocks (for large tables: Gemma's embedding is 178 MB).
+    /// held beside the blocks (for large tables: Gemma's embedding is 178 MB).
     /// `Ok(None)` when `k` is not a whole number of blocks.
     pub(crate) fn read(mut reader: impl std::io::Read, n: usize, k: usize) -> std::io::Result<Option<Self>> {
         const PIECE: usize = 4096;
@@ -204,30 +329,13 @@ impl Q8_0Matrix {
         }
         let total = n * k / QK;
         let mut blocks = Vec::with_capacity(total);
-        let mut piece = vec![0u8; PIECE * 34];
+        let mut piece = vec![0u8; PIECE * B::BYTES];
         while blocks.len() < total {
-            let bytes = &mut piece[..(total - blocks.len()).min(PIECE) * 34];
+            let bytes = &mut piece[..(total - blocks.len()).min(PIECE) * B::BYTES];
             reader.read_exact(bytes)?;
-            blocks.par_extend(bytes.par_chunks_exact(34).map(parse_q8_0));
+            blocks.par_extend(bytes.par_chunks_exact(B::BYTES).map(B::parse));
         }
         Ok(Some(Self { n, k, blocks }))
-    }
-
-    /// From raw Q5_0 bytes (22 bytes a block: f16 d, 32 high bits, 16 bytes of nibbles).
-    /// ggml multiplies Q5_0 by Q8_0 activations with the same arithmetic as Q8_0 (llamafile's
-    /// tinyBLAS), so the values are widened to bytes once and share the Q8_0 kernel.
-    pub(crate) fn from_q5_0_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK, 22, |raw| {
-            let high = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
-            let mut qs = [0i8; QK];
-            for j in 0..QK / 2 {
-                let bit = |i: usize| (((high >> i) & 1) << 4) as u8;
-                qs[j] = ((raw[6 + j] & 0x0F) | bit(j)) as i8 - 16;
-                qs[j + QK / 2] = ((raw[6 + j] >> 4) | bit(j + QK / 2)) as i8 - 16;
-            }
-            BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
-        })?;
-        Some(Self { n, k, blocks })
     }
 
     pub(crate) fn n(&self) -> usize {
@@ -242,7 +350,15 @@ impl Q8_0Matrix {
     pub(crate) fn row(&self, row: usize) -> Option<Vec<f32>> {
         let per_row = self.k / QK;
         let blocks = self.blocks.get(row * per_row..(row + 1) * per_row)?;
-        Some(blocks.iter().flat_map(|b| b.qs.iter().map(move |&q| f32::from(q) * b.d)).collect())
+        Some(
+            blocks
+                .iter()
+                .flat_map(|b| {
+                    let d = b.scale().to_f32();
+                    b.values().map(move |q| f32::from(q) * d)
+                })
+                .collect(),
+        )
     }
 
     /// `x` is `m × k` row-major; returns `m × n`.
@@ -252,19 +368,10 @@ impl Q8_0Matrix {
             &self.blocks,
             &activations,
             (self.n, m, self.k / QK),
-            |_, w, a| dot_q8_0(w, a),
-            |_, w, a| dot4_q8_0(w, a),
+            |_, w, a| dot_q8(w, a),
+            |_, w, a| dotn_q8::<ROWS, B>(w, a),
         )
     }
-}
-
-/// One raw Q8_0 block (34 bytes).
-fn parse_q8_0(raw: &[u8]) -> BlockQ8_0 {
-    let mut qs = [0i8; QK];
-    for (q, b) in qs.iter_mut().zip(&raw[2..]) {
-        *q = *b as i8;
-    }
-    BlockQ8_0 { d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(), qs }
 }
 
 /// ggml's `quantize_row_q8_0` (x86 SIMD version).
@@ -281,12 +388,13 @@ fn quantize_q8_0(x: &[f32]) -> BlockQ8_0 {
 
 /// ggml's `ggml_vec_dot_q8_0_q8_0` (x86 AVX2 path; llamafile's tinyBLAS computes the
 /// same): eight lanes of four integer products, fused into eight accumulators.
-fn dot_q8_0_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+fn dot_q8_scalar<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
-        let scale = wb.d * ab.d;
+        let scale = wb.scale().to_f32() * ab.d;
+        let values = wb.values();
         for (lane, slot) in acc.iter_mut().enumerate() {
-            let sum: i32 = (lane * 4..lane * 4 + 4).map(|j| i32::from(wb.qs[j]) * i32::from(ab.qs[j])).sum();
+            let sum: i32 = (lane * 4..lane * 4 + 4).map(|j| i32::from(values[j]) * i32::from(ab.qs[j])).sum();
             *slot = scale.mul_add(sum as f32, *slot);
         }
     }
@@ -533,7 +641,9 @@ fn dot_q6_k_tiled_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
 /// Whether the AVX2 kernels below can run (checked once, then cached by std).
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 macro_rules! dispatch {
@@ -543,7 +653,7 @@ macro_rules! dispatch {
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                 return unsafe { avx2::$avx2($($arg),*) };
             }
             $scalar
@@ -555,18 +665,37 @@ dispatch!(
     /// Q4_1 × Q8_1: AVX2 when the CPU has it, the same arithmetic in scalar code otherwise.
     fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 => dot_q4_1, dot_q4_1_scalar(w, a)
 );
-dispatch!(
-    /// Q4_1 × Q8_1 for four activation rows.
-    fn dot4_q4_1(w: &[BlockQ4_1], a: [&[BlockQ8_1]; 4]) -> [f32; 4] => dot4_q4_1, a.map(|a| dot_q4_1_scalar(w, a))
-);
-dispatch!(
-    /// Q8_0 (and widened Q5_0) × Q8_0.
-    fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 => dot_q8_0, dot_q8_0_scalar(w, a)
-);
-dispatch!(
-    /// Q8_0 × Q8_0 for four activation rows.
-    fn dot4_q8_0(w: &[BlockQ8_0], a: [&[BlockQ8_0]; 4]) -> [f32; 4] => dot4_q8_0, a.map(|a| dot_q8_0_scalar(w, a))
-);
+/// Q4_1 × Q8_1 for `R` activation rows.
+#[allow(unsafe_code)]
+fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        return unsafe { avx2::dotn_q4_1(w, a) };
+    }
+    a.map(|a| dot_q4_1_scalar(w, a))
+}
+/// Q8_0 or Q5_0 × Q8_0.
+#[allow(unsafe_code)]
+fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        return unsafe { avx2::dot_q8(w, a) };
+    }
+    dot_q8_scalar(w, a)
+}
+
+/// Q8_0 or Q5_0 × Q8_0 for `R` activation rows.
+#[allow(unsafe_code)]
+fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::dotn_q8(w, a) };
+    }
+    a.map(|a| dot_q8_scalar(w, a))
+}
 dispatch!(
     /// Q4_K × Q8_K as the repacked gemv kernel.
     fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q4_k, dot_q4_k_scalar(w, a, false)
@@ -593,7 +722,25 @@ dispatch!(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockK, BlockQ4_1, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K, hsum_8};
+    use super::{BlockK, BlockQ4_1, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, hsum_8};
+
+    /// A Q8_0 or Q5_0 block's scale in every lane. (All lanes are used, so the compiler
+    /// keeps the broadcast load: converting one lane, it inserts the 16 bits into a register
+    /// still in use, which chains each block to the previous block's last accumulation.)
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scale8<B: Q8Weights>(block: &B) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(block.scale().to_bits() as i16))
+    }
+
+    /// A Q4_1 block's `d` and `m`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn widen_q4_1(wb: &BlockQ4_1) -> (f32, f32) {
+        let bits = i32::from(wb.d.to_bits()) | (i32::from(wb.m.to_bits()) << 16);
+        let both = _mm_cvtph_ps(_mm_set1_epi32(bits));
+        (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
+    }
 
     /// Lane `l`: Σ x[j]·y[j] over j in 4l..4l+4, for |x| ≤ 127 (ggml's `mul_sum_i8_pairs`).
     #[inline]
@@ -648,10 +795,13 @@ mod avx2 {
         hsum_8(lanes)
     }
 
-    /// Each of four block slices, zipped with the weight blocks.
-    fn zip4<'a, W, A>(w: &'a [W], a: [&'a [A]; 4]) -> impl Iterator<Item = (&'a W, [&'a A; 4])> {
-        let [a0, a1, a2, a3] = a;
-        w.iter().zip(a0).zip(a1).zip(a2).zip(a3).map(|((((w, a0), a1), a2), a3)| (w, [a0, a1, a2, a3]))
+    /// The weight blocks, each with the blocks at the same place in `R` activation rows.
+    #[inline]
+    fn zip_rows<'a, const R: usize, W, A>(w: &'a [W], a: [&'a [A]; R]) -> impl Iterator<Item = (&'a W, [&'a A; R])> {
+        let len = a.iter().fold(w.len(), |len, a| len.min(a.len()));
+        let w = &w[..len];
+        let a = a.map(|a| &a[..len]);
+        w.iter().enumerate().map(move |(i, w)| (w, a.map(|a| &a[i])))
     }
 
     #[inline]
@@ -662,54 +812,60 @@ mod avx2 {
         _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (wb, ab) in w.iter().zip(a) {
-            mins = wb.m.mul_add(ab.s, mins);
+            let (d, m) = widen_q4_1(wb);
+            mins = m.mul_add(ab.s, mins);
             let sums = lanes_u8(q4_1_nibbles(wb), load(&ab.qs));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc);
         }
         debug_assert_eq!(QK, 32);
         hsum_f32(acc) + mins
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot4_q4_1(w: &[BlockQ4_1], a: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut mins = [0f32; 4];
-        for (wb, rows) in zip4(w, a) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for (wb, rows) in zip_rows(w, a) {
             let nibbles = q4_1_nibbles(wb);
+            let (d, m) = widen_q4_1(wb);
             for (r, ab) in rows.into_iter().enumerate() {
-                mins[r] = wb.m.mul_add(ab.s, mins[r]);
+                mins[r] = m.mul_add(ab.s, mins[r]);
                 let sums = lanes_u8(nibbles, load(&ab.qs));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
             }
         }
         std::array::from_fn(|r| hsum_f32(acc[r]) + mins[r])
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(a) {
-            let sums = lanes_i8(load(&wb.qs), load(&ab.qs));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc);
+            // SAFETY: AVX2 is enabled here.
+            let sums = lanes_i8(unsafe { wb.bytes() }, load(&ab.qs));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(scale8(wb), _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc);
         }
         hsum_f32(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot4_q8_0(w: &[BlockQ8_0], a: [&[BlockQ8_0]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (wb, rows) in zip4(w, a) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (wb, rows) in zip_rows(w, a) {
             // `lanes_i8` with the weight's half done once.
-            let values = load(&wb.qs);
+            // SAFETY: AVX2 is enabled here.
+            let values = unsafe { wb.bytes() };
             let magnitudes = _mm256_sign_epi8(values, values);
+            let d = scale8(wb);
             for (r, ab) in rows.into_iter().enumerate() {
                 let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&ab.qs), values));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
+                // d_w · d_a in every lane: the scalar product's bits.
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc[r]);
             }
         }
         acc.map(|acc| hsum_f32(acc))
@@ -759,7 +915,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot4_q4_k(w: &[BlockK], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
         let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
-        for (wb, rows) in zip4(w, a) {
+        for (wb, rows) in zip_rows(w, a) {
             let values = q4_k_values(wb);
             let [f0, f1, f2, f3] = rows.map(|ab| _mm256_cvtepi32_ps(q4_k_pairs(&values, wb, ab)));
             // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
@@ -932,7 +1088,7 @@ mod tests {
             let bytes = q.data().expect("bytes");
             let ours = match dtype {
                 GgmlDType::Q8_0 => Q8_0Matrix::from_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
-                GgmlDType::Q5_0 => Q8_0Matrix::from_q5_0_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
+                GgmlDType::Q5_0 => Q5_0Matrix::from_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
                 GgmlDType::Q4K => KMatrix::from_q4_k_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
                 _ => KMatrix::from_q6_k_bytes(&bytes, n, k).expect("layout").matmul(&x, m),
             };
@@ -964,6 +1120,8 @@ mod tests {
         let a41: Vec<Vec<BlockQ8_1>> = x.iter().map(|x| x.chunks_exact(QK).map(quantize_q8_1).collect()).collect();
         let q80 = QTensor::quantize(&w_tensor, GgmlDType::Q8_0).expect("quantize");
         let q80 = Q8_0Matrix::from_bytes(&q80.data().expect("bytes"), n, k).expect("layout");
+        let q50 = QTensor::quantize(&w_tensor, GgmlDType::Q5_0).expect("quantize");
+        let q50 = Q5_0Matrix::from_bytes(&q50.data().expect("bytes"), n, k).expect("layout");
         let a80: Vec<Vec<BlockQ8_0>> = x.iter().map(|x| x.chunks_exact(QK).map(quantize_q8_0).collect()).collect();
         let q4k = QTensor::quantize(&w_tensor, GgmlDType::Q4K).expect("quantize");
         let q4k = KMatrix::from_q4_k_bytes(&q4k.data().expect("bytes"), n, k).expect("layout");
@@ -975,19 +1133,28 @@ mod tests {
         }
         let bits = |v: [f32; 4]| v.map(f32::to_bits);
         for col in 0..n {
-            let (w41, w80) = (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)]);
+            let (w41, w80, w50) =
+                (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)], &q50.blocks[row(k / QK, col)]);
             let (w4k, w6k) = (&q4k.blocks[row(k / QK_K, col)], &q6k.blocks[row(k / QK_K, col)]);
             for r in 0..4 {
                 let (a41, a80, a8k) = (&a41[r], &a80[r], &a8k[r]);
                 assert_eq!(dot_q4_1(w41, a41).to_bits(), dot_q4_1_scalar(w41, a41).to_bits());
-                assert_eq!(dot_q8_0(w80, a80).to_bits(), dot_q8_0_scalar(w80, a80).to_bits());
+                assert_eq!(dot_q8(w80, a80).to_bits(), dot_q8_scalar(w80, a80).to_bits());
+                assert_eq!(dot_q8(w50, a80).to_bits(), dot_q8_scalar(w50, a80).to_bits());
                 assert_eq!(dot_q4_k(w4k, a8k).to_bits(), dot_q4_k_scalar(w4k, a8k, false).to_bits());
                 assert_eq!(dot_q6_k(w6k, a8k).to_bits(), dot_q6_k_scalar(w6k, a8k).to_bits());
                 assert_eq!(dot_q6_k_tiled(w6k, a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, a8k).to_bits());
             }
             let expected = |dot: &dyn Fn(usize) -> f32| bits(std::array::from_fn(dot));
-            assert_eq!(bits(dot4_q4_1(w41, four(&a41))), expected(&|r| dot_q4_1_scalar(w41, &a41[r])));
-            assert_eq!(bits(dot4_q8_0(w80, four(&a80))), expected(&|r| dot_q8_0_scalar(w80, &a80[r])));
+            assert_eq!(bits(dotn_q4_1(w41, four(&a41))), expected(&|r| dot_q4_1_scalar(w41, &a41[r])));
+            assert_eq!(bits(dotn_q8(w80, four(&a80))), expected(&|r| dot_q8_scalar(w80, &a80[r])));
+            assert_eq!(bits(dotn_q8(w50, four(&a80))), expected(&|r| dot_q8_scalar(w50, &a80[r])));
+            let eight: [&[BlockQ8_0]; 8] = std::array::from_fn(|r| a80[r % 4].as_slice());
+            let want: [u32; 8] = std::array::from_fn(|r| dot_q8_scalar(w50, &a80[r % 4]).to_bits());
+            assert_eq!(dotn_q8(w50, eight).map(f32::to_bits), want);
+            let eight: [&[BlockQ8_1]; 8] = std::array::from_fn(|r| a41[r % 4].as_slice());
+            let want: [u32; 8] = std::array::from_fn(|r| dot_q4_1_scalar(w41, &a41[r % 4]).to_bits());
+            assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
             assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
         }
     }
