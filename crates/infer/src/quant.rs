@@ -441,7 +441,7 @@ fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
     block
 }
 
-/// A K-quant weight block widened for the dot products: values as bytes, scales as ints.
+/// A K-quant block unpacked for the scalar kernels: values as bytes, scales as ints.
 struct BlockK {
     d: f32,
     /// Q4_K only: the scale of the per-sub-block minimums.
@@ -452,88 +452,127 @@ struct BlockK {
     qs: [i8; QK_K],
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum KQuant {
-    Q4K,
-    Q6K,
+/// A Q4_K super-block, GGUF's 144 bytes as they are: f16 d and dmin, eight 6-bit scales
+/// and minimums packed in 12 bytes, and nibbles (bytes `32c..32c+32` hold values
+/// `64c..64c+32` in their low halves and the next 32 in their high halves).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ4K {
+    d: f16,
+    dmin: f16,
+    scales: [u8; 12],
+    qs: [u8; QK_K / 2],
+}
+
+impl BlockQ4K {
+    /// The eight scales and the eight minimums (ggml's `get_scale_min_k4`).
+    fn scales_mins(&self) -> ([u8; 8], [u8; 8]) {
+        let packed = &self.scales;
+        let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+        for j in 0..8 {
+            (scales[j], mins[j]) = if j < 4 {
+                (packed[j] & 63, packed[j + 4] & 63)
+            } else {
+                ((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
+            };
+        }
+        (scales, mins)
+    }
+
+    fn unpack(&self) -> BlockK {
+        let (scales, mins) = self.scales_mins();
+        let mut block =
+            BlockK { d: self.d.to_f32(), dmin: self.dmin.to_f32(), scales: [0; 16], mins: [0; 8], qs: [0; QK_K] };
+        for j in 0..8 {
+            (block.scales[j], block.mins[j]) = (i32::from(scales[j]), i32::from(mins[j]));
+        }
+        for chunk in 0..4 {
+            for l in 0..32 {
+                let byte = self.qs[chunk * 32 + l];
+                block.qs[chunk * 64 + l] = (byte & 0x0F) as i8;
+                block.qs[chunk * 64 + 32 + l] = (byte >> 4) as i8;
+            }
+        }
+        block
+    }
+}
+
+/// A Q6_K super-block, GGUF's 210 bytes as they are: low nibbles, high bit pairs, sixteen
+/// signed scales, f16 d.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ6K {
+    ql: [u8; QK_K / 2],
+    qh: [u8; QK_K / 4],
+    scales: [i8; QK_K / 16],
+    d: f16,
+}
+
+impl BlockQ6K {
+    fn scales(&self) -> [i32; 16] {
+        self.scales.map(i32::from)
+    }
+
+    fn unpack(&self) -> BlockK {
+        let mut block = BlockK { d: self.d.to_f32(), dmin: 0.0, scales: self.scales(), mins: [0; 8], qs: [0; QK_K] };
+        for half in 0..2 {
+            let (ql, qh, out) = (&self.ql[half * 64..], &self.qh[half * 32..], half * 128);
+            for l in 0..32 {
+                // Unsigned 6-bit values; the -32 offset is applied in the dot product.
+                let value = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8;
+                block.qs[out + l] = value(ql[l] & 0x0F, 0);
+                block.qs[out + l + 32] = value(ql[l + 32] & 0x0F, 2);
+                block.qs[out + l + 64] = value(ql[l] >> 4, 4);
+                block.qs[out + l + 96] = value(ql[l + 32] >> 4, 6);
+            }
+        }
+        block
+    }
+}
+
+enum KBlocks {
+    Q4K(Vec<BlockQ4K>),
+    Q6K(Vec<BlockQ6K>),
 }
 
 /// A Q4_K or Q6_K weight matrix of `n` rows by `k` columns, multiplied by Q8_K activations
 /// in the order of the kernel llama.cpp's x86 build runs for it.
 pub(crate) struct KMatrix {
-    kind: KQuant,
     n: usize,
     k: usize,
-    blocks: Vec<BlockK>,
+    blocks: KBlocks,
 }
 
 impl KMatrix {
-    /// From raw Q4_K bytes (144 bytes a block: f16 d, f16 dmin, 12 bytes of packed 6-bit
-    /// scales and minimums, 128 bytes of nibbles).
+    /// From raw Q4_K bytes (144 bytes a block).
     pub(crate) fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
         let blocks = parse_blocks(bytes, n, k, QK_K, 144, |raw| {
-            let packed = &raw[4..16];
-            let mut block = BlockK {
-                d: f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-                dmin: f16::from_le_bytes([raw[2], raw[3]]).to_f32(),
-                scales: [0; 16],
-                mins: [0; 8],
-                qs: [0; QK_K],
+            let mut block = BlockQ4K {
+                d: f16::from_le_bytes([raw[0], raw[1]]),
+                dmin: f16::from_le_bytes([raw[2], raw[3]]),
+                scales: [0; 12],
+                qs: [0; QK_K / 2],
             };
-            for j in 0..8 {
-                let (scale, min) = if j < 4 {
-                    (packed[j] & 63, packed[j + 4] & 63)
-                } else {
-                    (
-                        (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
-                        (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
-                    )
-                };
-                block.scales[j] = i32::from(scale);
-                block.mins[j] = i32::from(min);
-            }
-            let nibbles = &raw[16..144];
-            for chunk in 0..4 {
-                for l in 0..32 {
-                    let byte = nibbles[chunk * 32 + l];
-                    block.qs[chunk * 64 + l] = (byte & 0x0F) as i8;
-                    block.qs[chunk * 64 + 32 + l] = (byte >> 4) as i8;
-                }
-            }
+            block.scales.copy_from_slice(&raw[4..16]);
+            block.qs.copy_from_slice(&raw[16..144]);
             block
         })?;
-        Some(Self { kind: KQuant::Q4K, n, k, blocks })
+        Some(Self { n, k, blocks: KBlocks::Q4K(blocks) })
     }
 
-    /// From raw Q6_K bytes (210 bytes a block: 128 bytes of low nibbles, 64 of high bit
-    /// pairs, 16 signed scales, f16 d).
+    /// From raw Q6_K bytes (210 bytes a block).
     pub(crate) fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
         let blocks = parse_blocks(bytes, n, k, QK_K, 210, |raw| {
-            let (ql, qh, scales) = (&raw[0..128], &raw[128..192], &raw[192..208]);
-            let mut block = BlockK {
-                d: f16::from_le_bytes([raw[208], raw[209]]).to_f32(),
-                dmin: 0.0,
-                scales: [0; 16],
-                mins: [0; 8],
-                qs: [0; QK_K],
-            };
-            for (slot, &scale) in block.scales.iter_mut().zip(scales) {
-                *slot = i32::from(scale as i8);
-            }
-            for half in 0..2 {
-                let (ql, qh, out) = (&ql[half * 64..], &qh[half * 32..], half * 128);
-                for l in 0..32 {
-                    // Unsigned 6-bit values; the -32 offset is applied in the dot product.
-                    let value = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8;
-                    block.qs[out + l] = value(ql[l] & 0x0F, 0);
-                    block.qs[out + l + 32] = value(ql[l + 32] & 0x0F, 2);
-                    block.qs[out + l + 64] = value(ql[l] >> 4, 4);
-                    block.qs[out + l + 96] = value(ql[l + 32] >> 4, 6);
-                }
+            let mut block =
+                BlockQ6K { ql: [0; 128], qh: [0; 64], scales: [0; 16], d: f16::from_le_bytes([raw[208], raw[209]]) };
+            block.ql.copy_from_slice(&raw[0..128]);
+            block.qh.copy_from_slice(&raw[128..192]);
+            for (scale, &byte) in block.scales.iter_mut().zip(&raw[192..208]) {
+                *scale = byte as i8;
             }
             block
         })?;
-        Some(Self { kind: KQuant::Q6K, n, k, blocks })
+        Some(Self { n, k, blocks: KBlocks::Q6K(blocks) })
     }
 
     pub(crate) fn n(&self) -> usize {
@@ -549,23 +588,23 @@ impl KMatrix {
     /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations = quantize(x, QK_K, quantize_q8_k);
-        let (kind, tiled) = (self.kind, m >= 8);
-        par_matmul(
-            &self.blocks,
-            &activations,
-            (self.n, m, self.k / QK_K),
+        let shape = (self.n, m, self.k / QK_K);
+        match &self.blocks {
             // Rows outside the groups of four: Q4_K's gemv kernel.
-            |_, w, a| match kind {
-                KQuant::Q4K => dot_q4_k(w, a),
-                KQuant::Q6K if tiled => dot_q6_k_tiled(w, a),
-                KQuant::Q6K => dot_q6_k(w, a),
-            },
-            |_, w, a| match kind {
-                KQuant::Q4K => dot4_q4_k(w, a),
-                KQuant::Q6K if tiled => a.map(|a| dot_q6_k_tiled(w, a)),
-                KQuant::Q6K => a.map(|a| dot_q6_k(w, a)),
-            },
-        )
+            KBlocks::Q4K(blocks) => {
+                par_matmul(blocks, &activations, shape, |_, w, a| dot_q4_k(w, a), |_, w, a| dot4_q4_k(w, a))
+            }
+            KBlocks::Q6K(blocks) if m >= 8 => {
+                par_matmul(blocks, &activations, shape, |_, w, a| dot_q6_k_tiled(w, a), |_, w, a| dot4_q6_k_tiled(w, a))
+            }
+            KBlocks::Q6K(blocks) => par_matmul(
+                blocks,
+                &activations,
+                shape,
+                |_, w, a| dot_q6_k(w, a),
+                |_, w, a: [_; 4]| a.map(|a| dot_q6_k(w, a)),
+            ),
+        }
     }
 }
 
@@ -573,9 +612,10 @@ impl KMatrix {
 /// sub-block, fused into an f32 accumulator (and the minimums' integer sums into another),
 /// one subtraction at the end. The gemv kernel fuses once per super-block, the gemm kernel
 /// (`gemm`: rows taken four at a time) once per pair of sub-blocks.
-fn dot_q4_k_scalar(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
+fn dot_q4_k_scalar(w: &[BlockQ4K], a: &[BlockQ8K], gemm: bool) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (wb, ab) in w.iter().zip(a) {
+        let wb = wb.unpack();
         let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
         let (mut sum, mut mins) = (0i32, 0i32);
         for sub in 0..8 {
@@ -603,9 +643,10 @@ fn dot_q4_k_scalar(w: &[BlockK], a: &[BlockQ8K], gemm: bool) -> f32 {
 /// (each scaled per 16 values), minus the -32 offset taken from the activation sums of the
 /// `l`-th group of 32; fused into eight f32 accumulators per super-block, one horizontal
 /// sum at the end.
-fn dot_q6_k_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
+        let wb = wb.unpack();
         let d = ab.d * wb.d;
         let mut lanes = [0i32; 8];
         for (e, (&q, &y)) in wb.qs.iter().zip(&ab.qs).enumerate() {
@@ -625,9 +666,10 @@ fn dot_q6_k_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
 /// computes one output of a batch: per super-block one exact integer sum (the -32 offset
 /// from the activation sums), converted to f32 and scaled by the weight's `d`, then fused
 /// with the activation's `d` into one accumulator.
-fn dot_q6_k_tiled_scalar(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_tiled_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0f32;
     for (wb, ab) in w.iter().zip(a) {
+        let wb = wb.unpack();
         let mut sum = 0i32;
         for (group, (q, y)) in wb.qs.chunks_exact(16).zip(ab.qs.chunks_exact(16)).enumerate() {
             let raw: i32 = q.iter().zip(y).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum();
@@ -698,19 +740,23 @@ fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32;
 }
 dispatch!(
     /// Q4_K × Q8_K as the repacked gemv kernel.
-    fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q4_k, dot_q4_k_scalar(w, a, false)
+    fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 => dot_q4_k, dot_q4_k_scalar(w, a, false)
 );
 dispatch!(
     /// Q4_K × Q8_K as the repacked gemm kernel, for four activation rows.
-    fn dot4_q4_k(w: &[BlockK], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q4_k, a.map(|a| dot_q4_k_scalar(w, a, true))
+    fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q4_k, a.map(|a| dot_q4_k_scalar(w, a, true))
 );
 dispatch!(
     /// Q6_K × Q8_K as `ggml_vec_dot_q6_K_q8_K`.
-    fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q6_k, dot_q6_k_scalar(w, a)
+    fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 => dot_q6_k, dot_q6_k_scalar(w, a)
 );
 dispatch!(
     /// Q6_K × Q8_K as the tiled K-quant kernel.
-    fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 => dot_q6_k_tiled, dot_q6_k_tiled_scalar(w, a)
+    fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 => dot_q6_k_tiled, dot_q6_k_tiled_scalar(w, a)
+);
+dispatch!(
+    /// Q6_K × Q8_K as the tiled K-quant kernel, for four activation rows.
+    fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q6_k_tiled, a.map(|a| dot_q6_k_tiled_scalar(w, a))
 );
 
 /// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
@@ -722,7 +768,7 @@ dispatch!(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockK, BlockQ4_1, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, hsum_8};
+    use super::{BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, hsum_8};
 
     /// A Q8_0 or Q5_0 block's scale in every lane. (All lanes are used, so the compiler
     /// keeps the broadcast load: converting one lane, it inserts the 16 bits into a register
@@ -871,53 +917,80 @@ mod avx2 {
         acc.map(|acc| hsum_f32(acc))
     }
 
+    /// A Q4_K block's values (sub-block `s` in vector `s`), its scales and minimums as
+    /// eight ints each, and `d`, `dmin`: what its rows share.
+    struct Q4KParts {
+        values: [__m256i; 8],
+        scales: __m256i,
+        mins: __m256i,
+        d: f32,
+        dmin: f32,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q4_k_parts(wb: &BlockQ4K) -> Q4KParts {
+        let mut values = [_mm256_setzero_si256(); 8];
+        let low = _mm256_set1_epi8(0x0F);
+        for chunk in 0..4 {
+            // SAFETY: 32 readable bytes.
+            let bytes = unsafe { _mm256_loadu_si256(wb.qs[chunk * 32..].as_ptr().cast()) };
+            values[2 * chunk] = _mm256_and_si256(bytes, low);
+            values[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+        }
+        let (scales, mins) = wb.scales_mins();
+        let widen = |bytes: [u8; 8]| _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(bytes)));
+        let both = i32::from(wb.d.to_bits()) | (i32::from(wb.dmin.to_bits()) << 16);
+        let both = _mm_cvtph_ps(_mm_set1_epi32(both));
+        Q4KParts {
+            values,
+            scales: widen(scales),
+            mins: widen(mins),
+            d: _mm_cvtss_f32(both),
+            dmin: _mm_cvtss_f32(_mm_movehdup_ps(both)),
+        }
+    }
+
     /// One Q4_K super-block against one Q8_K block, the integer part: lanes 0-1 and 4-5
     /// hold the scaled dot products of the sub-block pairs 0, 1, 2 and 3, lanes 2-3 and
     /// 6-7 the minimums' terms of the same pairs.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn q4_k_pairs(values: &[__m256i; 8], wb: &BlockK, ab: &BlockQ8K) -> __m256i {
-        let dots: [__m256i; 8] = std::array::from_fn(|sub| lanes_u8(values[sub], load(&ab.qs[sub * 32..])));
+    fn q4_k_pairs(parts: &Q4KParts, ab: &BlockQ8K) -> __m256i {
+        let dots: [__m256i; 8] = std::array::from_fn(|sub| lanes_u8(parts.values[sub], load(&ab.qs[sub * 32..])));
         // Transposing sums: sub-block s's total lands in lane s.
         let (h01, h23) = (_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
         let (h45, h67) = (_mm256_hadd_epi32(dots[4], dots[5]), _mm256_hadd_epi32(dots[6], dots[7]));
         let (q03, q47) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
         let per_sub =
             _mm256_add_epi32(_mm256_permute2x128_si256(q03, q47, 0x20), _mm256_permute2x128_si256(q03, q47, 0x31));
-        let mut scales = [0i32; 8];
-        scales.copy_from_slice(&wb.scales[..8]);
-        let scaled = _mm256_mullo_epi32(per_sub, load_i32(&scales));
-        let mins = _mm256_mullo_epi32(load_i32(&wb.mins), load_i32(&ab.sums32));
+        let scaled = _mm256_mullo_epi32(per_sub, parts.scales);
+        let mins = _mm256_mullo_epi32(parts.mins, load_i32(&ab.sums32));
         _mm256_hadd_epi32(scaled, mins)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn q4_k_values(wb: &BlockK) -> [__m256i; 8] {
-        std::array::from_fn(|sub| load(&wb.qs[sub * 32..]))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_q4_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         let (mut acc, mut acc_min) = (0f32, 0f32);
         for (wb, ab) in w.iter().zip(a) {
-            let pairs = q4_k_pairs(&q4_k_values(wb), wb, ab);
+            let parts = q4_k_parts(wb);
+            let pairs = q4_k_pairs(&parts, ab);
             // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
             let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
             let (sum, mins) = (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2));
-            acc = (sum as f32).mul_add(wb.d * ab.d, acc);
-            acc_min = (mins as f32).mul_add(wb.dmin * ab.d, acc_min);
+            acc = (sum as f32).mul_add(parts.d * ab.d, acc);
+            acc_min = (mins as f32).mul_add(parts.dmin * ab.d, acc_min);
         }
         acc - acc_min
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot4_q4_k(w: &[BlockK], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
         let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
         for (wb, rows) in zip_rows(w, a) {
-            let values = q4_k_values(wb);
-            let [f0, f1, f2, f3] = rows.map(|ab| _mm256_cvtepi32_ps(q4_k_pairs(&values, wb, ab)));
+            let parts = q4_k_parts(wb);
+            let [f0, f1, f2, f3] = rows.map(|ab| _mm256_cvtepi32_ps(q4_k_pairs(&parts, ab)));
             // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
             let (t0, t1) = (_mm256_unpacklo_ps(f0, f1), _mm256_unpackhi_ps(f0, f1));
             let (t2, t3) = (_mm256_unpacklo_ps(f2, f3), _mm256_unpackhi_ps(f2, f3));
@@ -927,7 +1000,7 @@ mod avx2 {
             };
             let (c0, c1, c2, c3) = (join(t0, t2, false), join(t0, t2, true), join(t1, t3, false), join(t1, t3, true));
             let d = _mm_setr_ps(rows[0].d, rows[1].d, rows[2].d, rows[3].d);
-            let (scale, scale_min) = (_mm_mul_ps(_mm_set1_ps(wb.d), d), _mm_mul_ps(_mm_set1_ps(wb.dmin), d));
+            let (scale, scale_min) = (_mm_mul_ps(_mm_set1_ps(parts.d), d), _mm_mul_ps(_mm_set1_ps(parts.dmin), d));
             let half =
                 |v: __m256, high: bool| if high { _mm256_extractf128_ps(v, 1) } else { _mm256_castps256_ps128(v) };
             // Sub-block pairs 0, 1, 2, 3 in order: the sums in c0/c1, the minimums in c2/c3.
@@ -944,16 +1017,53 @@ mod avx2 {
         out
     }
 
+    /// A Q6_K block's unsigned 6-bit values, group of 32 `g` in vector `g`, and its scales.
+    struct Q6KParts {
+        values: [__m256i; 8],
+        scales: [i32; 16],
+        d: f32,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q6_k_parts(wb: &BlockQ6K) -> Q6KParts {
+        let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+        let mut values = [_mm256_setzero_si256(); 8];
+        for half in 0..2 {
+            // SAFETY: 32 readable bytes each.
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(wb.ql[half * 64..].as_ptr().cast()),
+                    _mm256_loadu_si256(wb.ql[half * 64 + 32..].as_ptr().cast()),
+                    _mm256_loadu_si256(wb.qh[half * 32..].as_ptr().cast()),
+                )
+            };
+            // The high bit pair `shift / 2` of each byte, moved to bits 4-5 (the 16-bit
+            // shifts cannot carry into a neighbour: the pair is masked first).
+            let high = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, pair), 4);
+            values[4 * half] = _mm256_or_si256(_mm256_and_si256(ql0, low), high(qh));
+            values[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), high(_mm256_srli_epi16(qh, 2)));
+            values[4 * half + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), high(_mm256_srli_epi16(qh, 4)));
+            values[4 * half + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), high(_mm256_srli_epi16(qh, 6)));
+        }
+        Q6KParts {
+            values,
+            scales: wb.scales.map(i32::from),
+            d: _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(wb.d.to_bits() as i16))),
+        }
+    }
+
     /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn q6_lanes(wb: &BlockK, ab: &BlockQ8K) -> __m256i {
+    fn q6_lanes(parts: &Q6KParts, ab: &BlockQ8K) -> __m256i {
         let mut sums = _mm256_setzero_si256();
         for group in 0..QK_K / 32 {
-            let at = group * 32;
-            let (lo, hi) = (wb.scales[2 * group], wb.scales[2 * group + 1]);
+            let (lo, hi) = (parts.scales[2 * group], parts.scales[2 * group + 1]);
             let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-            let dots = lanes_u8(load(&wb.qs[at..]), load(&ab.qs[at..]));
+            let dots = lanes_u8(parts.values[group], load(&ab.qs[group * 32..]));
             sums = _mm256_add_epi32(sums, _mm256_mullo_epi32(dots, scales));
         }
         sums
@@ -962,44 +1072,60 @@ mod avx2 {
     /// scale · bsum for the sixteen groups of 16 values: groups 0-7, then 8-15.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn q6_offsets(wb: &BlockK, ab: &BlockQ8K) -> (__m256i, __m256i) {
+    fn q6_offsets(parts: &Q6KParts, ab: &BlockQ8K) -> (__m256i, __m256i) {
         let half = |values: &[i32]| {
             let mut lanes = [0i32; 8];
             lanes.copy_from_slice(values);
             load_i32(&lanes)
         };
         (
-            _mm256_mullo_epi32(half(&wb.scales[..8]), half(&ab.bsums[..8])),
-            _mm256_mullo_epi32(half(&wb.scales[8..]), half(&ab.bsums[8..])),
+            _mm256_mullo_epi32(half(&parts.scales[..8]), half(&ab.bsums[..8])),
+            _mm256_mullo_epi32(half(&parts.scales[8..]), half(&ab.bsums[8..])),
         )
     }
 
+    /// One row of the tiled kernel: the super-block's exact integer sum, then the floats.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_q6_k(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
+    fn q6_tiled_step(parts: &Q6KParts, ab: &BlockQ8K, acc: f32) -> f32 {
+        let (low, high) = q6_offsets(parts, ab);
+        let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
+        let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(parts, ab), offsets));
+        ((sum as f32) * parts.d).mul_add(ab.d, acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+        w.iter().zip(a).fold(0f32, |acc, (wb, ab)| q6_tiled_step(&q6_k_parts(wb), ab, acc))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+        let mut acc = [0f32; 4];
+        for (wb, rows) in zip_rows(w, a) {
+            let parts = q6_k_parts(wb);
+            for (acc, ab) in acc.iter_mut().zip(rows) {
+                *acc = q6_tiled_step(&parts, ab, *acc);
+            }
+        }
+        acc
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(a) {
-            let d = ab.d * wb.d;
+            let parts = q6_k_parts(wb);
+            let d = ab.d * parts.d;
             // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
             // the order 0-1, 2-3, 8-9, 10-11 | 4-5, 6-7, 12-13, 14-15).
-            let (low, high) = q6_offsets(wb, ab);
+            let (low, high) = q6_offsets(&parts, ab);
             let pairs = _mm256_hadd_epi32(low, high);
             let offsets = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-            let sums = _mm256_sub_epi32(q6_lanes(wb, ab), _mm256_slli_epi32(offsets, 5));
+            let sums = _mm256_sub_epi32(q6_lanes(&parts, ab), _mm256_slli_epi32(offsets, 5));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
         }
         hsum_f32(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_q6_k_tiled(w: &[BlockK], a: &[BlockQ8K]) -> f32 {
-        let mut acc = 0f32;
-        for (wb, ab) in w.iter().zip(a) {
-            let (low, high) = q6_offsets(wb, ab);
-            let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
-            let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(wb, ab), offsets));
-            acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
-        }
-        acc
     }
 }
 
@@ -1135,7 +1261,8 @@ mod tests {
         for col in 0..n {
             let (w41, w80, w50) =
                 (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)], &q50.blocks[row(k / QK, col)]);
-            let (w4k, w6k) = (&q4k.blocks[row(k / QK_K, col)], &q6k.blocks[row(k / QK_K, col)]);
+            let (KBlocks::Q4K(b4k), KBlocks::Q6K(b6k)) = (&q4k.blocks, &q6k.blocks) else { panic!("kinds") };
+            let (w4k, w6k) = (&b4k[row(k / QK_K, col)], &b6k[row(k / QK_K, col)]);
             for r in 0..4 {
                 let (a41, a80, a8k) = (&a41[r], &a80[r], &a8k[r]);
                 assert_eq!(dot_q4_1(w41, a41).to_bits(), dot_q4_1_scalar(w41, a41).to_bits());
@@ -1155,6 +1282,7 @@ mod tests {
             let eight: [&[BlockQ8_1]; 8] = std::array::from_fn(|r| a41[r % 4].as_slice());
             let want: [u32; 8] = std::array::from_fn(|r| dot_q4_1_scalar(w41, &a41[r % 4]).to_bits());
             assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
+            assert_eq!(bits(dot4_q6_k_tiled(w6k, four(&a8k))), expected(&|r| dot_q6_k_tiled_scalar(w6k, &a8k[r])));
             assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
         }
     }
