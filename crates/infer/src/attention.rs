@@ -97,16 +97,17 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
     // the f16 cache as it is.
     let len = cache.len();
     let (keys_t, values) = if tiled {
+        let width = shape.n_kv * head_dim;
         let mut t = vec![0f32; cache.keys.len()];
-        for (p, row) in cache.keys.chunks_exact(shape.n_kv * head_dim).enumerate() {
-            for (h, head) in row.chunks_exact(head_dim).enumerate() {
-                for (d, &k) in head.iter().enumerate() {
-                    t[(h * head_dim + d) * len + p] = k.to_f32();
-                }
+        t.par_chunks_mut(len.max(1)).enumerate().for_each(|(row, positions)| {
+            for (p, k) in positions.iter_mut().enumerate() {
+                *k = cache.keys[p * width + row].to_f32();
             }
-        }
+        });
         let mut values = vec![0f32; cache.values.len()];
-        cache.values.convert_to_f32_slice(&mut values);
+        values.par_chunks_mut(width).zip(cache.values.par_chunks(width)).for_each(|(out, row)| {
+            row.convert_to_f32_slice(out);
+        });
         (t, values)
     } else {
         (Vec::new(), Vec::new())
@@ -132,20 +133,22 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
         |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
     if tiled {
         // Per position, the query heads that share a K/V head see the same keys: they go
-        // through the kernel two at a time, each with its own accumulators (so each row's
-        // arithmetic is unchanged) and twice the independent chains of one.
+        // through the kernel up to four at a time, each with its own accumulators (so each
+        // row's arithmetic is unchanged), sharing the reads of K and V and giving the
+        // processor several independent chains of fused multiply-adds.
         let width = shape.n_head * head_dim;
         out.par_chunks_mut(width).zip(queries.par_chunks(width)).enumerate().for_each(|(i, (out_pos, query_pos))| {
             let group = n_rep * head_dim;
             for (kv_head, (outs, qs)) in out_pos.chunks_mut(group).zip(query_pos.chunks(group)).enumerate() {
-                let mut outs = outs.chunks_mut(head_dim);
-                let mut qs = qs.chunks(head_dim).map(prepare);
-                while let (Some(out0), Some((q0, scale))) = (outs.next(), qs.next()) {
-                    match (outs.next(), qs.next()) {
-                        (Some(out1), Some((q1, _))) => {
-                            attend_tiled(&rows, kv_head, [&q0, &q1], scale, visible(pos + i), [out0, out1]);
-                        }
-                        _ => attend_tiled(&rows, kv_head, [&q0], scale, visible(pos + i), [out0]),
+                let mut heads: Vec<_> = outs.chunks_mut(head_dim).zip(qs.chunks(head_dim).map(prepare)).collect();
+                while !heads.is_empty() {
+                    let group: Vec<_> = heads.drain(..heads.len().min(4)).collect();
+                    let visible = visible(pos + i);
+                    match group.len() {
+                        4 => attend_group::<4>(&rows, kv_head, group, visible),
+                        3 => attend_group::<3>(&rows, kv_head, group, visible),
+                        2 => attend_group::<2>(&rows, kv_head, group, visible),
+                        _ => attend_group::<1>(&rows, kv_head, group, visible),
                     }
                 }
             }
@@ -160,6 +163,23 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
         );
     }
     out
+}
+
+/// [`attend_tiled`] for `R` heads of one position, each with its output and its query
+/// (scaled or not) and scale.
+fn attend_group<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    group: Vec<(&mut [f32], (Vec<f32>, f32))>,
+    visible: std::ops::Range<usize>,
+) {
+    let scale = group.first().map_or(1.0, |(_, (_, scale))| *scale);
+    let (outs, queries): (Vec<&mut [f32]>, Vec<Vec<f32>>) = group.into_iter().map(|(out, (q, _))| (out, q)).unzip();
+    let Ok(outs) = <[&mut [f32]; R]>::try_from(outs) else {
+        return;
+    };
+    let q: [&[f32]; R] = std::array::from_fn(|r| queries[r].as_slice());
+    attend_tiled(rows, kv_head, q, scale, visible, outs);
 }
 
 /// The cache of one layer, and for the tiled kernel its widened form.
@@ -531,7 +551,7 @@ mod tests {
         }
     }
 
-    /// Two rows through the tiled kernel together give each row's bits alone (head sizes
+    /// Two or four rows through the tiled kernel together give each row's bits alone (head sizes
     /// 64, 256 and 72, which has a partial chunk; a partial last tile; windows).
     #[test]
     fn tiled_rows_together_agree_with_rows_alone() {
@@ -556,6 +576,10 @@ mod tests {
                 attend_tiled(&rows, 1, [&q1], 0.125, visible.clone(), [&mut alone1]);
                 let (mut both0, mut both1) = (vec![0f32; head_dim], vec![0f32; head_dim]);
                 attend_tiled(&rows, 1, [&q0, &q1], 0.125, visible.clone(), [&mut both0, &mut both1]);
+                let mut four = [0; 4].map(|_| vec![0f32; head_dim]);
+                let [f0, f1, f2, f3] = &mut four;
+                attend_tiled(&rows, 1, [&q0, &q1, &q1, &q0], 0.125, visible.clone(), [f0, f1, f2, f3]);
+                assert_eq!(four, [alone0.clone(), alone1.clone(), alone1.clone(), alone0.clone()]);
                 assert_eq!((alone0, alone1), (both0, both1), "head_dim {head_dim}, keys {visible:?}");
             }
         }
