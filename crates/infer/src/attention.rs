@@ -165,12 +165,14 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
     out
 }
 
-/// [`attend_tiled`] for `R` heads of one position, each with its output and its query
-/// (scaled or not) and scale.
+/// One query head of a position: its output, and its query (scaled or not) with the scale.
+type Head<'a> = (&'a mut [f32], (Vec<f32>, f32));
+
+/// [`attend_tiled`] for `R` heads of one position.
 fn attend_group<const R: usize>(
     rows: &Rows,
     kv_head: usize,
-    group: Vec<(&mut [f32], (Vec<f32>, f32))>,
+    group: Vec<Head<'_>>,
     visible: std::ops::Range<usize>,
 ) {
     let scale = group.first().map_or(1.0, |(_, (_, scale))| *scale);
