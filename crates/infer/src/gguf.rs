@@ -198,6 +198,12 @@ impl GgufFile {
         }
     }
 
+    /// Forgets the metadata arrays (the vocabulary, its scores, types and merges), once
+    /// the tokenizer is built from them: for a 262k-token vocabulary they hold tens of MB.
+    pub(crate) fn drop_arrays(&mut self) {
+        self.content.metadata.retain(|_, value| !matches!(value, Value::Array(_)));
+    }
+
     pub(crate) fn array(&self, key: &str) -> Result<Option<&Vec<Value>>, LoadError> {
         match self.get(key) {
             None => Ok(None),

@@ -124,7 +124,7 @@ pub struct ModelFile {
 impl ModelFile {
     /// Parses and validates the header of `path`, builds its tokenizer and chat template.
     pub fn open(path: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
-        let gguf = GgufFile::open(path)?;
+        let mut gguf = GgufFile::open(path)?;
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
         if let Some(json) = &options.tokenizer_json {
             tokenizer = Tokenizer::from_tokenizer_json(json, &tokenizer)?;
@@ -145,6 +145,7 @@ impl ModelFile {
             (None, Some(text)) => ChatTemplate::new(text, TemplateSource::Model, &bos, &eos, strip_bos)?,
             (None, None) => ChatTemplate::new(CHATML_TEMPLATE, TemplateSource::ChatMlFallback, &bos, &eos, strip_bos)?,
         };
+        gguf.drop_arrays();
         Ok(Self { gguf, config, tokenizer, template, options: options.clone() })
     }
 
