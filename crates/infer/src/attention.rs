@@ -169,12 +169,7 @@ pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &A
 type Head<'a> = (&'a mut [f32], (Vec<f32>, f32));
 
 /// [`attend_tiled`] for `R` heads of one position.
-fn attend_group<const R: usize>(
-    rows: &Rows,
-    kv_head: usize,
-    group: Vec<Head<'_>>,
-    visible: std::ops::Range<usize>,
-) {
+fn attend_group<const R: usize>(rows: &Rows, kv_head: usize, group: Vec<Head<'_>>, visible: std::ops::Range<usize>) {
     let scale = group.first().map_or(1.0, |(_, (_, scale))| *scale);
     let (outs, queries): (Vec<&mut [f32]>, Vec<Vec<f32>>) = group.into_iter().map(|(out, (q, _))| (out, q)).unzip();
     let Ok(outs) = <[&mut [f32]; R]>::try_from(outs) else {

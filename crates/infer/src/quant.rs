@@ -13,17 +13,17 @@ const QK: usize = 32;
 
 /// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
 /// rows of activations of `per_row` blocks each, in parallel. Activation rows go `G` at a
-/// time through `dotg(first_row, weights, activations)`, which decodes each weight block
+/// time through `dotg(weights, activations)`, which decodes each weight block
 /// once for the `G` rows and keeps an accumulator per row (a single one is bound by the
 /// latency of its chain of fused multiply-adds); the last `m % G` rows go one at a time
-/// through `dot(row, weights, activations)`. Every output is computed the same way whatever
+/// through `dot(weights, activations)`. Every output is computed the same way whatever
 /// the split into work items, so results do not depend on the thread count.
 fn par_matmul<const G: usize, W: Sync, A: Sync>(
     weights: &[W],
     activations: &[A],
     (n, m, per_row): (usize, usize, usize),
-    dot: impl Fn(usize, &[W], &[A]) -> f32 + Sync,
-    dotg: impl Fn(usize, &[W], [&[A]; G]) -> [f32; G] + Sync,
+    dot: impl Fn(&[W], &[A]) -> f32 + Sync,
+    dotg: impl Fn(&[W], [&[A]; G]) -> [f32; G] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
@@ -35,7 +35,7 @@ fn par_matmul<const G: usize, W: Sync, A: Sync>(
         let first = G * group;
         let a = std::array::from_fn(|r| activation_row(first + r));
         let columns: Vec<[f32; G]> =
-            (0..n).into_par_iter().with_min_len(chunk).map(|col| dotg(first, weight_row(col), a)).collect();
+            (0..n).into_par_iter().with_min_len(chunk).map(|col| dotg(weight_row(col), a)).collect();
         for (r, row) in rows.chunks_exact_mut(n).enumerate() {
             for (value, column) in row.iter_mut().zip(&columns) {
                 *value = column[r];
@@ -43,11 +43,10 @@ fn par_matmul<const G: usize, W: Sync, A: Sync>(
         }
     });
     tail.par_chunks_mut(n.max(1)).enumerate().for_each(|(index, out_row)| {
-        let row = grouped + index;
-        let a = activation_row(row);
+        let a = activation_row(grouped + index);
         out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
             for (offset, value) in dst.iter_mut().enumerate() {
-                *value = dot(row, weight_row(chunk_idx * chunk + offset), a);
+                *value = dot(weight_row(chunk_idx * chunk + offset), a);
             }
         });
     });
@@ -122,13 +121,7 @@ impl Q4_1Matrix {
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let activations = quantize(x, QK, quantize_q8_1);
-        par_matmul(
-            &self.blocks,
-            &activations,
-            (self.n, m, self.k / QK),
-            |_, w, a| dot_q4_1(w, a),
-            |_, w, a| dotn_q4_1::<ROWS>(w, a),
-        )
+        par_matmul(&self.blocks, &activations, (self.n, m, self.k / QK), dot_q4_1, dotn_q4_1::<ROWS>)
     }
 }
 
@@ -368,8 +361,8 @@ impl<B: Q8Weights> Q8Matrix<B> {
             &self.blocks,
             &activations,
             (self.n, m, self.k / QK),
-            |_, w, a| dot_q8(w, a),
-            |_, w, a| dotn_q8::<ROWS, B>(w, a),
+            |w, a| dot_q8(w, a),
+            |w, a| dotn_q8::<ROWS, B>(w, a),
         )
     }
 }
@@ -591,19 +584,11 @@ impl KMatrix {
         let shape = (self.n, m, self.k / QK_K);
         match &self.blocks {
             // Rows outside the groups of four: Q4_K's gemv kernel.
-            KBlocks::Q4K(blocks) => {
-                par_matmul(blocks, &activations, shape, |_, w, a| dot_q4_k(w, a), |_, w, a| dot4_q4_k(w, a))
+            KBlocks::Q4K(blocks) => par_matmul(blocks, &activations, shape, dot_q4_k, dot4_q4_k),
+            KBlocks::Q6K(blocks) if m >= 8 => par_matmul(blocks, &activations, shape, dot_q6_k_tiled, dot4_q6_k_tiled),
+            KBlocks::Q6K(blocks) => {
+                par_matmul(blocks, &activations, shape, dot_q6_k, |w, a: [_; 4]| a.map(|a| dot_q6_k(w, a)))
             }
-            KBlocks::Q6K(blocks) if m >= 8 => {
-                par_matmul(blocks, &activations, shape, |_, w, a| dot_q6_k_tiled(w, a), |_, w, a| dot4_q6_k_tiled(w, a))
-            }
-            KBlocks::Q6K(blocks) => par_matmul(
-                blocks,
-                &activations,
-                shape,
-                |_, w, a| dot_q6_k(w, a),
-                |_, w, a: [_; 4]| a.map(|a| dot_q6_k(w, a)),
-            ),
         }
     }
 }
