@@ -200,6 +200,7 @@ impl GgufFile {
 
     /// Forgets the metadata arrays (the vocabulary, its scores, types and merges), once
     /// the tokenizer is built from them: for a 262k-token vocabulary they hold tens of MB.
+    /// [`GgufFile::array`] finds none of them afterwards.
     pub(crate) fn drop_arrays(&mut self) {
         self.content.metadata.retain(|_, value| !matches!(value, Value::Array(_)));
     }
