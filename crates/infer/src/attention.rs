@@ -210,11 +210,7 @@ fn attend_one_chunk(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-        && rows.head_dim.is_multiple_of(64)
-    {
+    if crate::numerics::has_avx2_fma_f16c() && rows.head_dim.is_multiple_of(64) {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
         unsafe { simd::attend_one_chunk(rows, kv_head, q, scale, visible, out) };
         return;

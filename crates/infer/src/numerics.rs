@@ -166,6 +166,15 @@ fn gelu_table() -> &'static [f32] {
     })
 }
 
+/// Whether the SIMD kernels (`quant.rs`, `attention.rs`) can run: AVX2, FMA and F16C
+/// (checked once, then cached by std).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// `_mm512_reduce_add_ps` as GCC expands it: halves added pairwise down to one lane.
 pub(crate) fn reduce_add_16(v: [f32; 16]) -> f32 {
     let mut h8 = [0f32; 8];

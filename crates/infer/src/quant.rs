@@ -7,6 +7,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::numerics::has_avx2_fma_f16c;
 use crate::numerics::hsum_8;
 
 const QK: usize = 32;
@@ -665,21 +667,13 @@ fn dot_q6_k_tiled_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     acc
 }
 
-/// Whether the AVX2 kernels below can run (checked once, then cached by std).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-}
-
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $avx2:ident, $scalar:expr) => {
         $(#[$doc])*
         #[allow(unsafe_code)]
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
+            if has_avx2_fma_f16c() {
                 // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                 return unsafe { avx2::$avx2($($arg),*) };
             }
@@ -696,7 +690,7 @@ dispatch!(
 #[allow(unsafe_code)]
 fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
         return unsafe { avx2::dotn_q4_1(w, a) };
     }
@@ -706,7 +700,7 @@ fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] 
 #[allow(unsafe_code)]
 fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
         return unsafe { avx2::dot_q8(w, a) };
     }
@@ -717,7 +711,7 @@ fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
 #[allow(unsafe_code)]
 fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma_f16c() {
         // SAFETY: as above.
         return unsafe { avx2::dotn_q8(w, a) };
     }
