@@ -39,6 +39,7 @@ mod model;
 mod numerics;
 mod quant;
 mod sampler;
+mod spm;
 mod template;
 mod text;
 mod tokenizer;

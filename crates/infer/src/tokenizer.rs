@@ -1,12 +1,12 @@
-//! The text ⇄ token-id mapping, built from GGUF metadata (or a `tokenizer.json`) with
-//! the `tokenizers` crate so that ids match llama.cpp's.
+//! The text ⇄ token-id mapping, built from GGUF metadata (or a `tokenizer.json`) so
+//! that ids match llama.cpp's.
 //!
-//! Encoding goes through `tokenizers`: a byte-level BPE for `gpt2`-style vocabularies
-//! (with the pre-tokenizer regexes llama.cpp uses for each `tokenizer.ggml.pre`), or a
-//! BPE derived from SentencePiece scores for `llama`-style vocabularies (the same
-//! derivation Hugging Face uses to convert slow tokenizers). Control and user-defined
-//! tokens become added tokens so they are split out of the raw text first, as llama.cpp
-//! does.
+//! `llama`-style (SentencePiece) vocabularies are encoded by [`crate::spm`], a port of
+//! llama.cpp's own algorithm. `gpt2`-style ones go through the `tokenizers` crate: a
+//! byte-level BPE with the pre-tokenizer regexes llama.cpp uses for each
+//! `tokenizer.ggml.pre`, its control and user-defined tokens as added tokens so they are
+//! split out of the raw text first, as llama.cpp does. A `tokenizer.json` also goes
+//! through `tokenizers`.
 //!
 //! Decoding does not go through `tokenizers`: each id maps to the exact bytes it stands
 //! for (byte-level BPE characters mapped back, `▁` as a space, `<0xNN>` byte tokens as
@@ -18,7 +18,6 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
@@ -27,6 +26,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
+use crate::spm::{Spm, Texts};
 
 /// GGUF token types (`tokenizer.ggml.token_type`).
 const TYPE_NORMAL: i32 = 1;
@@ -68,20 +68,34 @@ const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 
 /// A model's tokenizer: encoding, per-token bytes, and its special ids.
 pub struct Tokenizer {
-    /// Encoder that splits control tokens out of the text (`parse_special = true`).
-    encoder: tokenizers::Tokenizer,
-    /// Encoder that treats control-token spellings as plain text, made on first use.
-    encoder_literal: OnceLock<tokenizers::Tokenizer>,
-    token_bytes: Vec<Vec<u8>>,
+    encoder: Encoder,
+    /// The bytes each id stands for.
+    token_bytes: Texts,
     bos_id: Option<u32>,
     add_bos: bool,
     eog_ids: HashSet<u32>,
 }
 
+enum Encoder {
+    Spm(Box<Spm>),
+    Hf {
+        /// Splits control tokens out of the text (`parse_special = true`).
+        special: Box<tokenizers::Tokenizer>,
+        /// Treats control-token spellings as plain text, made on first use.
+        literal: OnceLock<tokenizers::Tokenizer>,
+    },
+}
+
+impl Encoder {
+    fn hf(tokenizer: tokenizers::Tokenizer) -> Self {
+        Self::Hf { special: Box::new(tokenizer), literal: OnceLock::new() }
+    }
+}
+
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.token_bytes.len())
+            .field("vocab_size", &self.vocab_size())
             .field("bos_id", &self.bos_id)
             .field("add_bos", &self.add_bos)
             .finish_non_exhaustive()
@@ -96,10 +110,10 @@ impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub(crate) fn from_gguf(gguf: &GgufFile) -> Result<Self, LoadError> {
         let model = gguf.string("tokenizer.ggml.model")?.to_owned();
-        let tokens = string_array(gguf, "tokenizer.ggml.tokens")?
-            .ok_or_else(|| tok_err("the file has no tokenizer.ggml.tokens"))?;
+        let tokens =
+            texts(gguf, "tokenizer.ggml.tokens")?.ok_or_else(|| tok_err("the file has no tokenizer.ggml.tokens"))?;
         let n_vocab = tokens.len();
-        let types = match gguf.array("tokenizer.ggml.token_type")? {
+        let types: Vec<i32> = match gguf.array("tokenizer.ggml.token_type")? {
             Some(values) => values.iter().map(|v| v.to_i32().unwrap_or(TYPE_NORMAL)).collect(),
             None => vec![TYPE_NORMAL; n_vocab],
         };
@@ -118,9 +132,9 @@ impl Tokenizer {
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
             eog_ids.extend(id(key)?);
         }
-        for (idx, text) in tokens.iter().enumerate() {
-            if EOG_TEXTS.contains(&text.as_str()) {
-                eog_ids.insert(idx as u32);
+        for idx in 0..n_vocab as u32 {
+            if EOG_TEXTS.iter().any(|text| text.as_bytes() == tokens.get(idx)) {
+                eog_ids.insert(idx);
             }
         }
 
@@ -129,17 +143,18 @@ impl Tokenizer {
                 let merges = string_array(gguf, "tokenizer.ggml.merges")?
                     .ok_or_else(|| tok_err("a gpt2 tokenizer needs tokenizer.ggml.merges"))?;
                 let pre = gguf.opt_string("tokenizer.ggml.pre").unwrap_or("default");
-                let encoder = build_byte_level_bpe(&tokens, &types, &merges, pre)?;
-                let token_bytes = tokens
-                    .iter()
-                    .zip(&types)
-                    .map(|(text, &kind)| match kind {
-                        TYPE_CONTROL => Vec::new(),
-                        TYPE_USER_DEFINED => text.as_bytes().to_vec(),
-                        _ => byte_level_decode(text),
-                    })
-                    .collect();
-                (encoder, token_bytes, gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false))
+                let mut token_bytes = Texts::default();
+                for (idx, &kind) in types.iter().enumerate() {
+                    let text = tokens.get(idx as u32);
+                    match kind {
+                        TYPE_CONTROL => token_bytes.push(&[]),
+                        TYPE_USER_DEFINED => token_bytes.push(text),
+                        _ => token_bytes.push(&byte_level_decode(&String::from_utf8_lossy(text))),
+                    }
+                }
+                let strings = string_array(gguf, "tokenizer.ggml.tokens")?.unwrap_or_default();
+                let encoder = build_byte_level_bpe(&strings, &types, &merges, pre)?;
+                (Encoder::hf(encoder), token_bytes, gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false))
             }
             "llama" => {
                 let scores: Vec<f32> = match gguf.array("tokenizer.ggml.scores")? {
@@ -150,14 +165,16 @@ impl Tokenizer {
                     return Err(tok_err(format!("{} scores for {n_vocab} tokens", scores.len())));
                 }
                 let add_space_prefix = gguf.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let unk_id = id("tokenizer.ggml.unknown_token_id")?;
-                let encoder = build_sentencepiece_bpe(&tokens, &types, &scores, unk_id, add_space_prefix)?;
-                let token_bytes = tokens.iter().zip(&types).map(|(text, &kind)| spm_token_bytes(text, kind)).collect();
+                let mut token_bytes = Texts::default();
+                for (idx, &kind) in types.iter().enumerate() {
+                    token_bytes.push(&spm_token_bytes(&String::from_utf8_lossy(tokens.get(idx as u32)), kind));
+                }
+                let encoder = Encoder::Spm(Box::new(Spm::new(tokens, &types, scores, add_space_prefix)));
                 (encoder, token_bytes, gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(true))
             }
             other => return Err(tok_err(format!("unsupported tokenizer model {other:?} (supported: gpt2, llama)"))),
         };
-        Ok(Self { encoder, encoder_literal: OnceLock::new(), token_bytes, bos_id, add_bos, eog_ids })
+        Ok(Self { encoder, token_bytes, bos_id, add_bos, eog_ids })
     }
 
     /// Loads a Hugging Face `tokenizer.json`, keeping the GGUF's special ids.
@@ -170,7 +187,7 @@ impl Tokenizer {
         let byte_level = mentions_byte_level(serde_json::to_string(&encoder.get_pre_tokenizer()))
             || mentions_byte_level(serde_json::to_string(&encoder.get_decoder()));
         let vocab = encoder.get_vocab(true);
-        let mut token_bytes = vec![Vec::new(); from_gguf.token_bytes.len().max(vocab.len())];
+        let mut token_bytes = vec![Vec::new(); from_gguf.vocab_size().max(vocab.len())];
         let specials: HashSet<String> =
             encoder.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
         for (text, id) in vocab {
@@ -183,10 +200,13 @@ impl Tokenizer {
                 spm_token_bytes(&text, TYPE_NORMAL)
             };
         }
+        let mut texts = Texts::default();
+        for bytes in &token_bytes {
+            texts.push(bytes);
+        }
         Ok(Self {
-            encoder,
-            encoder_literal: OnceLock::new(),
-            token_bytes,
+            encoder: Encoder::hf(encoder),
+            token_bytes: texts,
             bos_id: from_gguf.bos_id,
             add_bos: from_gguf.add_bos,
             eog_ids: from_gguf.eog_ids.clone(),
@@ -200,32 +220,42 @@ impl Tokenizer {
     /// otherwise they are tokenized as ordinary text. This mirrors llama.cpp's
     /// `/tokenize` options of the same names.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, String> {
-        let encoder = if parse_special {
-            &self.encoder
-        } else {
-            self.encoder_literal.get_or_init(|| {
-                let mut literal = self.encoder.clone();
-                literal.set_encode_special_tokens(true);
-                literal
-            })
-        };
-        let encoding = encoder.encode_fast(text, false).map_err(|err| err.to_string())?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        let mut ids = Vec::new();
         if add_special && self.add_bos {
             ids.extend(self.bos_id);
         }
-        ids.extend_from_slice(encoding.get_ids());
+        match &self.encoder {
+            Encoder::Spm(spm) => spm.encode(text, parse_special, &mut ids)?,
+            Encoder::Hf { special, literal } => {
+                let encoder = if parse_special {
+                    special
+                } else {
+                    literal.get_or_init(|| {
+                        let mut literal = (**special).clone();
+                        literal.set_encode_special_tokens(true);
+                        literal
+                    })
+                };
+                let encoding = encoder.encode_fast(text, false).map_err(|err| err.to_string())?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+        }
         Ok(ids)
     }
 
-    /// The encoder in Hugging Face's `tokenizer.json` format, for inspection or other tools.
+    /// The encoder in Hugging Face's `tokenizer.json` format, for inspection or other
+    /// tools. SentencePiece vocabularies are encoded by Kith's own port of llama.cpp's
+    /// algorithm, which has no such form.
     pub fn to_tokenizer_json(&self) -> Result<String, String> {
-        serde_json::to_string(&self.encoder).map_err(|err| err.to_string())
+        match &self.encoder {
+            Encoder::Hf { special, .. } => serde_json::to_string(special).map_err(|err| err.to_string()),
+            Encoder::Spm(_) => Err("a SentencePiece vocabulary has no tokenizer.json form here".to_owned()),
+        }
     }
 
     /// The bytes token `id` stands for in generated text (empty for control tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+        self.token_bytes.get(id)
     }
 
     /// The text of `ids`, with invalid UTF-8 replaced.
@@ -260,6 +290,19 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
+}
+
+/// A string array's entries, in one buffer.
+fn texts(gguf: &GgufFile, key: &str) -> Result<Option<Texts>, LoadError> {
+    let Some(values) = gguf.array(key)? else { return Ok(None) };
+    let mut texts = Texts::default();
+    for value in values {
+        match value {
+            Value::String(s) => texts.push(s.as_bytes()),
+            _ => return Err(tok_err(format!("{key} should hold strings"))),
+        }
+    }
+    Ok(Some(texts))
 }
 
 fn string_array(gguf: &GgufFile, key: &str) -> Result<Option<Vec<String>>, LoadError> {
@@ -336,52 +379,6 @@ fn build_byte_level_bpe(
     steps.push(ByteLevel::new(false, false, false).into());
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(PreSequence::new(steps)));
-    tokenizer.add_tokens(added_tokens(tokens, types)).map_err(tok_err)?;
-    Ok(tokenizer)
-}
-
-/// A BPE equivalent to SentencePiece's score-ordered merging: every split of a vocabulary
-/// piece into two vocabulary pieces becomes a merge, ranked by the merged piece's score
-/// (llama.cpp's `llm_tokenizer_spm` picks the highest-scoring adjacent pair first).
-fn build_sentencepiece_bpe(
-    tokens: &[String],
-    types: &[i32],
-    scores: &[f32],
-    unk_id: Option<u32>,
-    add_space_prefix: bool,
-) -> Result<tokenizers::Tokenizer, LoadError> {
-    let vocab: Vocab = tokens.iter().enumerate().map(|(idx, text)| (text.clone(), idx as u32)).collect();
-    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
-    for (merged_id, piece) in tokens.iter().enumerate() {
-        if types[merged_id] != TYPE_NORMAL && types[merged_id] != TYPE_USER_DEFINED {
-            continue;
-        }
-        for (split_at, _) in piece.char_indices().skip(1) {
-            let (left, right) = piece.split_at(split_at);
-            if let (Some(&left_id), Some(&right_id)) = (vocab.get(left), vocab.get(right)) {
-                ranked.push((scores[merged_id], merged_id as u32, left_id, right_id));
-            }
-        }
-    }
-    // Highest score first; ties by the merged piece's id, then the parts', so the order is total.
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
-    let merges: Vec<(String, String)> = ranked
-        .iter()
-        .map(|&(_, _, left, right)| (tokens[left as usize].clone(), tokens[right as usize].clone()))
-        .collect();
-    let has_bytes = types.contains(&TYPE_BYTE);
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes);
-    if let Some(unk) = unk_id {
-        builder = builder.unk_token(tokens[unk as usize].clone());
-    }
-    let bpe = builder.build().map_err(tok_err)?;
-    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
-    if add_space_prefix {
-        normalizers.push(Prepend::new("▁".to_owned()).into());
-    }
-    normalizers.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
-    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-    tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers))).map_err(tok_err)?;
     tokenizer.add_tokens(added_tokens(tokens, types)).map_err(tok_err)?;
     Ok(tokenizer)
 }
