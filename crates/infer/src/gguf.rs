@@ -98,6 +98,22 @@ impl GgufFile {
         Ok(self.content.tensor(&mut self.reader, name, device)?)
     }
 
+    /// Bytes of the matrices Kith's own kernels take (Q4_1, Q8_0, Q5_0, Q4_K, Q6_K), each
+    /// counted with `align` bytes of room for its alignment.
+    pub(crate) fn own_kernel_bytes(&self, align: usize) -> usize {
+        use GgmlDType::{Q4_1, Q4K, Q5_0, Q6K, Q8_0};
+        let own =
+            self.content.tensor_infos.values().filter(|info| matches!(info.ggml_dtype, Q4_1 | Q8_0 | Q5_0 | Q4K | Q6K));
+        // Sizes were checked against the file size when it was opened: the sum fits.
+        own.map(|info| info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size() + align)
+            .sum()
+    }
+
+    /// The type and shape (rows first, as candle orders them) of tensor `name`.
+    pub(crate) fn tensor_shape(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
+        self.content.tensor_infos.get(name).map(|info| (info.ggml_dtype, info.shape.dims().to_vec()))
+    }
+
     /// The type of tensor `name`, after checking its shape.
     pub(crate) fn tensor_type(&self, name: &str, expected: &[usize]) -> Result<GgmlDType, LoadError> {
         Ok(self.checked(name, expected)?.0)

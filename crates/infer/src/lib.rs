@@ -34,6 +34,8 @@ mod embed;
 mod engine;
 mod error;
 mod gguf;
+#[doc(hidden)]
+pub mod kernels;
 mod loader;
 mod model;
 mod numerics;
@@ -43,6 +45,7 @@ mod spm;
 mod template;
 mod text;
 mod tokenizer;
+mod weights;
 
 pub use embed::{EmbedError, Embedder, MAX_EMBED_TOKENS};
 pub use engine::{

@@ -19,6 +19,7 @@ use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::numerics;
 use crate::quant::{KMatrix, Q4_1Matrix, Q5_0Matrix, Q8_0Matrix};
+use crate::weights::{ALIGN, Arena};
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -152,7 +153,7 @@ impl Config {
 
 /// A weight matrix: Kith's own kernel where it has one (Q4_1 on the CPU, whose
 /// activations must be quantized exactly as ggml does), candle's otherwise.
-enum Linear {
+pub(crate) enum Linear {
     Candle(QMatMul),
     Q4_1(Q4_1Matrix),
     Q8_0(Arc<Q8_0Matrix>),
@@ -161,44 +162,58 @@ enum Linear {
 }
 
 impl Linear {
-    fn new(tensor: QTensor, device: &Device) -> candle_core::Result<Self> {
-        if device.is_cpu() {
-            let (n, k) = tensor.shape().dims2()?;
-            let own = match tensor.dtype() {
-                GgmlDType::Q4_1 => Q4_1Matrix::from_bytes(&tensor.data()?, n, k).map(Self::Q4_1),
-                GgmlDType::Q8_0 => Q8_0Matrix::from_bytes(&tensor.data()?, n, k).map(|m| Self::Q8_0(Arc::new(m))),
-                GgmlDType::Q5_0 => Q5_0Matrix::from_bytes(&tensor.data()?, n, k).map(Self::Q5_0),
-                GgmlDType::Q4K => KMatrix::from_q4_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
-                GgmlDType::Q6K => KMatrix::from_q6_k_bytes(&tensor.data()?, n, k).map(Self::KQuant),
-                _ => None,
+    /// Reads matrix `name` (checked to have `shape`): on the CPU, the types Kith has its own
+    /// kernels for go straight from the file into `arena`; the rest is candle's.
+    pub(crate) fn read(
+        gguf: &mut GgufFile,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+        arena: &Arc<Arena>,
+    ) -> Result<Self, LoadError> {
+        let dtype = gguf.tensor_type(name, shape)?;
+        if let (&[n, k], true) = (shape, device.is_cpu()) {
+            let path = gguf.path.clone();
+            let reader = gguf.raw_tensor(name, shape)?;
+            let own = match dtype {
+                GgmlDType::Q4_1 => Q4_1Matrix::read(arena, reader, n, k).map(|m| m.map(Self::Q4_1)),
+                GgmlDType::Q8_0 => Q8_0Matrix::read(arena, reader, n, k).map(|m| m.map(|m| Self::Q8_0(Arc::new(m)))),
+                GgmlDType::Q5_0 => Q5_0Matrix::read(arena, reader, n, k).map(|m| m.map(Self::Q5_0)),
+                GgmlDType::Q4K => KMatrix::read_q4_k(arena, reader, n, k).map(|m| m.map(Self::KQuant)),
+                GgmlDType::Q6K => KMatrix::read_q6_k(arena, reader, n, k).map(|m| m.map(Self::KQuant)),
+                _ => Ok(None),
             };
-            if let Some(linear) = own {
+            if let Some(linear) = own.map_err(|source| LoadError::Io { path, source })? {
                 return Ok(linear);
             }
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(tensor)?))
+        Ok(Self::Candle(QMatMul::from_qtensor(gguf.tensor(name, shape, device)?)?))
+    }
+
+    /// `x` (`m × k`, row-major) times the transposed weights with Kith's own kernels, or
+    /// `None` for a matrix candle multiplies.
+    pub(crate) fn host_matmul(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        match self {
+            Self::Candle(_) => None,
+            Self::Q4_1(matrix) => Some(matrix.matmul(x, m)),
+            Self::Q8_0(matrix) => Some(matrix.matmul(x, m)),
+            Self::Q5_0(matrix) => Some(matrix.matmul(x, m)),
+            Self::KQuant(matrix) => Some(matrix.matmul(x, m)),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Candle(matmul) => matmul.forward(x),
-            Self::Q4_1(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
-            Self::Q8_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
-            Self::Q5_0(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
-            Self::KQuant(matrix) => host_matmul(x, matrix.n(), |data, m| matrix.matmul(data, m)),
+        if let Self::Candle(matmul) = self {
+            return matmul.forward(x);
         }
+        let mut dims = x.dims().to_vec();
+        let k = dims.pop().unwrap_or(0);
+        let m = (x.elem_count() / k.max(1)).max(1);
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.host_matmul(&data, m).unwrap_or_default();
+        dims.push(out.len() / m);
+        Tensor::from_vec(out, dims, x.device())
     }
-}
-
-/// Runs a host kernel on the rows of `x` (`[.., k]`), giving `[.., n]`.
-fn host_matmul(x: &Tensor, n: usize, kernel: impl Fn(&[f32], usize) -> Vec<f32>) -> candle_core::Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let k = dims.pop().unwrap_or(0);
-    let m = x.elem_count() / k.max(1);
-    let data = x.flatten_all()?.to_vec1::<f32>()?;
-    let out = kernel(&data, m);
-    dims.push(n);
-    Tensor::from_vec(out, dims, x.device())
 }
 
 /// The token embedding table: Kith's Q8_0 rows on the CPU (shared with a tied output
@@ -406,9 +421,9 @@ impl Model {
         let c = &config;
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_head_kv * c.head_dim;
-        let qmm = |gguf: &mut GgufFile, name: &str, shape: &[usize]| -> Result<Linear, LoadError> {
-            Ok(Linear::new(gguf.tensor(name, shape, device)?, device)?)
-        };
+        // Kith's own matrices, one after another in one arena (sized from the file).
+        let arena = Arena::new(if device.is_cpu() { gguf.own_kernel_bytes(ALIGN) } else { 0 });
+        let qmm = |gguf: &mut GgufFile, name: &str, shape: &[usize]| Linear::read(gguf, name, shape, device, &arena);
         let vector = |gguf: &mut GgufFile, name: &str, len: usize| -> Result<Tensor, LoadError> {
             Ok(gguf.tensor(name, &[len], device)?.dequantize(device)?)
         };
@@ -416,18 +431,17 @@ impl Model {
             if gguf.has_tensor(name) { vector(gguf, name, len).map(Some) } else { Ok(None) }
         };
 
-        // A Q8_0 table is converted as it is read: the file's copy is never held whole
-        // beside Kith's (Gemma's is 178 MB, and holding both set the peak memory).
+        // A Q8_0 embedding table is Kith's, shared with a tied output projection.
         let embed_shape = [c.n_vocab, c.n_embd];
-        let own_embed = if device.is_cpu() && gguf.tensor_type("token_embd.weight", &embed_shape)? == GgmlDType::Q8_0 {
-            let reader = gguf.raw_tensor("token_embd.weight", &embed_shape)?;
-            Q8_0Matrix::read(reader, c.n_vocab, c.n_embd)
-                .map_err(|source| LoadError::Io { path: gguf.path.clone(), source })?
-        } else {
-            None
+        let own_embed = match gguf.tensor_type("token_embd.weight", &embed_shape)? {
+            GgmlDType::Q8_0 if device.is_cpu() => match qmm(gguf, "token_embd.weight", &embed_shape)? {
+                Linear::Q8_0(matrix) => Some(matrix),
+                _ => None,
+            },
+            _ => None,
         };
         let embed = match own_embed {
-            Some(matrix) => Embedding::Q8_0(Arc::new(matrix)),
+            Some(matrix) => Embedding::Q8_0(matrix),
             None => Embedding::Candle(Arc::new(gguf.tensor("token_embd.weight", &embed_shape, device)?)),
         };
         let mut layers = Vec::with_capacity(c.n_layer);

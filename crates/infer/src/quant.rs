@@ -4,8 +4,13 @@
 //! backend runs for that type and batch size, so the results are llama.cpp's bit for bit.
 //! Other types go through candle.
 
+use std::io::Read;
+use std::sync::Arc;
+
 use half::f16;
 use rayon::prelude::*;
+
+use crate::weights::{Arena, Blocks, RawBlock};
 
 #[cfg(target_arch = "x86_64")]
 use crate::numerics::has_avx2_fma_f16c;
@@ -64,20 +69,19 @@ fn quantize<B: Send>(x: &[f32], per_block: usize, block: impl Fn(&[f32]) -> B + 
     x.par_chunks_exact(per_block).with_min_len(2048 / per_block).map(block).collect()
 }
 
-/// Parses the raw blocks of an `n × k` matrix stored `per_block` values in `block_bytes`
-/// bytes a block, or `None` when the sizes do not fit.
-fn parse_blocks<B: Send>(
-    bytes: &[u8],
-    n: usize,
-    k: usize,
+/// The `n × k` blocks of a matrix stored `per_block` values a block, read from `reader`
+/// into `arena`; `Ok(None)` when `k` is not a whole number of blocks.
+fn read_blocks<B: RawBlock>(
+    arena: &Arc<Arena>,
+    reader: impl Read,
+    (n, k): (usize, usize),
     per_block: usize,
-    block_bytes: usize,
-    parse: impl Fn(&[u8]) -> B + Sync + Send,
-) -> Option<Vec<B>> {
-    if !k.is_multiple_of(per_block) || bytes.len() != n * k / per_block * block_bytes {
-        return None;
+) -> std::io::Result<Option<Blocks<B>>> {
+    if !k.is_multiple_of(per_block) {
+        return Ok(None);
     }
-    Some(bytes.par_chunks_exact(block_bytes).map(parse).collect())
+    let count = n.checked_mul(k / per_block).ok_or(std::io::ErrorKind::InvalidInput)?;
+    arena.read(reader, count).map(Some)
 }
 
 /// One Q4_1 block: 32 weights as `d * q + m`, q in 0..16; GGUF's 20 bytes as they are
@@ -98,26 +102,31 @@ struct BlockQ8_1 {
     qs: [i8; QK],
 }
 
+// SAFETY: repr(C), 20 bytes without padding (checked below), f16 and bytes only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ4_1 {}
+const _: () = assert!(size_of::<BlockQ4_1>() == 20);
+
 /// A Q4_1 weight matrix of `n` rows by `k` columns.
 pub(crate) struct Q4_1Matrix {
     n: usize,
     k: usize,
-    blocks: Vec<BlockQ4_1>,
+    blocks: Blocks<BlockQ4_1>,
 }
 
 impl Q4_1Matrix {
-    /// From raw GGUF bytes (20 bytes a block: f16 d, f16 m, 16 bytes of nibbles).
-    pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK, 20, |raw| {
-            let mut qs = [0u8; QK / 2];
-            qs.copy_from_slice(&raw[4..20]);
-            BlockQ4_1 { d: f16::from_le_bytes([raw[0], raw[1]]), m: f16::from_le_bytes([raw[2], raw[3]]), qs }
-        })?;
-        Some(Self { n, k, blocks })
+    /// Reads the matrix's GGUF bytes into `arena`; `Ok(None)` when `k` is not a whole
+    /// number of blocks.
+    pub(crate) fn read(arena: &Arc<Arena>, reader: impl Read, n: usize, k: usize) -> std::io::Result<Option<Self>> {
+        Ok(read_blocks(arena, reader, (n, k), QK)?.map(|blocks| Self { n, k, blocks }))
     }
 
-    pub(crate) fn n(&self) -> usize {
-        self.n
+    #[cfg(test)]
+    fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if bytes.len() != n * k / QK * size_of::<BlockQ4_1>() {
+            return None;
+        }
+        Self::read(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
     }
 
     /// `x` is `m × k` row-major; returns `m × n`.
@@ -196,10 +205,7 @@ pub(crate) struct BlockQ5_0 {
 /// itself, and Q5_0 (llamafile's tinyBLAS widens it to signed bytes first). Implementors
 /// are `repr(C)` with the f16 scale first, at least 8 bytes: the SIMD kernels read it there.
 #[allow(unsafe_code)]
-pub(crate) trait Q8Weights: Copy + Send + Sync {
-    /// Raw size in a GGUF file.
-    const BYTES: usize;
-    fn parse(raw: &[u8]) -> Self;
+pub(crate) trait Q8Weights: RawBlock {
     fn scale(&self) -> f16;
     fn values(&self) -> [i8; QK];
     /// The values as 32 signed bytes in a vector register.
@@ -210,18 +216,13 @@ pub(crate) trait Q8Weights: Copy + Send + Sync {
     unsafe fn bytes(&self) -> std::arch::x86_64::__m256i;
 }
 
+// SAFETY: repr(C), 34 bytes without padding (checked below), f16 and bytes only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for WeightQ8_0 {}
+const _: () = assert!(size_of::<WeightQ8_0>() == 34);
+
 #[allow(unsafe_code)]
 impl Q8Weights for WeightQ8_0 {
-    const BYTES: usize = 34;
-
-    fn parse(raw: &[u8]) -> Self {
-        let mut qs = [0i8; QK];
-        for (q, b) in qs.iter_mut().zip(&raw[2..]) {
-            *q = *b as i8;
-        }
-        Self { d: f16::from_le_bytes([raw[0], raw[1]]), qs }
-    }
-
     fn scale(&self) -> f16 {
         self.d
     }
@@ -239,17 +240,13 @@ impl Q8Weights for WeightQ8_0 {
     }
 }
 
+// SAFETY: repr(C), 22 bytes without padding (checked below), f16 and bytes only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ5_0 {}
+const _: () = assert!(size_of::<BlockQ5_0>() == 22);
+
 #[allow(unsafe_code)]
 impl Q8Weights for BlockQ5_0 {
-    const BYTES: usize = 22;
-
-    fn parse(raw: &[u8]) -> Self {
-        let mut block = Self { d: f16::from_le_bytes([raw[0], raw[1]]), qh: [0; 4], qs: [0; QK / 2] };
-        block.qh.copy_from_slice(&raw[2..6]);
-        block.qs.copy_from_slice(&raw[6..22]);
-        block
-    }
-
     fn scale(&self) -> f16 {
         self.d
     }
@@ -301,40 +298,25 @@ impl Q8Weights for BlockQ5_0 {
 pub(crate) struct Q8Matrix<B> {
     n: usize,
     k: usize,
-    blocks: Vec<B>,
+    blocks: Blocks<B>,
 }
 
 pub(crate) type Q8_0Matrix = Q8Matrix<WeightQ8_0>;
 pub(crate) type Q5_0Matrix = Q8Matrix<BlockQ5_0>;
 
 impl<B: Q8Weights> Q8Matrix<B> {
-    /// From raw GGUF bytes.
-    pub(crate) fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK, B::BYTES, B::parse)?;
-        Some(Self { n, k, blocks })
+    /// Reads the matrix's GGUF bytes into `arena`; `Ok(None)` when `k` is not a whole
+    /// number of blocks.
+    pub(crate) fn read(arena: &Arc<Arena>, reader: impl Read, n: usize, k: usize) -> std::io::Result<Option<Self>> {
+        Ok(read_blocks(arena, reader, (n, k), QK)?.map(|blocks| Self { n, k, blocks }))
     }
 
-    /// The same, read from `reader` a piece at a time, so that the raw bytes are never all
-    /// held beside the blocks (for large tables: Gemma's embedding is 178 MB).
-    /// `Ok(None)` when `k` is not a whole number of blocks.
-    pub(crate) fn read(mut reader: impl std::io::Read, n: usize, k: usize) -> std::io::Result<Option<Self>> {
-        const PIECE: usize = 4096;
-        if !k.is_multiple_of(QK) {
-            return Ok(None);
+    #[cfg(test)]
+    fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if bytes.len() != n * k / QK * size_of::<B>() {
+            return None;
         }
-        let total = n * k / QK;
-        let mut blocks = Vec::with_capacity(total);
-        let mut piece = vec![0u8; PIECE * B::BYTES];
-        while blocks.len() < total {
-            let bytes = &mut piece[..(total - blocks.len()).min(PIECE) * B::BYTES];
-            reader.read_exact(bytes)?;
-            blocks.par_extend(bytes.par_chunks_exact(B::BYTES).map(B::parse));
-        }
-        Ok(Some(Self { n, k, blocks }))
-    }
-
-    pub(crate) fn n(&self) -> usize {
-        self.n
+        Self::read(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
     }
 
     pub(crate) fn k(&self) -> usize {
@@ -525,9 +507,18 @@ impl BlockQ6K {
     }
 }
 
+// SAFETY: repr(C), 144 bytes without padding (checked below), f16 and bytes only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ4K {}
+const _: () = assert!(size_of::<BlockQ4K>() == 144);
+// SAFETY: repr(C), 210 bytes without padding (checked below), bytes and f16 only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ6K {}
+const _: () = assert!(size_of::<BlockQ6K>() == 210);
+
 enum KBlocks {
-    Q4K(Vec<BlockQ4K>),
-    Q6K(Vec<BlockQ6K>),
+    Q4K(Blocks<BlockQ4K>),
+    Q6K(Blocks<BlockQ6K>),
 }
 
 /// A Q4_K or Q6_K weight matrix of `n` rows by `k` columns, multiplied by Q8_K activations
@@ -539,39 +530,41 @@ pub(crate) struct KMatrix {
 }
 
 impl KMatrix {
-    /// From raw Q4_K bytes (144 bytes a block).
-    pub(crate) fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK_K, 144, |raw| {
-            let mut block = BlockQ4K {
-                d: f16::from_le_bytes([raw[0], raw[1]]),
-                dmin: f16::from_le_bytes([raw[2], raw[3]]),
-                scales: [0; 12],
-                qs: [0; QK_K / 2],
-            };
-            block.scales.copy_from_slice(&raw[4..16]);
-            block.qs.copy_from_slice(&raw[16..144]);
-            block
-        })?;
-        Some(Self { n, k, blocks: KBlocks::Q4K(blocks) })
+    /// Reads a Q4_K matrix's GGUF bytes into `arena`; `Ok(None)` when `k` is not a whole
+    /// number of blocks.
+    pub(crate) fn read_q4_k(
+        arena: &Arc<Arena>,
+        reader: impl Read,
+        n: usize,
+        k: usize,
+    ) -> std::io::Result<Option<Self>> {
+        Ok(read_blocks(arena, reader, (n, k), QK_K)?.map(|blocks| Self { n, k, blocks: KBlocks::Q4K(blocks) }))
     }
 
-    /// From raw Q6_K bytes (210 bytes a block).
-    pub(crate) fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let blocks = parse_blocks(bytes, n, k, QK_K, 210, |raw| {
-            let mut block =
-                BlockQ6K { ql: [0; 128], qh: [0; 64], scales: [0; 16], d: f16::from_le_bytes([raw[208], raw[209]]) };
-            block.ql.copy_from_slice(&raw[0..128]);
-            block.qh.copy_from_slice(&raw[128..192]);
-            for (scale, &byte) in block.scales.iter_mut().zip(&raw[192..208]) {
-                *scale = byte as i8;
-            }
-            block
-        })?;
-        Some(Self { n, k, blocks: KBlocks::Q6K(blocks) })
+    /// The same for Q6_K.
+    pub(crate) fn read_q6_k(
+        arena: &Arc<Arena>,
+        reader: impl Read,
+        n: usize,
+        k: usize,
+    ) -> std::io::Result<Option<Self>> {
+        Ok(read_blocks(arena, reader, (n, k), QK_K)?.map(|blocks| Self { n, k, blocks: KBlocks::Q6K(blocks) }))
     }
 
-    pub(crate) fn n(&self) -> usize {
-        self.n
+    #[cfg(test)]
+    fn from_q4_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if bytes.len() != n * k / QK_K * 144 {
+            return None;
+        }
+        Self::read_q4_k(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
+    }
+
+    #[cfg(test)]
+    fn from_q6_k_bytes(bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        if bytes.len() != n * k / QK_K * 210 {
+            return None;
+        }
+        Self::read_q6_k(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
     }
 
     /// `x` is `m × k` row-major; returns `m × n`. ggml picks its kernel by batch size,
@@ -842,6 +835,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (wb, ab) in w.iter().zip(a) {
+            prefetch(wb);
             let (d, m) = widen_q4_1(wb);
             mins = m.mul_add(ab.s, mins);
             let sums = lanes_u8(q4_1_nibbles(wb), load(&ab.qs));
@@ -867,10 +861,21 @@ mod avx2 {
         std::array::from_fn(|r| hsum_f32(acc[r]) + mins[r])
     }
 
+    /// Asks for the cache line `AHEAD` bytes past `block`: one activation row reads each
+    /// weight once, from memory, and the hardware prefetchers alone fall behind.
+    #[inline]
+    #[target_feature(enable = "sse")]
+    fn prefetch<T>(block: &T) {
+        const AHEAD: usize = 2048;
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>((block as *const T).cast::<i8>().wrapping_add(AHEAD));
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(a) {
+            prefetch(wb);
             // SAFETY: AVX2 is enabled here.
             let sums = lanes_i8(unsafe { wb.bytes() }, load(&ab.qs));
             acc = _mm256_fmadd_ps(_mm256_mul_ps(scale8(wb), _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc);
@@ -952,6 +957,8 @@ mod avx2 {
     pub(super) fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         let (mut acc, mut acc_min) = (0f32, 0f32);
         for (wb, ab) in w.iter().zip(a) {
+            prefetch(wb);
+            prefetch(&wb.qs[64]);
             let parts = q4_k_parts(wb);
             let pairs = q4_k_pairs(&parts, ab);
             // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
@@ -1094,6 +1101,10 @@ mod avx2 {
     pub(super) fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(a) {
+            prefetch(wb);
+            prefetch(&wb.ql[64]);
+            prefetch(&wb.qh[0]);
+            prefetch(&wb.qh[63]);
             let parts = q6_k_parts(wb);
             let d = ab.d * parts.d;
             // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
@@ -1165,17 +1176,20 @@ mod tests {
         }
     }
 
-    /// A Q8_0 table read a piece at a time (more than one piece, a partial last one) holds
-    /// what converting the whole bytes gives; a short reader is an error.
+    /// A Q8_0 table read into an arena holds the file's values (its rows dequantize as
+    /// candle dequantizes them); a short reader is an error.
     #[test]
-    fn q8_0_read_in_pieces_equals_from_bytes() {
+    fn q8_0_rows_read_in_place_match_candle() {
         let (n, k) = (300, 640);
         let w = Tensor::from_vec(values(n * k, 11), (n, k), &Device::Cpu).expect("tensor");
-        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize").data().expect("bytes").to_vec();
-        let whole = Q8_0Matrix::from_bytes(&bytes, n, k).expect("layout");
-        let read = Q8_0Matrix::read(bytes.as_slice(), n, k).expect("read").expect("layout");
-        assert_eq!((0..n).map(|r| read.row(r)).collect::<Vec<_>>(), (0..n).map(|r| whole.row(r)).collect::<Vec<_>>());
-        let short = Q8_0Matrix::read(&bytes[..bytes.len() - 1], n, k);
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+        let bytes = q.data().expect("bytes").to_vec();
+        let arena = Arena::new(2 * bytes.len() + 2 * crate::weights::ALIGN);
+        let read = Q8_0Matrix::read(&arena, bytes.as_slice(), n, k).expect("read").expect("layout");
+        let candle = q.dequantize(&Device::Cpu).expect("dequantize").to_vec2::<f32>().expect("rows");
+        assert_eq!((0..n).map(|r| read.row(r).expect("row")).collect::<Vec<_>>(), candle);
+        assert!(read.row(n).is_none());
+        let short = Q8_0Matrix::read(&arena, &bytes[..bytes.len() - 1], n, k);
         assert!(short.is_err_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof));
     }
 

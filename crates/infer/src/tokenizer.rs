@@ -82,7 +82,7 @@ enum Encoder {
         /// Splits control tokens out of the text (`parse_special = true`).
         special: Box<tokenizers::Tokenizer>,
         /// Treats control-token spellings as plain text, made on first use.
-        literal: OnceLock<tokenizers::Tokenizer>,
+        literal: OnceLock<Box<tokenizers::Tokenizer>>,
     },
 }
 
@@ -233,7 +233,7 @@ impl Tokenizer {
                     literal.get_or_init(|| {
                         let mut literal = (**special).clone();
                         literal.set_encode_special_tokens(true);
-                        literal
+                        Box::new(literal)
                     })
                 };
                 let encoding = encoder.encode_fast(text, false).map_err(|err| err.to_string())?;
