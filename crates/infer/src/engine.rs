@@ -26,6 +26,7 @@ use crate::sampler::Sampler;
 use crate::template::ChatTemplate;
 use crate::text::TextAssembler;
 use crate::tokenizer::Tokenizer;
+use crate::weights::Settled;
 
 /// Requests that may wait for the engine thread.
 const QUEUE_DEPTH: usize = 16;
@@ -280,6 +281,7 @@ pub struct EngineHandle {
     /// Set when an owner's (foreground) request was queued: a background forward pass
     /// steps aside at its next layer.
     owner_waiting: Arc<AtomicBool>,
+    weights: Arc<Settled>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -321,6 +323,7 @@ impl EngineHandle {
         keep_freed_memory();
         let (commands, rx) = mpsc::channel(QUEUE_DEPTH);
         let LoadedModel { model, tokenizer, template, info } = model;
+        let weights = model.settled.clone();
         let speed = Arc::new(AtomicU32::new(0));
         let owner_waiting = Arc::new(AtomicBool::new(false));
         let mut engine = Engine {
@@ -343,7 +346,15 @@ impl EngineHandle {
             thread: Arc::new(Mutex::new(Some(thread))),
             speed,
             owner_waiting,
+            weights,
         })
+    }
+
+    /// Blocks up to `timeout` until the weights are in their final pages (on Linux they
+    /// move into huge pages in the background after loading, which makes decoding faster),
+    /// and says whether they are. Generation does not need to wait; benchmarks do.
+    pub fn wait_for_weights(&self, timeout: Duration) -> bool {
+        self.weights.wait(timeout)
     }
 
     /// Facts about the model.

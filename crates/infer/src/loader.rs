@@ -108,6 +108,8 @@ pub struct ModelInfo {
     pub device: DeviceKind,
     /// Where the chat template came from.
     pub template_source: TemplateSource,
+    /// Time to open the file: header, tokenizer and chat template.
+    pub open_time: Duration,
     /// Time to read the weights.
     pub load_time: Duration,
 }
@@ -119,11 +121,13 @@ pub struct ModelFile {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     options: LoadOptions,
+    open_time: Duration,
 }
 
 impl ModelFile {
     /// Parses and validates the header of `path`, builds its tokenizer and chat template.
     pub fn open(path: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
+        let started = Instant::now();
         let mut gguf = GgufFile::open(path)?;
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
         if let Some(json) = &options.tokenizer_json {
@@ -146,7 +150,7 @@ impl ModelFile {
             (None, None) => ChatTemplate::new(CHATML_TEMPLATE, TemplateSource::ChatMlFallback, &bos, &eos, strip_bos)?,
         };
         gguf.drop_arrays();
-        Ok(Self { gguf, config, tokenizer, template, options: options.clone() })
+        Ok(Self { gguf, config, tokenizer, template, options: options.clone(), open_time: started.elapsed() })
     }
 
     /// The tokenizer.
@@ -187,6 +191,7 @@ impl ModelFile {
             vocab_size: self.tokenizer.vocab_size(),
             device: device_kind,
             template_source: self.template.source(),
+            open_time: self.open_time,
             load_time: started.elapsed(),
         };
         tracing::info!(

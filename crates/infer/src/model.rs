@@ -19,7 +19,7 @@ use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::numerics;
 use crate::quant::{KMatrix, Q4_1Matrix, Q5_0Matrix, Q8_0Matrix};
-use crate::weights::{ALIGN, Arena};
+use crate::weights::{ALIGN, Arena, Settled};
 
 /// Architectures this engine can run.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
@@ -408,6 +408,8 @@ pub(crate) struct Model {
     /// Positions the cache and RoPE tables are sized for.
     pub(crate) context_length: usize,
     device: Device,
+    /// Whether the weights have moved to huge pages (see `weights.rs`).
+    pub(crate) settled: Arc<Settled>,
 }
 
 impl Model {
@@ -524,6 +526,7 @@ impl Model {
             rope_local,
             context_length,
             device: device.clone(),
+            settled: arena.settle(),
         })
     }
 

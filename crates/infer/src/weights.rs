@@ -1,21 +1,27 @@
 //! Where the quantized weights live on the CPU: one arena per model, filled straight from
-//! the GGUF file (the engine's block types are GGUF's bytes as they are), in transparent
-//! huge pages where the kernel offers them.
+//! the GGUF file (the engine's block types are GGUF's bytes as they are), then moved into
+//! transparent huge pages in the background where the kernel offers them.
 //!
-//! Why: decoding reads every weight once per token, so it is bound by memory bandwidth,
-//! and with 4 KiB pages a 100 MB model costs ~25,000 TLB misses per token. One
-//! sequential read of 178 MB on this project's 2-core machine: 10.6 GB/s in 4 KiB pages,
-//! 12.5 GB/s in 2 MiB pages. One arena rather than a buffer per matrix, because most
-//! matrices are smaller than a huge page. (llama.cpp maps the file: page-cache pages,
-//! 4 KiB.)
+//! Why: decoding reads every weight once per token, and with 4 KiB pages a 100 MB model
+//! costs ~25,000 TLB misses per token, each a page walk (two-dimensional in a virtual
+//! machine). On this project's 2-core virtual machine, decoding SmolLM2 at one thread
+//! went from 43 to 82 tokens/s with the weights in 2 MiB pages. One arena rather than a
+//! buffer per matrix, because most matrices are smaller than a huge page. (llama.cpp maps
+//! the file: page-cache pages, 4 KiB.)
+//!
+//! Why in the background: a fresh huge page can be slow to arrive (on that machine, whose
+//! host takes back free memory in 8 MiB blocks, faulting in 246 MB of huge pages took
+//! 0.4-0.8 s against 0.1 s in small pages), and that would delay the first token. The file
+//! is read into small pages; then a thread asks the kernel to collapse the arena, 2 MiB at
+//! a time (`MADV_COLLAPSE`, Linux 6.1+; older kernels leave it to `khugepaged`). The
+//! contents never change, so the engine reads the weights meanwhile.
 
 use std::io::Read;
 use std::marker::PhantomData;
 use std::ops::Deref;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use rayon::prelude::*;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 // Blocks are read in place: their f16 fields are GGUF's little-endian bytes.
 const _: () = assert!(cfg!(target_endian = "little"), "GGUF weights are read in place: little-endian hosts only");
@@ -42,6 +48,7 @@ pub(crate) struct Arena {
     base: *mut u8,
     capacity: usize,
     used: AtomicUsize,
+    settled: Arc<Settled>,
 }
 
 // SAFETY: `base` points into `_buffer`, owned by the arena. The only writes go through
@@ -64,14 +71,8 @@ impl Arena {
         // SAFETY: `skip` < HUGE_PAGE, inside the allocation of capacity + HUGE_PAGE bytes.
         #[allow(unsafe_code)]
         let base = unsafe { start.add(skip) };
-        advise_huge_pages(base, capacity);
-        // Fault the pages in on every thread of the pool: a fresh huge page can take
-        // milliseconds to arrive in a virtual machine, and the file is read in order.
-        // SAFETY: base..base + capacity lies inside the allocation, and no `Blocks` exist yet.
-        #[allow(unsafe_code)]
-        let region = unsafe { std::slice::from_raw_parts_mut(base, capacity) };
-        region.par_chunks_mut(HUGE_PAGE).for_each(|page| page[0] = 0);
-        Arc::new(Self { _buffer: buffer, base, capacity, used: AtomicUsize::new(0) })
+        let settled = Arc::new(Settled { done: Mutex::new(false), changed: Condvar::new() });
+        Arc::new(Self { _buffer: buffer, base, capacity, used: AtomicUsize::new(0), settled })
     }
 
     /// Reads `count` blocks of type `B` from `reader` into the arena. An error (a short
@@ -99,25 +100,93 @@ impl Arena {
         reader.read_exact(region)?;
         Ok(Blocks { arena: self.clone(), start, len: count, block: PhantomData })
     }
+
+    /// Once every matrix is read: moves the arena into huge pages on a thread of its own
+    /// (see the module's documentation) and returns what says when that is done. The
+    /// thread stops early when the arena is dropped.
+    pub(crate) fn settle(self: &Arc<Self>) -> Arc<Settled> {
+        let settled = self.settled.clone();
+        #[cfg(target_os = "linux")]
+        {
+            let arena = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new().name("kith-weights".into()).spawn(move || {
+                // Only on otherwise idle processor time: never in the way of generation.
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: changes this thread's scheduling policy only.
+                #[allow(unsafe_code)]
+                if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                    tracing::debug!(error = %std::io::Error::last_os_error(), "weights thread at normal priority");
+                }
+                collapse(&arena);
+                if let Some(arena) = arena.upgrade() {
+                    arena.settled.set();
+                }
+            });
+            if spawned.is_err() {
+                tracing::debug!("no thread to move the weights into huge pages; they stay in small pages");
+                settled.set();
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        settled.set();
+        settled
+    }
 }
 
-/// Asks the kernel to back `len` bytes at `base` (a huge-page boundary) with huge pages
-/// when they are first touched. Advice only: without transparent huge pages, or off
-/// Linux, the memory is the same in 4 KiB pages.
-fn advise_huge_pages(base: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: madvise only changes how the kernel backs this range of our own
-        // allocation (`base` is page-aligned; the kernel rounds a partial last page up,
-        // and the allocation's mapping is whole pages).
+/// Collapses the used part of the arena into huge pages, one at a time, while it lives.
+#[cfg(target_os = "linux")]
+fn collapse(arena: &std::sync::Weak<Arena>) {
+    /// `MADV_COLLAPSE` (Linux 6.1), not in every libc's headers.
+    const MADV_COLLAPSE: libc::c_int = 25;
+    let advise = |arena: &Arena, offset: usize, len: usize, advice: libc::c_int| {
+        // SAFETY: offset..offset + len lies inside the arena's allocation (page-aligned at
+        // `base`); madvise only changes how the kernel backs those pages, never their
+        // contents.
         #[allow(unsafe_code)]
-        let result = unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
-        if result != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "no huge pages for the weights");
+        let result = unsafe { libc::madvise(arena.base.add(offset).cast(), len, advice) };
+        if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    };
+    let Some(first) = arena.upgrade() else { return };
+    let used = first.used.load(Ordering::Acquire);
+    if let Err(error) = advise(&first, 0, used.max(1), libc::MADV_HUGEPAGE) {
+        tracing::debug!(%error, "no huge pages for the weights");
+        return;
+    }
+    drop(first);
+    let started = std::time::Instant::now();
+    // Whole huge pages only: the partial last one stays in small pages.
+    for offset in (0..used / HUGE_PAGE).map(|page| page * HUGE_PAGE) {
+        let Some(arena) = arena.upgrade() else { return };
+        if let Err(error) = advise(&arena, offset, HUGE_PAGE, MADV_COLLAPSE) {
+            // EINVAL before Linux 6.1; khugepaged collapses the pages in its own time.
+            tracing::debug!(%error, "weights left to khugepaged");
+            return;
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (base, len);
+    tracing::debug!(mib = used >> 20, elapsed_ms = started.elapsed().as_millis() as u64, "weights in huge pages");
+}
+
+/// Whether a model's weights have reached their final pages.
+pub(crate) struct Settled {
+    done: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Settled {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for the weights to settle; whether they have.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (done, _) = self
+            .changed
+            .wait_timeout_while(done, timeout, |done| !*done)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *done
+    }
 }
 
 /// A matrix's blocks in an [`Arena`], which they keep alive.
@@ -165,5 +234,49 @@ mod tests {
         assert!(arena.read::<Pair>(&[1u8][..], 1).is_err());
         assert!(arena.read::<Pair>(&[0u8; 300][..], 100).is_err_and(|e| e.kind() == std::io::ErrorKind::OutOfMemory));
         assert_eq!(&*a, &[Pair([1, 2, 3]), Pair([4, 5, 6])]);
+    }
+
+    /// The background move to huge pages finishes, leaves the contents as they were and,
+    /// where the kernel can collapse pages (transparent huge pages on, Linux 6.1+), puts
+    /// the arena's whole huge pages in huge pages.
+    #[test]
+    fn settling_keeps_the_contents() {
+        let bytes: Vec<u8> = (0..6 * HUGE_PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        let arena = Arena::new(bytes.len() + ALIGN);
+        let blocks: Blocks<Pair> = arena.read(&bytes[..], bytes.len() / 3).expect("fits");
+        assert!(arena.settle().wait(Duration::from_secs(120)), "the weights thread finishes");
+        assert!(blocks.iter().flat_map(|pair| pair.0).eq(bytes.iter().copied()));
+        #[cfg(target_os = "linux")]
+        if collapse_supported() {
+            assert!(huge_kib_at(arena.base as usize) >= 5 * (HUGE_PAGE >> 10), "collapsed into huge pages");
+        }
+    }
+
+    /// Transparent huge pages are on (`always` or `madvise`) and the kernel is 6.1 or later.
+    #[cfg(target_os = "linux")]
+    fn collapse_supported() -> bool {
+        let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut version = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+        !enabled.contains("[never]") && (major, minor) >= (6, 1)
+    }
+
+    /// `AnonHugePages` of the mapping that holds `address`, in KiB.
+    #[cfg(target_os = "linux")]
+    fn huge_kib_at(address: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+            {
+                inside = (start..end).contains(&address);
+            } else if inside && let Some(kib) = line.strip_prefix("AnonHugePages:") {
+                return kib.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            }
+        }
+        0
     }
 }
