@@ -47,13 +47,9 @@ fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
 fn matrices(path: &std::path::Path, layers: usize) -> Vec<(String, Weights)> {
     let suffixes = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
     let names = (0..layers).flat_map(|l| suffixes.map(|s| format!("blk.{l}.{s}.weight")));
-    names
-        .chain(["token_embd.weight".to_owned()])
-        .map(|name| {
-            let weights = Weights::read(path, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
-            (name, weights)
-        })
-        .collect()
+    let names: Vec<String> = names.chain(["token_embd.weight".to_owned()]).collect();
+    let weights = Weights::read(path, &names).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    names.into_iter().zip(weights).collect()
 }
 
 fn decode_pass(all: &[(String, Weights)]) {

@@ -2,6 +2,7 @@
 //! kernels`: not part of the engine's API, and not stable.
 
 use std::path::Path;
+use std::time::Duration;
 
 use candle_core::Device;
 
@@ -18,20 +19,29 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Reads tensor `name` of the GGUF file at `path`.
-    pub fn read(path: &Path, name: &str) -> Result<Self, LoadError> {
+    /// Reads the tensors `names` of the GGUF file at `path` into one arena, as a model's
+    /// matrices are, and waits until they are in their final pages.
+    pub fn read(path: &Path, names: &[String]) -> Result<Vec<Self>, LoadError> {
         let mut gguf = GgufFile::open(path)?;
         let malformed = |reason: String| LoadError::Malformed { path: path.to_owned(), reason };
-        let Some((dtype, dims)) = gguf.tensor_shape(name) else {
-            return Err(malformed(format!("no tensor {name}")));
-        };
-        let [n, k] = dims[..] else {
-            return Err(malformed(format!("tensor {name} has shape {dims:?}, not a matrix")));
-        };
-        let bytes = n * k / dtype.block_size() * dtype.type_size();
-        let arena = Arena::new(bytes + ALIGN);
-        let linear = Linear::read(&mut gguf, name, &dims, &Device::Cpu, &arena)?;
-        Ok(Self { linear, summary: (format!("{dtype:?}"), n, k, bytes) })
+        let mut shapes = Vec::new();
+        for name in names {
+            let Some((dtype, dims)) = gguf.tensor_shape(name) else {
+                return Err(malformed(format!("no tensor {name}")));
+            };
+            let [n, k] = dims[..] else {
+                return Err(malformed(format!("tensor {name} has shape {dims:?}, not a matrix")));
+            };
+            shapes.push((dtype, n, k, n * k / dtype.block_size() * dtype.type_size()));
+        }
+        let arena = Arena::new(shapes.iter().map(|(.., bytes)| bytes + ALIGN).sum());
+        let mut all = Vec::new();
+        for (name, (dtype, n, k, bytes)) in names.iter().zip(shapes) {
+            let linear = Linear::read(&mut gguf, name, &[n, k], &Device::Cpu, &arena)?;
+            all.push(Self { linear, summary: (format!("{dtype:?}"), n, k, bytes) });
+        }
+        arena.settle().wait(Duration::from_secs(60));
+        Ok(all)
     }
 
     /// Type name, rows (outputs), row length (inputs), bytes.
