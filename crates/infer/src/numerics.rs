@@ -175,6 +175,17 @@ pub(crate) fn has_avx2_fma_f16c() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the AVX-512 prompt kernels (`quant.rs`) can run: AVX-512 F, BW, VL and VNNI
+/// besides [`has_avx2_fma_f16c`] (checked once, then cached by std).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512_vnni() -> bool {
+    has_avx2_fma_f16c()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
 /// `_mm512_reduce_add_ps` as GCC expands it: halves added pairwise down to one lane.
 pub(crate) fn reduce_add_16(v: [f32; 16]) -> f32 {
     let mut h8 = [0f32; 8];

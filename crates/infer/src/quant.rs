@@ -19,30 +19,26 @@ use crate::numerics::hsum_8;
 const QK: usize = 32;
 
 /// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
-/// rows of activations of `per_row` blocks each, in parallel. Activation rows go `G` at a
-/// time through `dotg(weights, activations)`, which decodes each weight block
-/// once for the `G` rows and keeps an accumulator per row (a single one is bound by the
-/// latency of its chain of fused multiply-adds); the last `m % G` rows go one at a time
-/// through `dot(weights, activations)`. Every output is computed the same way whatever
-/// the split into work items, so results do not depend on the thread count.
-fn par_matmul<const G: usize, W: Sync, A: Sync>(
+/// rows of activations, in parallel. Activation rows go `G` at a time through
+/// `dotg(weights, group)`, which decodes each weight block once for the rows `G·group..`
+/// and keeps an accumulator per row (a single one is bound by the latency of its chain of
+/// fused multiply-adds); the last `m % G` rows go one at a time through
+/// `dot(weights, row)`. Every output is computed the same way whatever the split into
+/// work items, so results do not depend on the thread count.
+fn par_matmul<const G: usize, W: Sync>(
     weights: &[W],
-    activations: &[A],
     (n, m, per_row): (usize, usize, usize),
-    dot: impl Fn(&[W], &[A]) -> f32 + Sync,
-    dotg: impl Fn(&[W], [&[A]; G]) -> [f32; G] + Sync,
+    dot: impl Fn(&[W], usize) -> f32 + Sync,
+    dotg: impl Fn(&[W], usize) -> [f32; G] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
     let weight_row = |col: usize| &weights[col * per_row..(col + 1) * per_row];
-    let activation_row = |row: usize| &activations[row * per_row..(row + 1) * per_row];
     let grouped = m / G * G;
     let (head, tail) = out.split_at_mut(grouped * n);
     head.par_chunks_mut(G * n).enumerate().for_each(|(group, rows)| {
-        let first = G * group;
-        let a = std::array::from_fn(|r| activation_row(first + r));
         let columns: Vec<[f32; G]> =
-            (0..n).into_par_iter().with_min_len(chunk).map(|col| dotg(weight_row(col), a)).collect();
+            (0..n).into_par_iter().with_min_len(chunk).map(|col| dotg(weight_row(col), group)).collect();
         for (r, row) in rows.chunks_exact_mut(n).enumerate() {
             for (value, column) in row.iter_mut().zip(&columns) {
                 *value = column[r];
@@ -50,14 +46,23 @@ fn par_matmul<const G: usize, W: Sync, A: Sync>(
         }
     });
     tail.par_chunks_mut(n.max(1)).enumerate().for_each(|(index, out_row)| {
-        let a = activation_row(grouped + index);
         out_row.par_chunks_mut(chunk).enumerate().for_each(|(chunk_idx, dst)| {
             for (offset, value) in dst.iter_mut().enumerate() {
-                *value = dot(weight_row(chunk_idx * chunk + offset), a);
+                *value = dot(weight_row(chunk_idx * chunk + offset), grouped + index);
             }
         });
     });
     out
+}
+
+/// Row `row` of `per_row` blocks each.
+fn row_of<A>(activations: &[A], per_row: usize, row: usize) -> &[A] {
+    &activations[row * per_row..(row + 1) * per_row]
+}
+
+/// Rows `G·group..G·group + G`.
+fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) -> [&[A]; G] {
+    std::array::from_fn(|r| row_of(activations, per_row, G * group + r))
 }
 
 /// Activation rows per call of the Q4_1, Q8_0 and Q5_0 kernels in a prompt: each weight
@@ -131,8 +136,14 @@ impl Q4_1Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations = quantize(x, QK, quantize_q8_1);
-        par_matmul(&self.blocks, &activations, (self.n, m, self.k / QK), dot_q4_1, dotn_q4_1::<ROWS>)
+        let a = quantize(x, QK, quantize_q8_1);
+        let per_row = self.k / QK;
+        par_matmul(
+            &self.blocks,
+            (self.n, m, per_row),
+            |w, row| dot_q4_1(w, row_of(&a, per_row, row)),
+            |w, group| dotn_q4_1::<ROWS>(w, group_of(&a, per_row, group)),
+        )
     }
 }
 
@@ -206,6 +217,8 @@ pub(crate) struct BlockQ5_0 {
 /// are `repr(C)` with the f16 scale first, at least 8 bytes: the SIMD kernels read it there.
 #[allow(unsafe_code)]
 pub(crate) trait Q8Weights: RawBlock {
+    /// What [`unsigned_bytes`](Self::unsigned_bytes) adds to each value.
+    const OFFSET: i32;
     fn scale(&self) -> f16;
     fn values(&self) -> [i8; QK];
     /// The values as 32 signed bytes in a vector register.
@@ -214,6 +227,12 @@ pub(crate) trait Q8Weights: RawBlock {
     /// The CPU must have AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn bytes(&self) -> std::arch::x86_64::__m256i;
+    /// The values plus [`OFFSET`](Self::OFFSET), as 32 unsigned bytes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, AVX-512 BW and VL.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unsigned_bytes(&self) -> std::arch::x86_64::__m256i;
 }
 
 // SAFETY: repr(C), 34 bytes without padding (checked below), f16 and bytes only.
@@ -223,6 +242,8 @@ const _: () = assert!(size_of::<WeightQ8_0>() == 34);
 
 #[allow(unsafe_code)]
 impl Q8Weights for WeightQ8_0 {
+    const OFFSET: i32 = 128;
+
     fn scale(&self) -> f16 {
         self.d
     }
@@ -238,6 +259,15 @@ impl Q8Weights for WeightQ8_0 {
         // SAFETY: 32 readable bytes; the caller guarantees AVX.
         unsafe { std::arch::x86_64::_mm256_loadu_si256(self.qs.as_ptr().cast()) }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn unsigned_bytes(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX2: q + 128 is q with its top bit flipped.
+        unsafe { _mm256_xor_si256(self.bytes(), _mm256_set1_epi8(0x80u8 as i8)) }
+    }
 }
 
 // SAFETY: repr(C), 22 bytes without padding (checked below), f16 and bytes only.
@@ -247,6 +277,8 @@ const _: () = assert!(size_of::<BlockQ5_0>() == 22);
 
 #[allow(unsafe_code)]
 impl Q8Weights for BlockQ5_0 {
+    const OFFSET: i32 = 16;
+
     fn scale(&self) -> f16 {
         self.d
     }
@@ -291,6 +323,20 @@ impl Q8Weights for BlockQ5_0 {
             }
         }
     }
+
+    /// The five-bit values as they are stored (q, not q - 16).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn unsigned_bytes(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX2, AVX-512 BW and VL; 16 readable bytes.
+        unsafe {
+            let packed = _mm_loadu_si128(self.qs.as_ptr().cast());
+            let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+            _mm256_or_si256(nibbles, _mm256_maskz_mov_epi8(u32::from_le_bytes(self.qh), _mm256_set1_epi8(0x10)))
+        }
+    }
 }
 
 /// A weight matrix of `n` rows by `k` columns in Q8_0 or Q5_0 blocks; a Q8_0 one also
@@ -323,6 +369,28 @@ impl<B: Q8Weights> Q8Matrix<B> {
         self.k
     }
 
+    /// The AVX-512 path of [`matmul`](Self::matmul) for the `m` rows of `a`: `R` rows (`P`
+    /// pairs) at a time, the rest one at a time.
+    #[cfg(target_arch = "x86_64")]
+    fn pair_matmul<const R: usize, const P: usize>(&self, a: &[BlockQ8_0], m: usize) -> Vec<f32> {
+        debug_assert_eq!(R, 2 * P);
+        let per_row = self.k / QK;
+        let pairs = pairs_q8_0::<P>(a, m / R, per_row, B::OFFSET);
+        let group = |group: usize| &pairs[group * per_row * P..(group + 1) * per_row * P];
+        par_matmul::<R, B>(
+            &self.blocks,
+            (self.n, m, per_row),
+            |w, row| dot_q8(w, row_of(a, per_row, row)),
+            |w, g| {
+                // SAFETY: only called once the CPU was found to have AVX-512 F, BW, VL and
+                // VNNI, AVX2, FMA and F16C (`matmul`).
+                #[allow(unsafe_code)]
+                let outs = unsafe { avx512::dot_pairs::<P, B>(w, group(g)) };
+                std::array::from_fn(|r| outs[r / 2][r % 2])
+            },
+        )
+    }
+
     /// Row `row` dequantized (`ggml_get_rows`), or `None` past the end.
     pub(crate) fn row(&self, row: usize) -> Option<Vec<f32>> {
         let per_row = self.k / QK;
@@ -340,15 +408,57 @@ impl<B: Q8Weights> Q8Matrix<B> {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations = quantize(x, QK, quantize_q8_0);
-        par_matmul(
-            &self.blocks,
-            &activations,
-            (self.n, m, self.k / QK),
-            |w, a| dot_q8(w, a),
-            |w, a| dotn_q8::<ROWS, B>(w, a),
-        )
+        let a = quantize(x, QK, quantize_q8_0);
+        let per_row = self.k / QK;
+        let shape = (self.n, m, per_row);
+        let dot = |w: &[B], row| dot_q8(w, row_of(&a, per_row, row));
+        #[cfg(target_arch = "x86_64")]
+        if m >= ROWS && crate::numerics::has_avx512_vnni() {
+            // Sixteen rows at a time, then eight, then one.
+            let big = m / 16 * 16;
+            let mut out = self.pair_matmul::<16, 8>(&a[..big * per_row], big);
+            out.extend(self.pair_matmul::<8, 4>(&a[big * per_row..], m - big));
+            return out;
+        }
+        par_matmul(&self.blocks, shape, dot, |w, group| dotn_q8::<ROWS, B>(w, group_of(&a, per_row, group)))
     }
+}
+
+/// Two activation rows' Q8_0 blocks at the same place, laid out for one 512-bit register
+/// each (the AVX-512 prompt kernel): the values of both rows, minus `OFFSET` × each group
+/// of four values' sum (the unsigned weights' offset taken back, per lane), and each row's
+/// scale in its eight lanes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct PairQ8_0 {
+    qs: [i8; 2 * QK],
+    offset: [i32; 16],
+    d: [f32; 16],
+}
+
+/// The first `groups · 2P` rows of `a` (`per_row` blocks each) as [`PairQ8_0`]s, laid out
+/// `[group][block][pair]` so that the kernel reads a group's pairs in order.
+#[cfg(target_arch = "x86_64")]
+fn pairs_q8_0<const P: usize>(a: &[BlockQ8_0], groups: usize, per_row: usize, offset: i32) -> Vec<PairQ8_0> {
+    (0..groups * per_row * P)
+        .into_par_iter()
+        .with_min_len(64)
+        .map(|i| {
+            let (pair, block, group) = (i % P, i / P % per_row, i / (P * per_row));
+            let first = group * 2 * P + 2 * pair;
+            let mut out = PairQ8_0 { qs: [0; 2 * QK], offset: [0; 16], d: [0.0; 16] };
+            for (half, row) in [first, first + 1].into_iter().enumerate() {
+                let b = &a[row * per_row + block];
+                out.qs[half * QK..(half + 1) * QK].copy_from_slice(&b.qs);
+                for lane in 0..8 {
+                    let sum: i32 = b.qs[lane * 4..lane * 4 + 4].iter().map(|&q| i32::from(q)).sum();
+                    out.offset[half * 8 + lane] = -offset * sum;
+                }
+                out.d[half * 8..(half + 1) * 8].fill(b.d);
+            }
+            out
+        })
+        .collect()
 }
 
 /// ggml's `quantize_row_q8_0` (x86 SIMD version).
@@ -575,14 +685,21 @@ impl KMatrix {
     /// matrices still get the repacked arithmetic here, close to but not bit-equal with
     /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let activations = quantize(x, QK_K, quantize_q8_k);
-        let shape = (self.n, m, self.k / QK_K);
+        let a = quantize(x, QK_K, quantize_q8_k);
+        let per_row = self.k / QK_K;
+        let shape = (self.n, m, per_row);
+        let row = |row| row_of(&a, per_row, row);
+        let group = |group| group_of::<_, 4>(&a, per_row, group);
         match &self.blocks {
             // Rows outside the groups of four: Q4_K's gemv kernel.
-            KBlocks::Q4K(blocks) => par_matmul(blocks, &activations, shape, dot_q4_k, dot4_q4_k),
-            KBlocks::Q6K(blocks) if m >= 8 => par_matmul(blocks, &activations, shape, dot_q6_k_tiled, dot4_q6_k_tiled),
+            KBlocks::Q4K(blocks) => {
+                par_matmul(blocks, shape, |w, r| dot_q4_k(w, row(r)), |w, g| dot4_q4_k(w, group(g)))
+            }
+            KBlocks::Q6K(blocks) if m >= 8 => {
+                par_matmul(blocks, shape, |w, r| dot_q6_k_tiled(w, row(r)), |w, g| dot4_q6_k_tiled(w, group(g)))
+            }
             KBlocks::Q6K(blocks) => {
-                par_matmul(blocks, &activations, shape, dot_q6_k, |w, a: [_; 4]| a.map(|a| dot_q6_k(w, a)))
+                par_matmul(blocks, shape, |w, r| dot_q6_k(w, row(r)), |w, g| group(g).map(|a| dot_q6_k(w, a)))
             }
         }
     }
@@ -1119,6 +1236,53 @@ mod avx2 {
     }
 }
 
+/// Prompt kernels with AVX-512 (chosen at run time): two activation rows per 512-bit
+/// register, the rows' lanes side by side. Each output keeps the AVX2 kernel's eight lanes
+/// and their order of fused multiply-adds, so its bits; the weights are made unsigned
+/// (`Q8Weights::unsigned_bytes`) and the offset taken back in the integer sums, which are
+/// exact, so `vpdpbusd` needs no sign fix-up per row.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{PairQ8_0, Q8Weights};
+    use crate::numerics::hsum_8;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load<T>(value: &T) -> __m512i {
+        debug_assert!(size_of::<T>() >= 64);
+        // SAFETY: 64 readable bytes (the caller's types are 64 bytes).
+        unsafe { _mm512_loadu_si512(std::ptr::from_ref(value).cast()) }
+    }
+
+    /// Q8_0 or Q5_0 × Q8_0 for the `2P` rows whose pairs are `pairs` (`P` per block);
+    /// each pair's two outputs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) fn dot_pairs<const P: usize, B: Q8Weights>(w: &[B], pairs: &[PairQ8_0]) -> [[f32; 2]; P] {
+        let mut acc = [_mm512_setzero_ps(); P];
+        for (wb, block) in w.iter().zip(pairs.chunks_exact(P)) {
+            // SAFETY: AVX2, AVX-512 BW and VL are enabled here.
+            let values = _mm512_broadcast_i64x4(unsafe { wb.unsigned_bytes() });
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16(wb.scale().to_bits() as i16));
+            for (acc, pair) in acc.iter_mut().zip(block) {
+                let sums = _mm512_dpbusd_epi32(load(&pair.offset), values, load(&pair.qs));
+                // d_w · d_a in every lane: the scalar product's bits.
+                let scale = _mm512_mul_ps(d, _mm512_castsi512_ps(load(&pair.d)));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), *acc);
+            }
+        }
+        acc.map(|acc| {
+            let mut lanes = [0f32; 16];
+            // SAFETY: 64 writable bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+            let (low, high) = lanes.split_at(8);
+            [hsum_8(low.try_into().unwrap_or_default()), hsum_8(high.try_into().unwrap_or_default())]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -1277,6 +1441,36 @@ mod tests {
             assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
             assert_eq!(bits(dot4_q6_k_tiled(w6k, four(&a8k))), expected(&|r| dot_q6_k_tiled_scalar(w6k, &a8k[r])));
             assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
+        }
+    }
+
+    /// In a prompt, each row of a Q4_1, Q8_0 or Q5_0 product has the bits that row gets
+    /// alone (the one-row kernel, as in decoding), whichever kernel takes the row groups
+    /// (AVX-512 pairs, AVX2 or scalar) and whatever the rows left over.
+    #[test]
+    fn prompt_rows_equal_rows_alone() {
+        let (n, k) = (24, 640);
+        let w_tensor = Tensor::from_vec(values(n * k, 21), (n, k), &Device::Cpu).expect("tensor");
+        let bytes = |dtype| QTensor::quantize(&w_tensor, dtype).expect("quantize").data().expect("bytes").to_vec();
+        let q41 = Q4_1Matrix::from_bytes(&bytes(GgmlDType::Q4_1), n, k).expect("layout");
+        let q80 = Q8_0Matrix::from_bytes(&bytes(GgmlDType::Q8_0), n, k).expect("layout");
+        let q50 = Q5_0Matrix::from_bytes(&bytes(GgmlDType::Q5_0), n, k).expect("layout");
+        type Matmul<'a> = &'a dyn Fn(&[f32], usize) -> Vec<f32>;
+        let kernels: [(&str, Matmul); 3] = [
+            ("Q4_1", &|x, m| q41.matmul(x, m)),
+            ("Q8_0", &|x, m| q80.matmul(x, m)),
+            ("Q5_0", &|x, m| q50.matmul(x, m)),
+        ];
+        for m in [8, 11, 16, 19] {
+            let x = values(m * k, 23 + m as u64);
+            for (name, matmul) in kernels {
+                let together = matmul(&x, m);
+                for (r, row) in x.chunks_exact(k).enumerate() {
+                    let alone = matmul(row, 1);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&together[r * n..(r + 1) * n]), bits(&alone), "{name}: row {r} of {m}");
+                }
+            }
         }
     }
 
