@@ -504,16 +504,13 @@ struct BlockQ8K {
 /// of largest magnitude, `-127 / max`, and `d` its reciprocal.
 fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
     let mut block = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16], sums32: [0; QK_K / 32] };
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    // The first value of the largest magnitude (ggml's loop keeps the first), found in two
+    // passes that vectorise.
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         return block;
     }
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
     let iscale = -127.0 / max;
     for (q, &v) in block.qs.iter_mut().zip(x) {
         *q = (iscale * v).round_ties_even().min(127.0) as i8;
@@ -1247,7 +1244,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{PairQ8_0, Q8Weights};
-    use crate::numerics::hsum_8;
 
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -1273,13 +1269,18 @@ mod avx512 {
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), *acc);
             }
         }
-        acc.map(|acc| {
-            let mut lanes = [0f32; 16];
-            // SAFETY: 64 writable bytes.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-            let (low, high) = lanes.split_at(8);
-            [hsum_8(low.try_into().unwrap_or_default()), hsum_8(high.try_into().unwrap_or_default())]
-        })
+        acc.map(|acc| hsum_8_pair(acc))
+    }
+
+    /// `hsum_8` of each 256-bit half, in registers: `(v4 + v0) ...`, then `(r0 + r2) + (r1 +
+    /// r3)`, each sum the scalar one (addition is commutative, and the grouping is kept).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum_8_pair(v: __m512) -> [f32; 2] {
+        let r = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+        let pairs = _mm512_add_ps(r, _mm512_permute_ps::<0b01_00_11_10>(r));
+        let sums = _mm512_add_ps(pairs, _mm512_permute_ps::<0b10_11_00_01>(pairs));
+        [_mm512_cvtss_f32(sums), _mm512_cvtss_f32(_mm512_shuffle_f32x4::<0b10>(sums, sums))]
     }
 }
 
