@@ -16,7 +16,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::numerics::{dot_f16, reduce_add_16, v_expf};
+use crate::numerics::{dot_f16, multiversion, reduce_add_16, v_expf};
 
 /// Keys and values of one layer, on the host.
 pub(crate) struct HostKvCache {
@@ -77,98 +77,101 @@ const TILE_CELLS: usize = 64;
 /// Dimensions of the value accumulator updated together (held in registers).
 const DIMS: usize = 64;
 
-/// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
-/// (which already holds their own keys). `queries` and the result are laid out
-/// `[seq][n_head][head_dim]`.
-///
-/// Each query row is computed as ggml's CPU flash attention computes it: batches of fewer
-/// than 64 rows (and single-token decoding) as `flash_attn_ext_f16_one_chunk` (Q rounded
-/// to f16, scores by `ggml_vec_dot_f16`, an online softmax over the visible keys in order,
-/// the weighted sum of V accumulated in f16, rounded at every step); larger batches as
-/// `flash_attn_ext_tiled` (f32 Q, 64-cell tiles, fused multiply-add chains, a vectorised
-/// softmax summed in f64, an f32 accumulator).
-pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &AttentionShape) -> Vec<f32> {
-    let head_dim = shape.head_dim;
-    let n_rep = shape.n_head / shape.n_kv;
-    let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
-    // The tiled kernel's rows are many: it reads the cache widened once per call (f16 → f32
-    // is exact), keys transposed (per head, per dimension, positions contiguous) so that
-    // one score per lane is computed, as ggml's tile GEMM does. The one-chunk kernel reads
-    // the f16 cache as it is.
-    let len = cache.len();
-    let (keys_t, values) = if tiled {
-        let width = shape.n_kv * head_dim;
-        let mut t = vec![0f32; cache.keys.len()];
-        t.par_chunks_mut(len.max(1)).enumerate().for_each(|(row, positions)| {
-            for (p, k) in positions.iter_mut().enumerate() {
-                *k = cache.keys[p * width + row].to_f32();
-            }
-        });
-        let mut values = vec![0f32; cache.values.len()];
-        values.par_chunks_mut(width).zip(cache.values.par_chunks(width)).for_each(|(out, row)| {
-            row.convert_to_f32_slice(out);
-        });
-        (t, values)
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let rows = Rows {
-        keys16: &cache.keys,
-        values16: &cache.values,
-        keys_t: &keys_t,
-        values: &values,
-        n_kv: shape.n_kv,
-        head_dim,
-        len,
-    };
-    let mut out = vec![0f32; queries.len()];
-    let prepare = |query: &[f32]| -> (Vec<f32>, f32) {
-        if shape.scale_q_first {
-            (query.iter().map(|x| x * shape.scale).collect(), 1.0)
+multiversion! {
+    /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
+    /// (which already holds their own keys). `queries` and the result are laid out
+    /// `[seq][n_head][head_dim]`.
+    ///
+    /// Each query row is computed as ggml's CPU flash attention computes it: batches of fewer
+    /// than 64 rows (and single-token decoding) as `flash_attn_ext_f16_one_chunk` (Q rounded
+    /// to f16, scores by `ggml_vec_dot_f16`, an online softmax over the visible keys in order,
+    /// the weighted sum of V accumulated in f16, rounded at every step); larger batches as
+    /// `flash_attn_ext_tiled` (f32 Q, 64-cell tiles, fused multiply-add chains, a vectorised
+    /// softmax summed in f64, an f32 accumulator).
+    pub(crate) fn attend(cache: &HostKvCache, queries: &[f32], pos: usize, shape: &AttentionShape) -> Vec<f32> {
+        let head_dim = shape.head_dim;
+        let n_rep = shape.n_head / shape.n_kv;
+        let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
+        // The tiled kernel's rows are many: it reads the cache widened once per call (f16 → f32
+        // is exact), keys transposed (per head, per dimension, positions contiguous) so that
+        // one score per lane is computed, as ggml's tile GEMM does. The one-chunk kernel reads
+        // the f16 cache as it is.
+        let len = cache.len();
+        let (keys_t, values) = if tiled {
+            let width = shape.n_kv * head_dim;
+            let mut t = vec![0f32; cache.keys.len()];
+            t.par_chunks_mut(len.max(1)).enumerate().for_each(|(row, positions)| {
+                for (p, k) in positions.iter_mut().enumerate() {
+                    *k = cache.keys[p * width + row].to_f32();
+                }
+            });
+            let mut values = vec![0f32; cache.values.len()];
+            values.par_chunks_mut(width).zip(cache.values.par_chunks(width)).for_each(|(out, row)| {
+                row.convert_to_f32_slice(out);
+            });
+            (t, values)
         } else {
-            (query.to_vec(), shape.scale)
-        }
-    };
-    let visible =
-        |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
-    if tiled {
-        // Per position, the query heads that share a K/V head see the same keys: they go
-        // through the kernel up to four at a time, each with its own accumulators (so each
-        // row's arithmetic is unchanged), sharing the reads of K and V and giving the
-        // processor several independent chains of fused multiply-adds.
-        let width = shape.n_head * head_dim;
-        out.par_chunks_mut(width).zip(queries.par_chunks(width)).enumerate().for_each(|(i, (out_pos, query_pos))| {
-            let group = n_rep * head_dim;
-            for (kv_head, (outs, qs)) in out_pos.chunks_mut(group).zip(query_pos.chunks(group)).enumerate() {
-                let mut heads: Vec<_> = outs.chunks_mut(head_dim).zip(qs.chunks(head_dim).map(prepare)).collect();
-                while !heads.is_empty() {
-                    let group: Vec<_> = heads.drain(..heads.len().min(4)).collect();
-                    let visible = visible(pos + i);
-                    match group.len() {
-                        4 => attend_group::<4>(&rows, kv_head, group, visible),
-                        3 => attend_group::<3>(&rows, kv_head, group, visible),
-                        2 => attend_group::<2>(&rows, kv_head, group, visible),
-                        _ => attend_group::<1>(&rows, kv_head, group, visible),
+            (Vec::new(), Vec::new())
+        };
+        let rows = Rows {
+            keys16: &cache.keys,
+            values16: &cache.values,
+            keys_t: &keys_t,
+            values: &values,
+            n_kv: shape.n_kv,
+            head_dim,
+            len,
+        };
+        let mut out = vec![0f32; queries.len()];
+        let prepare = |query: &[f32]| -> (Vec<f32>, f32) {
+            if shape.scale_q_first {
+                (query.iter().map(|x| x * shape.scale).collect(), 1.0)
+            } else {
+                (query.to_vec(), shape.scale)
+            }
+        };
+        let visible =
+            |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
+        if tiled {
+            // Per position, the query heads that share a K/V head see the same keys: they go
+            // through the kernel up to four at a time, each with its own accumulators (so each
+            // row's arithmetic is unchanged), sharing the reads of K and V and giving the
+            // processor several independent chains of fused multiply-adds.
+            let width = shape.n_head * head_dim;
+            out.par_chunks_mut(width).zip(queries.par_chunks(width)).enumerate().for_each(|(i, (out_pos, query_pos))| {
+                let group = n_rep * head_dim;
+                for (kv_head, (outs, qs)) in out_pos.chunks_mut(group).zip(query_pos.chunks(group)).enumerate() {
+                    let mut heads: Vec<_> = outs.chunks_mut(head_dim).zip(qs.chunks(head_dim).map(prepare)).collect();
+                    while !heads.is_empty() {
+                        let group: Vec<_> = heads.drain(..heads.len().min(4)).collect();
+                        let visible = visible(pos + i);
+                        match group.len() {
+                            4 => attend_group::<4>(&rows, kv_head, group, visible),
+                            3 => attend_group::<3>(&rows, kv_head, group, visible),
+                            2 => attend_group::<2>(&rows, kv_head, group, visible),
+                            _ => attend_group::<1>(&rows, kv_head, group, visible),
+                        }
                     }
                 }
-            }
-        });
-    } else {
-        out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(
-            |(idx, (out_row, query))| {
-                let kv_head = (idx % shape.n_head) / n_rep;
-                let (q, scale) = prepare(query);
-                attend_one_chunk(&rows, kv_head, &q, scale, visible(pos + idx / shape.n_head), out_row);
-            },
-        );
+            });
+        } else {
+            out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(
+                |(idx, (out_row, query))| {
+                    let kv_head = (idx % shape.n_head) / n_rep;
+                    let (q, scale) = prepare(query);
+                    attend_one_chunk(&rows, kv_head, &q, scale, visible(pos + idx / shape.n_head), out_row);
+                },
+            );
+        }
+        out
     }
-    out
 }
 
 /// One query head of a position: its output, and its query (scaled or not) with the scale.
 type Head<'a> = (&'a mut [f32], (Vec<f32>, f32));
 
 /// [`attend_tiled`] for `R` heads of one position.
+#[inline(always)]
 fn attend_group<const R: usize>(rows: &Rows, kv_head: usize, group: Vec<Head<'_>>, visible: std::ops::Range<usize>) {
     let scale = group.first().map_or(1.0, |(_, (_, scale))| *scale);
     let (outs, queries): (Vec<&mut [f32]>, Vec<Vec<f32>>) = group.into_iter().map(|(out, (q, _))| (out, q)).unzip();
@@ -375,7 +378,7 @@ mod simd {
 /// The scores of a whole tile for `R` query rows: fixed-size accumulators the compiler
 /// keeps in registers across the head dimension (each score the same fused chain as the
 /// general loop), the keys read once for the rows.
-#[inline]
+#[inline(always)]
 fn tile_scores<const R: usize>(
     rows: &Rows,
     kv_head: usize,
@@ -403,6 +406,7 @@ fn tile_scores<const R: usize>(
 /// (`visible`, of K/V head `kv_head`): the cache in tiles of [`TILE_CELLS`] cells from
 /// position 0; tiles without a visible key are skipped. Each row is computed exactly as
 /// alone; the rows share the reads of K and V.
+#[inline(always)]
 fn attend_tiled<const R: usize>(
     rows: &Rows,
     kv_head: usize,

@@ -12,19 +12,53 @@
 use half::f16;
 use rayon::prelude::*;
 
-/// `ggml_rms_norm` followed by `ggml_mul` with the weight, for each row of `x`.
-/// The sum of squares is taken in f64 over f32 products, as `ggml_compute_forward_rms_norm_f32`.
-pub(crate) fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
-    let n = weight.len();
-    // Rows in parallel: each row's f64 sum is one sequential chain.
-    x.par_chunks_exact_mut(n).with_min_len(8).for_each(|row| {
-        let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
-        let mean = (sum / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(weight) {
-            *v = (*v * scale) * w;
+/// Defines a function whose body is compiled twice: for AVX2, FMA and F16C, and plainly
+/// (closures in the body inherit the features, so rayon's workers run that code too); the
+/// first runs when the CPU has them (checked once, cached by std). (A third copy for
+/// AVX-512 made Gemma's prompts 6-10% slower on this project's machine.) For loops left to the compiler to vectorise: a binary
+/// built for any x86-64 would otherwise run them as SSE2 and call the C library for every
+/// `mul_add` and `round_ties_even`. All copies compute the same values: fused is fused,
+/// rounded is rounded, and the compiler never reorders floating-point sums. Helpers called
+/// from the body are `#[inline(always)]`, so that each copy compiles them its own way.
+macro_rules! multiversion {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $(<$($generic:ident: $bound:path),*>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        $body:block
+    ) => {
+        $(#[$attr])*
+        $vis fn $name $(<$($generic: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                fn fast $(<$($generic: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? $body
+                if $crate::numerics::has_avx2_fma_f16c() {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $body
         }
-    });
+    };
+}
+pub(crate) use multiversion;
+
+multiversion! {
+    /// `ggml_rms_norm` followed by `ggml_mul` with the weight, for each row of `x`. The sum
+    /// of squares is taken in f64 over f32 products, as `ggml_compute_forward_rms_norm_f32`.
+    pub(crate) fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+        let n = weight.len();
+        // Rows in parallel: each row's f64 sum is one sequential chain.
+        x.par_chunks_exact_mut(n).with_min_len(8).for_each(|row| {
+            let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(weight) {
+                *v = (*v * scale) * w;
+            }
+        });
+    }
 }
 
 /// Rotary position embedding as `ggml_rope_ext` computes it: the angle of pair `i` at
@@ -63,15 +97,22 @@ impl Rope {
 
     /// Rotates `x`, laid out `[seq][heads][head_dim]`, with a table from [`Rope::table`].
     pub(crate) fn apply(&self, x: &mut [f32], table: &[f32]) {
-        let pairs = self.head_dim / 2;
+        rope_apply(self.head_dim, self.neox, x, table);
+    }
+}
+
+multiversion! {
+    /// [`Rope::apply`].
+    fn rope_apply(head_dim: usize, neox: bool, x: &mut [f32], table: &[f32]) {
+        let pairs = head_dim / 2;
         let seq = table.len() / (pairs * 2);
         let per_position = x.len() / seq.max(1);
         x.par_chunks_exact_mut(per_position.max(1)).with_min_len(8).enumerate().for_each(|(t, row)| {
             let angles = &table[t * pairs * 2..(t + 1) * pairs * 2];
-            for head in row.chunks_exact_mut(self.head_dim) {
+            for head in row.chunks_exact_mut(head_dim) {
                 for i in 0..pairs {
                     let (cos, sin) = (angles[2 * i], angles[2 * i + 1]);
-                    let (a, b) = if self.neox { (i, i + pairs) } else { (2 * i, 2 * i + 1) };
+                    let (a, b) = if neox { (i, i + pairs) } else { (2 * i, 2 * i + 1) };
                     let (x0, x1) = (head[a], head[b]);
                     // GCC contracts `x0*cos - x1*sin` and `x0*sin + x1*cos` into one
                     // fused multiply-add each, the first product fused.
@@ -85,6 +126,7 @@ impl Rope {
 
 /// `ggml_v_expf` (AVX-512 build), one lane: ARM's optimized-routines polynomial, with
 /// `scalef` for the power of two. Used by ggml's vectorised SiLU and softmax.
+#[inline(always)]
 pub(crate) fn v_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000);
@@ -105,34 +147,38 @@ pub(crate) fn v_expf(x: f32) -> f32 {
     (f64::from(j) * two_n) as f32
 }
 
-/// `ggml_vec_swiglu_f32` on each row of `row_len` values: `silu(gate) · up`, vectorised
-/// SiLU (`x / (1 + v_expf(-x))`) on blocks of 16, the C library's `expf` on the rest.
-/// Rows in parallel.
-pub(crate) fn swiglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
-    rows_in_parallel(gate, up, row_len, |gate, up, out| {
-        let vectorised = gate.len() / 16 * 16;
-        for (i, ((&x, &g), y)) in gate.iter().zip(up).zip(out).enumerate() {
-            let e = if i < vectorised { v_expf(0.0 - x) } else { (-x).exp() };
-            *y = (x / (1.0 + e)) * g;
-        }
-    })
+multiversion! {
+    /// `ggml_vec_swiglu_f32` on each row of `row_len` values: `silu(gate) · up`, vectorised
+    /// SiLU (`x / (1 + v_expf(-x))`) on blocks of 16, the C library's `expf` on the rest.
+    /// Rows in parallel.
+    pub(crate) fn swiglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
+        rows_in_parallel(gate, up, row_len, |gate, up, out| {
+            let vectorised = gate.len() / 16 * 16;
+            for (i, ((&x, &g), y)) in gate.iter().zip(up).zip(out).enumerate() {
+                let e = if i < vectorised { v_expf(0.0 - x) } else { (-x).exp() };
+                *y = (x / (1.0 + e)) * g;
+            }
+        })
+    }
 }
 
-/// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
-/// to f16, the result read from a table of f16 values, then multiplied by `up`.
-pub(crate) fn geglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
-    let table = gelu_table();
-    rows_in_parallel(gate, up, row_len, |gate, up, out| {
-        for ((&x, &g), y) in gate.iter().zip(up).zip(out) {
-            *y = if x <= -10.0 {
-                0.0
-            } else if x >= 10.0 {
-                x * g
-            } else {
-                table[usize::from(f16::from_f32(x).to_bits())] * g
-            };
-        }
-    })
+multiversion! {
+    /// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
+    /// to f16, the result read from a table of f16 values, then multiplied by `up`.
+    pub(crate) fn geglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
+        let table = gelu_table();
+        rows_in_parallel(gate, up, row_len, |gate, up, out| {
+            for ((&x, &g), y) in gate.iter().zip(up).zip(out) {
+                *y = if x <= -10.0 {
+                    0.0
+                } else if x >= 10.0 {
+                    x * g
+                } else {
+                    table[usize::from(f16::from_f32(x).to_bits())] * g
+                };
+            }
+        })
+    }
 }
 
 /// `row(gate, up, out)` on each row of `row_len` values, rows in parallel.
@@ -175,6 +221,12 @@ pub(crate) fn has_avx2_fma_f16c() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Whether 256-bit VNNI (`vpdpbusd` on AVX registers: AVX-512 VNNI and VL) can run.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_vnni_256() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
 /// Whether the AVX-512 prompt kernels (`quant.rs`) can run: AVX-512 F, BW, VL and VNNI
 /// besides [`has_avx2_fma_f16c`] (checked once, then cached by std).
 #[cfg(target_arch = "x86_64")]
@@ -187,6 +239,7 @@ pub(crate) fn has_avx512_vnni() -> bool {
 }
 
 /// `_mm512_reduce_add_ps` as GCC expands it: halves added pairwise down to one lane.
+#[inline(always)]
 pub(crate) fn reduce_add_16(v: [f32; 16]) -> f32 {
     let mut h8 = [0f32; 8];
     for i in 0..8 {
@@ -226,6 +279,7 @@ pub(crate) fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// `hsum_float_8`: the horizontal sum of an 8-lane f32 vector in ggml's x86 kernels.
+#[inline(always)]
 pub(crate) fn hsum_8(v: [f32; 8]) -> f32 {
     let r = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
     (r[0] + r[2]) + (r[1] + r[3])

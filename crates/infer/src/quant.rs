@@ -14,9 +14,37 @@ use crate::weights::{Arena, Blocks, RawBlock};
 
 #[cfg(target_arch = "x86_64")]
 use crate::numerics::has_avx2_fma_f16c;
-use crate::numerics::hsum_8;
+use crate::numerics::{hsum_8, multiversion};
 
 const QK: usize = 32;
+
+/// Whether the AVX2 kernels can run.
+fn has_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return has_avx2_fma_f16c();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Returns `$f(args)` from the AVX2 kernels (with VNNI where the CPU has it) when the CPU
+/// has AVX2, FMA and F16C; falls through otherwise.
+macro_rules! simd_return {
+    ($f:ident $(::<$($g:ty),*>)? ($($arg:expr),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above), and AVX-512 VNNI and
+            // VL for `avx2_vnni` (checked here).
+            return unsafe {
+                if crate::numerics::has_vnni_256() {
+                    avx2_vnni::$f $(::<$($g),*>)? ($($arg),*)
+                } else {
+                    avx2::$f $(::<$($g),*>)? ($($arg),*)
+                }
+            };
+        }
+    };
+}
 
 /// `m × n` outputs of a weight matrix with `n` rows of `per_row` blocks each, times `m`
 /// rows of activations, in parallel. Activation rows go `G` at a time through
@@ -56,11 +84,13 @@ fn par_matmul<const G: usize, W: Sync>(
 }
 
 /// Row `row` of `per_row` blocks each.
+#[inline(always)]
 fn row_of<A>(activations: &[A], per_row: usize, row: usize) -> &[A] {
     &activations[row * per_row..(row + 1) * per_row]
 }
 
 /// Rows `G·group..G·group + G`.
+#[inline(always)]
 fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) -> [&[A]; G] {
     std::array::from_fn(|r| row_of(activations, per_row, G * group + r))
 }
@@ -69,9 +99,18 @@ fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) 
 /// block decoded once for eight rows.
 const ROWS: usize = 8;
 
-/// Activations quantized `per_block` values at a time, in parallel for long inputs.
-fn quantize<B: Send>(x: &[f32], per_block: usize, block: impl Fn(&[f32]) -> B + Sync + Send) -> Vec<B> {
-    x.par_chunks_exact(per_block).with_min_len(2048 / per_block).map(block).collect()
+/// An activation block type: `VALUES` values quantized as ggml quantizes them.
+trait Activations: Send + Sized {
+    const VALUES: usize;
+    fn quantize(x: &[f32]) -> Self;
+}
+
+multiversion! {
+    /// Activations quantized a block at a time, in parallel for long inputs (a direct call
+    /// of the block's `#[inline(always)]` quantizer, so each copy inlines its own).
+    fn quantize<A: Activations>(x: &[f32]) -> Vec<A> {
+        x.par_chunks_exact(A::VALUES).with_min_len(2048 / A::VALUES).map(|x| A::quantize(x)).collect()
+    }
 }
 
 /// The `n × k` blocks of a matrix stored `per_block` values a block, read from `reader`
@@ -136,19 +175,46 @@ impl Q4_1Matrix {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let a = quantize(x, QK, quantize_q8_1);
+        let a: Vec<BlockQ8_1> = quantize(x);
         let per_row = self.k / QK;
+        let (w, shape) = (&self.blocks[..], (self.n, m, per_row));
+        simd_return!(matmul_q4_1(w, &a, shape));
         par_matmul(
-            &self.blocks,
-            (self.n, m, per_row),
-            |w, row| dot_q4_1(w, row_of(&a, per_row, row)),
-            |w, group| dotn_q4_1::<ROWS>(w, group_of(&a, per_row, group)),
+            w,
+            shape,
+            |w, r| dot_q4_1(w, row_of(&a, per_row, r)),
+            |w, g| dotn_q4_1::<ROWS>(w, group_of(&a, per_row, g)),
         )
+    }
+}
+
+impl Activations for BlockQ8_1 {
+    const VALUES: usize = QK;
+    #[inline(always)]
+    fn quantize(x: &[f32]) -> Self {
+        quantize_q8_1(x)
+    }
+}
+
+impl Activations for BlockQ8_0 {
+    const VALUES: usize = QK;
+    #[inline(always)]
+    fn quantize(x: &[f32]) -> Self {
+        quantize_q8_0(x)
+    }
+}
+
+impl Activations for BlockQ8K {
+    const VALUES: usize = QK_K;
+    #[inline(always)]
+    fn quantize(x: &[f32]) -> Self {
+        quantize_q8_k(x)
     }
 }
 
 /// ggml's `quantize_row_q8_1` (x86 SIMD version: f32 scale, round half to even, `s`
 /// from the f32 scale times the integer sum, rounded to f16 once).
+#[inline(always)]
 fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -244,6 +310,7 @@ const _: () = assert!(size_of::<WeightQ8_0>() == 34);
 impl Q8Weights for WeightQ8_0 {
     const OFFSET: i32 = 128;
 
+    #[inline(always)]
     fn scale(&self) -> f16 {
         self.d
     }
@@ -279,6 +346,7 @@ const _: () = assert!(size_of::<BlockQ5_0>() == 22);
 impl Q8Weights for BlockQ5_0 {
     const OFFSET: i32 = 16;
 
+    #[inline(always)]
     fn scale(&self) -> f16 {
         self.d
     }
@@ -369,28 +437,6 @@ impl<B: Q8Weights> Q8Matrix<B> {
         self.k
     }
 
-    /// The AVX-512 path of [`matmul`](Self::matmul) for the `m` rows of `a`: `R` rows (`P`
-    /// pairs) at a time, the rest one at a time.
-    #[cfg(target_arch = "x86_64")]
-    fn pair_matmul<const R: usize, const P: usize>(&self, a: &[BlockQ8_0], m: usize) -> Vec<f32> {
-        debug_assert_eq!(R, 2 * P);
-        let per_row = self.k / QK;
-        let pairs = pairs_q8_0::<P>(a, m / R, per_row, B::OFFSET);
-        let group = |group: usize| &pairs[group * per_row * P..(group + 1) * per_row * P];
-        par_matmul::<R, B>(
-            &self.blocks,
-            (self.n, m, per_row),
-            |w, row| dot_q8(w, row_of(a, per_row, row)),
-            |w, g| {
-                // SAFETY: only called once the CPU was found to have AVX-512 F, BW, VL and
-                // VNNI, AVX2, FMA and F16C (`matmul`).
-                #[allow(unsafe_code)]
-                let outs = unsafe { avx512::dot_pairs::<P, B>(w, group(g)) };
-                std::array::from_fn(|r| outs[r / 2][r % 2])
-            },
-        )
-    }
-
     /// Row `row` dequantized (`ggml_get_rows`), or `None` past the end.
     pub(crate) fn row(&self, row: usize) -> Option<Vec<f32>> {
         let per_row = self.k / QK;
@@ -408,19 +454,29 @@ impl<B: Q8Weights> Q8Matrix<B> {
 
     /// `x` is `m × k` row-major; returns `m × n`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let a = quantize(x, QK, quantize_q8_0);
+        let a: Vec<BlockQ8_0> = quantize(x);
         let per_row = self.k / QK;
-        let shape = (self.n, m, per_row);
-        let dot = |w: &[B], row| dot_q8(w, row_of(&a, per_row, row));
+        let (w, shape) = (&self.blocks[..], (self.n, m, per_row));
         #[cfg(target_arch = "x86_64")]
         if m >= ROWS && crate::numerics::has_avx512_vnni() {
             // Sixteen rows at a time, then eight, then one.
             let big = m / 16 * 16;
-            let mut out = self.pair_matmul::<16, 8>(&a[..big * per_row], big);
-            out.extend(self.pair_matmul::<8, 4>(&a[big * per_row..], m - big));
-            return out;
+            let (first, rest) = a.split_at(big * per_row);
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX-512 F, BW, VL and VNNI, AVX2, FMA and F16C (checked above).
+            return unsafe {
+                let mut out = avx512::pair_matmul::<16, 8, B>(w, first, (self.n, big, per_row));
+                out.extend(avx512::pair_matmul::<8, 4, B>(w, rest, (self.n, m - big, per_row)));
+                out
+            };
         }
-        par_matmul(&self.blocks, shape, dot, |w, group| dotn_q8::<ROWS, B>(w, group_of(&a, per_row, group)))
+        simd_return!(matmul_q8(w, &a, shape));
+        par_matmul(
+            w,
+            shape,
+            |w, r| dot_q8(w, row_of(&a, per_row, r)),
+            |w, g| dotn_q8::<ROWS, B>(w, group_of(&a, per_row, g)),
+        )
     }
 }
 
@@ -462,6 +518,7 @@ fn pairs_q8_0<const P: usize>(a: &[BlockQ8_0], groups: usize, per_row: usize, of
 }
 
 /// ggml's `quantize_row_q8_0` (x86 SIMD version).
+#[inline(always)]
 fn quantize_q8_0(x: &[f32]) -> BlockQ8_0 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -502,6 +559,7 @@ struct BlockQ8K {
 
 /// ggml's `quantize_row_q8_K_ref` (what x86 builds use): the scale from the signed value
 /// of largest magnitude, `-127 / max`, and `d` its reciprocal.
+#[inline(always)]
 fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
     let mut block = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16], sums32: [0; QK_K / 32] };
     // The first value of the largest magnitude (ggml's loop keeps the first), found in two
@@ -550,6 +608,7 @@ struct BlockQ4K {
 
 impl BlockQ4K {
     /// The eight scales and the eight minimums (ggml's `get_scale_min_k4`).
+    #[inline(always)]
     fn scales_mins(&self) -> ([u8; 8], [u8; 8]) {
         let packed = &self.scales;
         let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
@@ -682,7 +741,7 @@ impl KMatrix {
     /// matrices still get the repacked arithmetic here, close to but not bit-equal with
     /// ggml's tiled and `vec_dot` paths for them.)
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let a = quantize(x, QK_K, quantize_q8_k);
+        let a: Vec<BlockQ8K> = quantize(x);
         let per_row = self.k / QK_K;
         let shape = (self.n, m, per_row);
         let row = |row| row_of(&a, per_row, row);
@@ -690,7 +749,12 @@ impl KMatrix {
         match &self.blocks {
             // Rows outside the groups of four: Q4_K's gemv kernel.
             KBlocks::Q4K(blocks) => {
+                simd_return!(matmul_q4_k(blocks, &a, shape));
                 par_matmul(blocks, shape, |w, r| dot_q4_k(w, row(r)), |w, g| dot4_q4_k(w, group(g)))
+            }
+            KBlocks::Q6K(blocks) if has_simd() => {
+                simd_return!(matmul_q6_k(blocks, &a, shape));
+                unreachable!("the SIMD kernels returned")
             }
             KBlocks::Q6K(blocks) if m >= 8 => {
                 par_matmul(blocks, shape, |w, r| dot_q6_k_tiled(w, row(r)), |w, g| dot4_q6_k_tiled(w, group(g)))
@@ -777,13 +841,8 @@ fn dot_q6_k_tiled_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $avx2:ident, $scalar:expr) => {
         $(#[$doc])*
-        #[allow(unsafe_code)]
         fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma_f16c() {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                return unsafe { avx2::$avx2($($arg),*) };
-            }
+            simd_return!($avx2($($arg),*));
             $scalar
         }
     };
@@ -794,34 +853,19 @@ dispatch!(
     fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 => dot_q4_1, dot_q4_1_scalar(w, a)
 );
 /// Q4_1 × Q8_1 for `R` activation rows.
-#[allow(unsafe_code)]
 fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma_f16c() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-        return unsafe { avx2::dotn_q4_1(w, a) };
-    }
+    simd_return!(dotn_q4_1(w, a));
     a.map(|a| dot_q4_1_scalar(w, a))
 }
 /// Q8_0 or Q5_0 × Q8_0.
-#[allow(unsafe_code)]
 fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma_f16c() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-        return unsafe { avx2::dot_q8(w, a) };
-    }
+    simd_return!(dot_q8(w, a));
     dot_q8_scalar(w, a)
 }
 
 /// Q8_0 or Q5_0 × Q8_0 for `R` activation rows.
-#[allow(unsafe_code)]
 fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma_f16c() {
-        // SAFETY: as above.
-        return unsafe { avx2::dotn_q8(w, a) };
-    }
+    simd_return!(dotn_q8(w, a));
     a.map(|a| dot_q8_scalar(w, a))
 }
 dispatch!(
@@ -846,392 +890,494 @@ dispatch!(
 );
 
 /// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
-/// sums gives the same result) and the same floating-point steps as the scalar versions.
-/// The four-row kernels decode each weight block once and keep each row's accumulator
-/// apart, so every row gets the one-row kernel's bits.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::*;
+/// sums gives the same result) and the same floating-point steps as the scalar versions,
+/// compiled twice: `avx2`, and `avx2_vnni` where each block's integer products take one
+/// VNNI instruction (`vpdpbusd`) instead of two (the same sums). The four-row kernels
+/// decode each weight block once and keep each row's accumulator apart, so every row gets
+/// the one-row kernel's bits.
+macro_rules! avx2_kernels {
+    ($module:ident, $features:literal, $vnni:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        mod $module {
+            use std::arch::x86_64::*;
 
-    use super::{BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, hsum_8};
-
-    /// A Q8_0 or Q5_0 block's scale in every lane. (All lanes are used, so the compiler
-    /// keeps the broadcast load: converting one lane, it inserts the 16 bits into a register
-    /// still in use, which chains each block to the previous block's last accumulation.)
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn scale8<B: Q8Weights>(block: &B) -> __m256 {
-        _mm256_cvtph_ps(_mm_set1_epi16(block.scale().to_bits() as i16))
-    }
-
-    /// A Q4_1 block's `d` and `m`.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn widen_q4_1(wb: &BlockQ4_1) -> (f32, f32) {
-        let bits = i32::from(wb.d.to_bits()) | (i32::from(wb.m.to_bits()) << 16);
-        let both = _mm_cvtph_ps(_mm_set1_epi32(bits));
-        (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
-    }
-
-    /// Lane `l`: Σ x[j]·y[j] over j in 4l..4l+4, for |x| ≤ 127 (ggml's `mul_sum_i8_pairs`).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn lanes_i8(x: __m256i, y: __m256i) -> __m256i {
-        lanes_u8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-    }
-
-    /// The same for unsigned x ≤ 127.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn lanes_u8(x: __m256i, y: __m256i) -> __m256i {
-        // The pair sums cannot saturate 16 bits (x ≤ 127, |y| ≤ 128), so VNNI's one
-        // instruction gives the same sums as the two of AVX2. Chosen at build time, with
-        // `-C target-cpu=native` (`.cargo/config.toml`).
-        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-        // SAFETY: the build enables AVX-512 VNNI and VL (the cfg above).
-        return unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) };
-        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn load(bytes: &[i8]) -> __m256i {
-        debug_assert!(bytes.len() >= 32);
-        // SAFETY: 32 bytes are readable (unaligned load).
-        unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn load_i32(values: &[i32; 8]) -> __m256i {
-        // SAFETY: 32 readable bytes.
-        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum_f32(v: __m256) -> f32 {
-        let mut lanes = [0f32; 8];
-        // SAFETY: 32 writable bytes.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-        hsum_8(lanes)
-    }
-
-    /// The weight blocks, each with the blocks at the same place in `R` activation rows.
-    #[inline]
-    fn zip_rows<'a, const R: usize, W, A>(w: &'a [W], a: [&'a [A]; R]) -> impl Iterator<Item = (&'a W, [&'a A; R])> {
-        let len = a.iter().fold(w.len(), |len, a| len.min(a.len()));
-        let w = &w[..len];
-        let a = a.map(|a| &a[..len]);
-        w.iter().enumerate().map(move |(i, w)| (w, a.map(|a| &a[i])))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn q4_1_nibbles(wb: &BlockQ4_1) -> __m256i {
-        // SAFETY: 16 readable bytes.
-        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (wb, ab) in w.iter().zip(a) {
-            prefetch(wb);
-            let (d, m) = widen_q4_1(wb);
-            mins = m.mul_add(ab.s, mins);
-            let sums = lanes_u8(q4_1_nibbles(wb), load(&ab.qs));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc);
-        }
-        debug_assert_eq!(QK, 32);
-        hsum_f32(acc) + mins
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
-        for (wb, rows) in zip_rows(w, a) {
-            let nibbles = q4_1_nibbles(wb);
-            let (d, m) = widen_q4_1(wb);
-            for (r, ab) in rows.into_iter().enumerate() {
-                mins[r] = m.mul_add(ab.s, mins[r]);
-                let sums = lanes_u8(nibbles, load(&ab.qs));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
-            }
-        }
-        std::array::from_fn(|r| hsum_f32(acc[r]) + mins[r])
-    }
-
-    /// Asks for the cache line `AHEAD` bytes past `block`: one activation row reads each
-    /// weight once, from memory, and the hardware prefetchers alone fall behind.
-    #[inline]
-    #[target_feature(enable = "sse")]
-    fn prefetch<T>(block: &T) {
-        const AHEAD: usize = 2048;
-        // A prefetch never faults, whatever the address.
-        _mm_prefetch::<_MM_HINT_T0>((block as *const T).cast::<i8>().wrapping_add(AHEAD));
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.iter().zip(a) {
-            prefetch(wb);
-            // SAFETY: AVX2 is enabled here.
-            let sums = lanes_i8(unsafe { wb.bytes() }, load(&ab.qs));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(scale8(wb), _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc);
-        }
-        hsum_f32(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (wb, rows) in zip_rows(w, a) {
-            // `lanes_i8` with the weight's half done once.
-            // SAFETY: AVX2 is enabled here.
-            let values = unsafe { wb.bytes() };
-            let magnitudes = _mm256_sign_epi8(values, values);
-            let d = scale8(wb);
-            for (r, ab) in rows.into_iter().enumerate() {
-                let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&ab.qs), values));
-                // d_w · d_a in every lane: the scalar product's bits.
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc[r]);
-            }
-        }
-        acc.map(|acc| hsum_f32(acc))
-    }
-
-    /// A Q4_K block's values (sub-block `s` in vector `s`), its scales and minimums as
-    /// eight ints each, and `d`, `dmin`: what its rows share.
-    struct Q4KParts {
-        values: [__m256i; 8],
-        scales: __m256i,
-        mins: __m256i,
-        d: f32,
-        dmin: f32,
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn q4_k_parts(wb: &BlockQ4K) -> Q4KParts {
-        let mut values = [_mm256_setzero_si256(); 8];
-        let low = _mm256_set1_epi8(0x0F);
-        for chunk in 0..4 {
-            // SAFETY: 32 readable bytes.
-            let bytes = unsafe { _mm256_loadu_si256(wb.qs[chunk * 32..].as_ptr().cast()) };
-            values[2 * chunk] = _mm256_and_si256(bytes, low);
-            values[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-        }
-        let (scales, mins) = wb.scales_mins();
-        let widen = |bytes: [u8; 8]| _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(bytes)));
-        let both = i32::from(wb.d.to_bits()) | (i32::from(wb.dmin.to_bits()) << 16);
-        let both = _mm_cvtph_ps(_mm_set1_epi32(both));
-        Q4KParts {
-            values,
-            scales: widen(scales),
-            mins: widen(mins),
-            d: _mm_cvtss_f32(both),
-            dmin: _mm_cvtss_f32(_mm_movehdup_ps(both)),
-        }
-    }
-
-    /// One Q4_K super-block against one Q8_K block, the integer part: lanes 0-1 and 4-5
-    /// hold the scaled dot products of the sub-block pairs 0, 1, 2 and 3, lanes 2-3 and
-    /// 6-7 the minimums' terms of the same pairs.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn q4_k_pairs(parts: &Q4KParts, ab: &BlockQ8K) -> __m256i {
-        let dots: [__m256i; 8] = std::array::from_fn(|sub| lanes_u8(parts.values[sub], load(&ab.qs[sub * 32..])));
-        // Transposing sums: sub-block s's total lands in lane s.
-        let (h01, h23) = (_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
-        let (h45, h67) = (_mm256_hadd_epi32(dots[4], dots[5]), _mm256_hadd_epi32(dots[6], dots[7]));
-        let (q03, q47) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
-        let per_sub =
-            _mm256_add_epi32(_mm256_permute2x128_si256(q03, q47, 0x20), _mm256_permute2x128_si256(q03, q47, 0x31));
-        let scaled = _mm256_mullo_epi32(per_sub, parts.scales);
-        let mins = _mm256_mullo_epi32(parts.mins, load_i32(&ab.sums32));
-        _mm256_hadd_epi32(scaled, mins)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-        let (mut acc, mut acc_min) = (0f32, 0f32);
-        for (wb, ab) in w.iter().zip(a) {
-            prefetch(wb);
-            prefetch(&wb.qs[64]);
-            let parts = q4_k_parts(wb);
-            let pairs = q4_k_pairs(&parts, ab);
-            // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
-            let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            let (sum, mins) = (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2));
-            acc = (sum as f32).mul_add(parts.d * ab.d, acc);
-            acc_min = (mins as f32).mul_add(parts.dmin * ab.d, acc_min);
-        }
-        acc - acc_min
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
-        let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
-        for (wb, rows) in zip_rows(w, a) {
-            let parts = q4_k_parts(wb);
-            let [f0, f1, f2, f3] = rows.map(|ab| _mm256_cvtepi32_ps(q4_k_pairs(&parts, ab)));
-            // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
-            let (t0, t1) = (_mm256_unpacklo_ps(f0, f1), _mm256_unpackhi_ps(f0, f1));
-            let (t2, t3) = (_mm256_unpacklo_ps(f2, f3), _mm256_unpackhi_ps(f2, f3));
-            let join = |lo: __m256, hi: __m256, high: bool| {
-                let (lo, hi) = (_mm256_castps_pd(lo), _mm256_castps_pd(hi));
-                _mm256_castpd_ps(if high { _mm256_unpackhi_pd(lo, hi) } else { _mm256_unpacklo_pd(lo, hi) })
+            use super::{
+                BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, ROWS, group_of,
+                hsum_8, par_matmul, row_of,
             };
-            let (c0, c1, c2, c3) = (join(t0, t2, false), join(t0, t2, true), join(t1, t3, false), join(t1, t3, true));
-            let d = _mm_setr_ps(rows[0].d, rows[1].d, rows[2].d, rows[3].d);
-            let (scale, scale_min) = (_mm_mul_ps(_mm_set1_ps(parts.d), d), _mm_mul_ps(_mm_set1_ps(parts.dmin), d));
-            let half =
-                |v: __m256, high: bool| if high { _mm256_extractf128_ps(v, 1) } else { _mm256_castps256_ps128(v) };
-            // Sub-block pairs 0, 1, 2, 3 in order: the sums in c0/c1, the minimums in c2/c3.
-            for (sums, mins) in [(c0, c2, false), (c1, c3, false), (c0, c2, true), (c1, c3, true)]
-                .map(|(s, m, high)| (half(s, high), half(m, high)))
-            {
-                acc = _mm_fmadd_ps(sums, scale, acc);
-                acc_min = _mm_fmadd_ps(mins, scale_min, acc_min);
-            }
-        }
-        let mut out = [0f32; 4];
-        // SAFETY: 16 writable bytes.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
-        out
-    }
 
-    /// A Q6_K block's unsigned 6-bit values, group of 32 `g` in vector `g`, and its scales.
-    struct Q6KParts {
-        values: [__m256i; 8],
-        scales: [i32; 16],
-        d: f32,
-    }
+            // Whole products: the closures below inherit this module's target features, so the
+            // kernels inline into them and the CPU check happens once per product.
 
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn q6_k_parts(wb: &BlockQ6K) -> Q6KParts {
-        let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
-        let mut values = [_mm256_setzero_si256(); 8];
-        for half in 0..2 {
-            // SAFETY: 32 readable bytes each.
-            let (ql0, ql1, qh) = unsafe {
-                (
-                    _mm256_loadu_si256(wb.ql[half * 64..].as_ptr().cast()),
-                    _mm256_loadu_si256(wb.ql[half * 64 + 32..].as_ptr().cast()),
-                    _mm256_loadu_si256(wb.qh[half * 32..].as_ptr().cast()),
+            #[target_feature(enable = $features)]
+            pub(super) fn matmul_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1], shape: (usize, usize, usize)) -> Vec<f32> {
+                let per_row = shape.2;
+                par_matmul(
+                    w,
+                    shape,
+                    |w, r| dot_q4_1(w, row_of(a, per_row, r)),
+                    |w, g| dotn_q4_1::<ROWS>(w, group_of(a, per_row, g)),
                 )
-            };
-            // The high bit pair `shift / 2` of each byte, moved to bits 4-5 (the 16-bit
-            // shifts cannot carry into a neighbour: the pair is masked first).
-            let high = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, pair), 4);
-            values[4 * half] = _mm256_or_si256(_mm256_and_si256(ql0, low), high(qh));
-            values[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), high(_mm256_srli_epi16(qh, 2)));
-            values[4 * half + 2] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), high(_mm256_srli_epi16(qh, 4)));
-            values[4 * half + 3] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), high(_mm256_srli_epi16(qh, 6)));
-        }
-        Q6KParts {
-            values,
-            scales: wb.scales.map(i32::from),
-            d: _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(wb.d.to_bits() as i16))),
-        }
-    }
+            }
 
-    /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn q6_lanes(parts: &Q6KParts, ab: &BlockQ8K) -> __m256i {
-        let mut sums = _mm256_setzero_si256();
-        for group in 0..QK_K / 32 {
-            let (lo, hi) = (parts.scales[2 * group], parts.scales[2 * group + 1]);
-            let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-            let dots = lanes_u8(parts.values[group], load(&ab.qs[group * 32..]));
-            sums = _mm256_add_epi32(sums, _mm256_mullo_epi32(dots, scales));
-        }
-        sums
-    }
+            #[target_feature(enable = $features)]
+            pub(super) fn matmul_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0], shape: (usize, usize, usize)) -> Vec<f32> {
+                let per_row = shape.2;
+                par_matmul(
+                    w,
+                    shape,
+                    |w, r| dot_q8(w, row_of(a, per_row, r)),
+                    |w, g| dotn_q8::<ROWS, B>(w, group_of(a, per_row, g)),
+                )
+            }
 
-    /// scale · bsum for the sixteen groups of 16 values: groups 0-7, then 8-15.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn q6_offsets(parts: &Q6KParts, ab: &BlockQ8K) -> (__m256i, __m256i) {
-        let half = |values: &[i32]| {
-            let mut lanes = [0i32; 8];
-            lanes.copy_from_slice(values);
-            load_i32(&lanes)
-        };
-        (
-            _mm256_mullo_epi32(half(&parts.scales[..8]), half(&ab.bsums[..8])),
-            _mm256_mullo_epi32(half(&parts.scales[8..]), half(&ab.bsums[8..])),
-        )
-    }
+            #[target_feature(enable = $features)]
+            pub(super) fn matmul_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
+                let per_row = shape.2;
+                par_matmul(
+                    w,
+                    shape,
+                    |w, r| dot_q4_k(w, row_of(a, per_row, r)),
+                    |w, g| dot4_q4_k(w, group_of(a, per_row, g)),
+                )
+            }
 
-    /// One row of the tiled kernel: the super-block's exact integer sum, then the floats.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn q6_tiled_step(parts: &Q6KParts, ab: &BlockQ8K, acc: f32) -> f32 {
-        let (low, high) = q6_offsets(parts, ab);
-        let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
-        let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(parts, ab), offsets));
-        ((sum as f32) * parts.d).mul_add(ab.d, acc)
-    }
+            #[target_feature(enable = $features)]
+            pub(super) fn matmul_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
+                let per_row = shape.2;
+                if shape.1 >= 8 {
+                    par_matmul(
+                        w,
+                        shape,
+                        |w, r| dot_q6_k_tiled(w, row_of(a, per_row, r)),
+                        |w, g| dot4_q6_k_tiled(w, group_of(a, per_row, g)),
+                    )
+                } else {
+                    par_matmul(
+                        w,
+                        shape,
+                        |w, r| dot_q6_k(w, row_of(a, per_row, r)),
+                        |w, g| {
+                            let rows: [&[BlockQ8K]; 4] = group_of(a, per_row, g);
+                            [dot_q6_k(w, rows[0]), dot_q6_k(w, rows[1]), dot_q6_k(w, rows[2]), dot_q6_k(w, rows[3])]
+                        },
+                    )
+                }
+            }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-        w.iter().zip(a).fold(0f32, |acc, (wb, ab)| q6_tiled_step(&q6_k_parts(wb), ab, acc))
-    }
+            /// A Q8_0 or Q5_0 block's scale in every lane. (All lanes are used, so the compiler
+            /// keeps the broadcast load: converting one lane, it inserts the 16 bits into a register
+            /// still in use, which chains each block to the previous block's last accumulation.)
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn scale8<B: Q8Weights>(block: &B) -> __m256 {
+                _mm256_cvtph_ps(_mm_set1_epi16(block.scale().to_bits() as i16))
+            }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
-        let mut acc = [0f32; 4];
-        for (wb, rows) in zip_rows(w, a) {
-            let parts = q6_k_parts(wb);
-            for (acc, ab) in acc.iter_mut().zip(rows) {
-                *acc = q6_tiled_step(&parts, ab, *acc);
+            /// A Q4_1 block's `d` and `m`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn widen_q4_1(wb: &BlockQ4_1) -> (f32, f32) {
+                let bits = i32::from(wb.d.to_bits()) | (i32::from(wb.m.to_bits()) << 16);
+                let both = _mm_cvtph_ps(_mm_set1_epi32(bits));
+                (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
+            }
+
+            /// Lane `l`: Σ x[j]·y[j] over j in 4l..4l+4, for |x| ≤ 127 (ggml's `mul_sum_i8_pairs`).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn lanes_i8(x: __m256i, y: __m256i) -> __m256i {
+                lanes_u8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+            }
+
+            /// The same for unsigned x ≤ 127.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn lanes_u8(x: __m256i, y: __m256i) -> __m256i {
+                // The pair sums cannot saturate 16 bits (x ≤ 127, |y| ≤ 128), so VNNI's one
+                // instruction gives the same sums as the two of AVX2.
+                if $vnni {
+                    #[allow(unused_unsafe)]
+                    // SAFETY: this copy of the kernels is compiled with AVX-512 VNNI and VL.
+                    return unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) };
+                }
+                _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn load(bytes: &[i8]) -> __m256i {
+                debug_assert!(bytes.len() >= 32);
+                // SAFETY: 32 bytes are readable (unaligned load).
+                unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn load_i32(values: &[i32; 8]) -> __m256i {
+                // SAFETY: 32 readable bytes.
+                unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn hsum_i32(v: __m256i) -> i32 {
+                let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn hsum_f32(v: __m256) -> f32 {
+                let mut lanes = [0f32; 8];
+                // SAFETY: 32 writable bytes.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+                hsum_8(lanes)
+            }
+
+            /// The blocks the kernels may read: each activation row cut to the weight row's length
+            /// (index loops over them, rather than iterator adapters: closures and `array::map`
+            /// are compiled without this module's target features and were not always inlined).
+            #[inline]
+            fn cut<'a, const R: usize, W, A>(w: &'a [W], a: [&'a [A]; R]) -> (&'a [W], [&'a [A]; R]) {
+                let len = a.iter().fold(w.len(), |len, a| len.min(a.len()));
+                let mut rows = a;
+                for row in &mut rows {
+                    *row = &row[..len];
+                }
+                (&w[..len], rows)
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q4_1_nibbles(wb: &BlockQ4_1) -> __m256i {
+                // SAFETY: 16 readable bytes.
+                let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                let mut mins = 0f32;
+                for (wb, ab) in w.iter().zip(a) {
+                    prefetch(wb);
+                    let (d, m) = widen_q4_1(wb);
+                    mins = m.mul_add(ab.s, mins);
+                    let sums = lanes_u8(q4_1_nibbles(wb), load(&ab.qs));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc);
+                }
+                debug_assert_eq!(QK, 32);
+                hsum_f32(acc) + mins
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dotn_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[BlockQ8_1]; R]) -> [f32; R] {
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut mins = [0f32; R];
+                let (w, a) = cut(w, a);
+                for (i, wb) in w.iter().enumerate() {
+                    let nibbles = q4_1_nibbles(wb);
+                    let (d, m) = widen_q4_1(wb);
+                    for r in 0..R {
+                        let ab = &a[r][i];
+                        mins[r] = m.mul_add(ab.s, mins[r]);
+                        let sums = lanes_u8(nibbles, load(&ab.qs));
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sums), acc[r]);
+                    }
+                }
+                let mut out = [0f32; R];
+                for r in 0..R {
+                    out[r] = hsum_f32(acc[r]) + mins[r];
+                }
+                out
+            }
+
+            /// Asks for the cache line `AHEAD` bytes past `block`: one activation row reads each
+            /// weight once, from memory, and the hardware prefetchers alone fall behind.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn prefetch<T>(block: &T) {
+                const AHEAD: usize = 2048;
+                // A prefetch never faults, whatever the address.
+                _mm_prefetch::<_MM_HINT_T0>((block as *const T).cast::<i8>().wrapping_add(AHEAD));
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                for (wb, ab) in w.iter().zip(a) {
+                    prefetch(wb);
+                    // SAFETY: AVX2 is enabled here.
+                    let sums = lanes_i8(unsafe { wb.bytes() }, load(&ab.qs));
+                    acc =
+                        _mm256_fmadd_ps(_mm256_mul_ps(scale8(wb), _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc);
+                }
+                hsum_f32(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+                let mut acc = [_mm256_setzero_ps(); R];
+                let (w, a) = cut(w, a);
+                for (i, wb) in w.iter().enumerate() {
+                    // `lanes_i8` with the weight's half done once.
+                    // SAFETY: AVX2 is enabled here.
+                    let values = unsafe { wb.bytes() };
+                    let magnitudes = _mm256_sign_epi8(values, values);
+                    let d = scale8(wb);
+                    for r in 0..R {
+                        let ab = &a[r][i];
+                        let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&ab.qs), values));
+                        // d_w · d_a in every lane: the scalar product's bits.
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc[r]);
+                    }
+                }
+                let mut out = [0f32; R];
+                for r in 0..R {
+                    out[r] = hsum_f32(acc[r]);
+                }
+                out
+            }
+
+            /// A Q4_K block's values (sub-block `s` in vector `s`), its scales and minimums as
+            /// eight ints each, and `d`, `dmin`: what its rows share.
+            struct Q4KParts {
+                values: [__m256i; 8],
+                scales: __m256i,
+                mins: __m256i,
+                d: f32,
+                dmin: f32,
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q4_k_parts(wb: &BlockQ4K) -> Q4KParts {
+                let mut values = [_mm256_setzero_si256(); 8];
+                let low = _mm256_set1_epi8(0x0F);
+                for chunk in 0..4 {
+                    // SAFETY: 32 readable bytes.
+                    let bytes = unsafe { _mm256_loadu_si256(wb.qs[chunk * 32..].as_ptr().cast()) };
+                    values[2 * chunk] = _mm256_and_si256(bytes, low);
+                    values[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+                }
+                let (scales, mins) = wb.scales_mins();
+                let widen = |bytes: [u8; 8]| _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(bytes)));
+                let both = i32::from(wb.d.to_bits()) | (i32::from(wb.dmin.to_bits()) << 16);
+                let both = _mm_cvtph_ps(_mm_set1_epi32(both));
+                Q4KParts {
+                    values,
+                    scales: widen(scales),
+                    mins: widen(mins),
+                    d: _mm_cvtss_f32(both),
+                    dmin: _mm_cvtss_f32(_mm_movehdup_ps(both)),
+                }
+            }
+
+            /// One Q4_K super-block against one Q8_K block, the integer part: lanes 0-1 and 4-5
+            /// hold the scaled dot products of the sub-block pairs 0, 1, 2 and 3, lanes 2-3 and
+            /// 6-7 the minimums' terms of the same pairs.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q4_k_pairs(parts: &Q4KParts, ab: &BlockQ8K) -> __m256i {
+                let mut dots = [_mm256_setzero_si256(); 8];
+                for (sub, dot) in dots.iter_mut().enumerate() {
+                    *dot = lanes_u8(parts.values[sub], load(&ab.qs[sub * 32..]));
+                }
+                // Transposing sums: sub-block s's total lands in lane s.
+                let (h01, h23) = (_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+                let (h45, h67) = (_mm256_hadd_epi32(dots[4], dots[5]), _mm256_hadd_epi32(dots[6], dots[7]));
+                let (q03, q47) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
+                let per_sub = _mm256_add_epi32(
+                    _mm256_permute2x128_si256(q03, q47, 0x20),
+                    _mm256_permute2x128_si256(q03, q47, 0x31),
+                );
+                let scaled = _mm256_mullo_epi32(per_sub, parts.scales);
+                let mins = _mm256_mullo_epi32(parts.mins, load_i32(&ab.sums32));
+                _mm256_hadd_epi32(scaled, mins)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+                let (mut acc, mut acc_min) = (0f32, 0f32);
+                for (wb, ab) in w.iter().zip(a) {
+                    prefetch(wb);
+                    prefetch(&wb.qs[64]);
+                    let parts = q4_k_parts(wb);
+                    let pairs = q4_k_pairs(&parts, ab);
+                    // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
+                    let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                    let (sum, mins) = (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2));
+                    acc = (sum as f32).mul_add(parts.d * ab.d, acc);
+                    acc_min = (mins as f32).mul_add(parts.dmin * ab.d, acc_min);
+                }
+                acc - acc_min
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+                let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+                let (w, a) = cut(w, a);
+                for (i, wb) in w.iter().enumerate() {
+                    let parts = q4_k_parts(wb);
+                    let rows = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                    let pairs = |r: usize| _mm256_cvtepi32_ps(q4_k_pairs(&parts, rows[r]));
+                    let (f0, f1, f2, f3) = (pairs(0), pairs(1), pairs(2), pairs(3));
+                    // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
+                    let (t0, t1) = (_mm256_unpacklo_ps(f0, f1), _mm256_unpackhi_ps(f0, f1));
+                    let (t2, t3) = (_mm256_unpacklo_ps(f2, f3), _mm256_unpackhi_ps(f2, f3));
+                    let join = |lo: __m256, hi: __m256, high: bool| {
+                        let (lo, hi) = (_mm256_castps_pd(lo), _mm256_castps_pd(hi));
+                        _mm256_castpd_ps(if high { _mm256_unpackhi_pd(lo, hi) } else { _mm256_unpacklo_pd(lo, hi) })
+                    };
+                    let (c0, c1, c2, c3) =
+                        (join(t0, t2, false), join(t0, t2, true), join(t1, t3, false), join(t1, t3, true));
+                    let d = _mm_setr_ps(rows[0].d, rows[1].d, rows[2].d, rows[3].d);
+                    let (scale, scale_min) =
+                        (_mm_mul_ps(_mm_set1_ps(parts.d), d), _mm_mul_ps(_mm_set1_ps(parts.dmin), d));
+                    let half = |v: __m256, high: bool| {
+                        if high { _mm256_extractf128_ps(v, 1) } else { _mm256_castps256_ps128(v) }
+                    };
+                    // Sub-block pairs 0, 1, 2, 3 in order: the sums in c0/c1, the minimums in c2/c3.
+                    for (sums, mins, high) in [(c0, c2, false), (c1, c3, false), (c0, c2, true), (c1, c3, true)] {
+                        acc = _mm_fmadd_ps(half(sums, high), scale, acc);
+                        acc_min = _mm_fmadd_ps(half(mins, high), scale_min, acc_min);
+                    }
+                }
+                let mut out = [0f32; 4];
+                // SAFETY: 16 writable bytes.
+                unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+                out
+            }
+
+            /// A Q6_K block's unsigned 6-bit values, group of 32 `g` in vector `g`, and its scales.
+            struct Q6KParts {
+                values: [__m256i; 8],
+                scales: [i32; 16],
+                d: f32,
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q6_k_parts(wb: &BlockQ6K) -> Q6KParts {
+                let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+                let mut values = [_mm256_setzero_si256(); 8];
+                for half in 0..2 {
+                    // SAFETY: 32 readable bytes each.
+                    let (ql0, ql1, qh) = unsafe {
+                        (
+                            _mm256_loadu_si256(wb.ql[half * 64..].as_ptr().cast()),
+                            _mm256_loadu_si256(wb.ql[half * 64 + 32..].as_ptr().cast()),
+                            _mm256_loadu_si256(wb.qh[half * 32..].as_ptr().cast()),
+                        )
+                    };
+                    // The high bit pair `shift / 2` of each byte, moved to bits 4-5 (the 16-bit
+                    // shifts cannot carry into a neighbour: the pair is masked first).
+                    let high = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, pair), 4);
+                    values[4 * half] = _mm256_or_si256(_mm256_and_si256(ql0, low), high(qh));
+                    values[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), high(_mm256_srli_epi16(qh, 2)));
+                    values[4 * half + 2] = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                        high(_mm256_srli_epi16(qh, 4)),
+                    );
+                    values[4 * half + 3] = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                        high(_mm256_srli_epi16(qh, 6)),
+                    );
+                }
+                Q6KParts {
+                    values,
+                    scales: wb.scales.map(i32::from),
+                    d: _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(wb.d.to_bits() as i16))),
+                }
+            }
+
+            /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q6_lanes(parts: &Q6KParts, ab: &BlockQ8K) -> __m256i {
+                let mut sums = _mm256_setzero_si256();
+                for group in 0..QK_K / 32 {
+                    let (lo, hi) = (parts.scales[2 * group], parts.scales[2 * group + 1]);
+                    let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+                    let dots = lanes_u8(parts.values[group], load(&ab.qs[group * 32..]));
+                    sums = _mm256_add_epi32(sums, _mm256_mullo_epi32(dots, scales));
+                }
+                sums
+            }
+
+            /// scale · bsum for the sixteen groups of 16 values: groups 0-7, then 8-15.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q6_offsets(parts: &Q6KParts, ab: &BlockQ8K) -> (__m256i, __m256i) {
+                let half = |values: &[i32]| {
+                    let mut lanes = [0i32; 8];
+                    lanes.copy_from_slice(values);
+                    load_i32(&lanes)
+                };
+                (
+                    _mm256_mullo_epi32(half(&parts.scales[..8]), half(&ab.bsums[..8])),
+                    _mm256_mullo_epi32(half(&parts.scales[8..]), half(&ab.bsums[8..])),
+                )
+            }
+
+            /// One row of the tiled kernel: the super-block's exact integer sum, then the floats.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn q6_tiled_step(parts: &Q6KParts, ab: &BlockQ8K, acc: f32) -> f32 {
+                let (low, high) = q6_offsets(parts, ab);
+                let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
+                let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(parts, ab), offsets));
+                ((sum as f32) * parts.d).mul_add(ab.d, acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+                w.iter().zip(a).fold(0f32, |acc, (wb, ab)| q6_tiled_step(&q6_k_parts(wb), ab, acc))
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+                let mut acc = [0f32; 4];
+                let (w, a) = cut(w, a);
+                for (i, wb) in w.iter().enumerate() {
+                    let parts = q6_k_parts(wb);
+                    for r in 0..4 {
+                        acc[r] = q6_tiled_step(&parts, &a[r][i], acc[r]);
+                    }
+                }
+                acc
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                for (wb, ab) in w.iter().zip(a) {
+                    prefetch(wb);
+                    prefetch(&wb.ql[64]);
+                    prefetch(&wb.qh[0]);
+                    prefetch(&wb.qh[63]);
+                    let parts = q6_k_parts(wb);
+                    let d = ab.d * parts.d;
+                    // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
+                    // the order 0-1, 2-3, 8-9, 10-11 | 4-5, 6-7, 12-13, 14-15).
+                    let (low, high) = q6_offsets(&parts, ab);
+                    let pairs = _mm256_hadd_epi32(low, high);
+                    let offsets = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+                    let sums = _mm256_sub_epi32(q6_lanes(&parts, ab), _mm256_slli_epi32(offsets, 5));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
+                }
+                hsum_f32(acc)
             }
         }
-        acc
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, ab) in w.iter().zip(a) {
-            prefetch(wb);
-            prefetch(&wb.ql[64]);
-            prefetch(&wb.qh[0]);
-            prefetch(&wb.qh[63]);
-            let parts = q6_k_parts(wb);
-            let d = ab.d * parts.d;
-            // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
-            // the order 0-1, 2-3, 8-9, 10-11 | 4-5, 6-7, 12-13, 14-15).
-            let (low, high) = q6_offsets(&parts, ab);
-            let pairs = _mm256_hadd_epi32(low, high);
-            let offsets = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-            let sums = _mm256_sub_epi32(q6_lanes(&parts, ab), _mm256_slli_epi32(offsets, 5));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
-        }
-        hsum_f32(acc)
-    }
+    };
 }
+avx2_kernels!(avx2, "avx2,fma,f16c", false);
+avx2_kernels!(avx2_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
 /// Prompt kernels with AVX-512 (chosen at run time): two activation rows per 512-bit
 /// register, the rows' lanes side by side. Each output keeps the AVX2 kernel's eight lanes
@@ -1243,7 +1389,34 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{PairQ8_0, Q8Weights};
+    use super::{BlockQ8_0, PairQ8_0, Q8Weights, dot_q8, pairs_q8_0, par_matmul, row_of};
+
+    /// The rows of `a` (`shape`: outputs, rows, blocks per row) times `w`: `R` rows (`P`
+    /// pairs) at a time, the rest one at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) fn pair_matmul<const R: usize, const P: usize, B: Q8Weights>(
+        w: &[B],
+        a: &[BlockQ8_0],
+        shape: (usize, usize, usize),
+    ) -> Vec<f32> {
+        debug_assert_eq!(R, 2 * P);
+        let (_, m, per_row) = shape;
+        let pairs = pairs_q8_0::<P>(a, m / R, per_row, B::OFFSET);
+        let group = |group: usize| &pairs[group * per_row * P..(group + 1) * per_row * P];
+        par_matmul::<R, B>(
+            w,
+            shape,
+            |w, row| dot_q8(w, row_of(a, per_row, row)),
+            |w, g| {
+                let outs = dot_pairs::<P, B>(w, group(g));
+                let mut flat = [0f32; R];
+                for (r, out) in flat.iter_mut().enumerate() {
+                    *out = outs[r / 2][r % 2];
+                }
+                flat
+            },
+        )
+    }
 
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -1412,6 +1585,7 @@ mod tests {
         let q6k = QTensor::quantize(&w_tensor, GgmlDType::Q6K).expect("quantize");
         let q6k = KMatrix::from_q6_k_bytes(&q6k.data().expect("bytes"), n, k).expect("layout");
         let a8k: Vec<Vec<BlockQ8K>> = x.iter().map(|x| x.chunks_exact(QK_K).map(quantize_q8_k).collect()).collect();
+        let a8k_rows = &a8k;
         fn four<T>(a: &[Vec<T>]) -> [&[T]; 4] {
             std::array::from_fn(|r| a[r].as_slice())
         }
@@ -1442,6 +1616,33 @@ mod tests {
             assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
             assert_eq!(bits(dot4_q6_k_tiled(w6k, four(&a8k))), expected(&|r| dot_q6_k_tiled_scalar(w6k, &a8k[r])));
             assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
+            // The dispatchers above take one copy of the SIMD kernels; both are checked
+            // here (the VNNI one where the CPU has VNNI).
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            if has_avx2_fma_f16c() {
+                // SAFETY: AVX2, FMA and F16C are there, and AVX-512 VNNI and VL where used.
+                unsafe {
+                    let vnni = crate::numerics::has_vnni_256();
+                    macro_rules! both {
+                        ($f:ident($($arg:expr),*) == $want:expr) => {
+                            assert_eq!(avx2::$f($($arg),*).to_bits(), $want.to_bits(), stringify!($f));
+                            if vnni {
+                                assert_eq!(avx2_vnni::$f($($arg),*).to_bits(), $want.to_bits(), stringify!($f));
+                            }
+                        };
+                    }
+                    let (a41, a80, a8k) = (&a41[0], &a80[0], &a8k[0]);
+                    both!(dot_q4_1(w41, a41) == dot_q4_1_scalar(w41, a41));
+                    both!(dot_q8(w80, a80) == dot_q8_scalar(w80, a80));
+                    both!(dot_q8(w50, a80) == dot_q8_scalar(w50, a80));
+                    both!(dot_q4_k(w4k, a8k) == dot_q4_k_scalar(w4k, a8k, false));
+                    both!(dot_q6_k(w6k, a8k) == dot_q6_k_scalar(w6k, a8k));
+                    both!(dot_q6_k_tiled(w6k, a8k) == dot_q6_k_tiled_scalar(w6k, a8k));
+                    let want = expected(&|r| dot_q4_k_scalar(w4k, &a8k_rows[r], true));
+                    assert_eq!(bits(avx2::dot4_q4_k(w4k, four(a8k_rows))), want);
+                }
+            }
         }
     }
 
