@@ -209,11 +209,35 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
         let m = (x.elem_count() / k.max(1)).max(1);
-        let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = self.host_matmul(&data, m).unwrap_or_default();
+        let out = with_host(x, |data| self.host_matmul(data, m).unwrap_or_default())?;
         dims.push(out.len() / m);
         Tensor::from_vec(out, dims, x.device())
     }
+
+    /// `x` (`m` rows of host values) times the transposed weights, as host values: Kith's
+    /// kernels, or candle's for the other types.
+    fn forward_host(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Self::Candle(matmul) => {
+                let x = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
+                matmul.forward(&x)?.flatten_all()?.to_vec1::<f32>()
+            }
+            own => Ok(own.host_matmul(x, m).unwrap_or_default()),
+        }
+    }
+}
+
+/// `f(values)` for an f32 tensor in host memory, without a copy when it is contiguous.
+fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+            && let Ok(values) = cpu.as_slice::<f32>()
+        {
+            return Ok(f(&values[start..end]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// The token embedding table: Kith's Q8_0 rows on the CPU (shared with a tied output
@@ -247,7 +271,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
     let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-    numerics::rms_norm(&mut data, &weight.to_vec1::<f32>()?, eps as f32);
+    with_host(weight, |weight| numerics::rms_norm(&mut data, weight, eps as f32))?;
     Tensor::from_vec(data, x.dims(), x.device())
 }
 
@@ -702,6 +726,59 @@ impl Layer {
         let window = if self.sliding { c.sliding_window } else { None };
         let q_dim = c.n_head * c.head_dim;
         let kv_dim = c.n_head_kv * c.head_dim;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        if let (LayerCache::Host(cache), Rope::Host(rope)) = (&mut self.cache, rope) {
+            // On the host, on plain values from the input to the output projection.
+            let out = with_host(h, |h| -> candle_core::Result<Vec<f32>> {
+                let (mut q, mut k, v) = match (&self.qkv, &self.q, &self.k, &self.v) {
+                    (Some(qkv), _, _, _) => {
+                        let fused = qkv.forward_host(h, seq)?;
+                        let part = |from: usize, width: usize| -> Vec<f32> {
+                            fused
+                                .chunks_exact(q_dim + 2 * kv_dim)
+                                .flat_map(|row| &row[from..from + width])
+                                .copied()
+                                .collect()
+                        };
+                        (part(0, q_dim), part(q_dim, kv_dim), part(q_dim + kv_dim, kv_dim))
+                    }
+                    (None, Some(q), Some(k), Some(v)) => {
+                        (q.forward_host(h, seq)?, k.forward_host(h, seq)?, v.forward_host(h, seq)?)
+                    }
+                    _ => candle_core::bail!("layer has neither fused nor separate attention projections"),
+                };
+                let mut v = v;
+                for (x, bias) in [(&mut q, &self.q_bias), (&mut k, &self.k_bias), (&mut v, &self.v_bias)] {
+                    if let Some(bias) = bias {
+                        with_host(bias, |bias| {
+                            for row in x.chunks_exact_mut(bias.len().max(1)) {
+                                row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                            }
+                        })?;
+                    }
+                }
+                for (x, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
+                    if let Some(norm) = norm {
+                        with_host(norm, |norm| numerics::rms_norm(x, norm, c.rms_eps as f32))?;
+                    }
+                }
+                // [seq][heads][head_dim] rows, the layout the output projection reads.
+                rope.apply(&mut q, table);
+                rope.apply(&mut k, table);
+                cache.append(&k, &v);
+                let shape = AttentionShape {
+                    n_head: c.n_head,
+                    n_kv: c.n_head_kv,
+                    head_dim: c.head_dim,
+                    scale: scale as f32,
+                    scale_q_first: c.arch == Arch::Gemma3,
+                    window,
+                };
+                self.out.forward_host(&attend(cache, &q, pos, &shape), seq)
+            })??;
+            let width = out.len() / seq.max(1);
+            return Tensor::from_vec(out, (1, seq, width), h.device());
+        }
         let (q, k, v) = match (&self.qkv, &self.q, &self.k, &self.v) {
             (Some(qkv), _, _, _) => {
                 let fused = qkv.forward(h)?;
@@ -725,26 +802,7 @@ impl Layer {
             Some(norm) => rms_norm(&k.contiguous()?, norm, c.rms_eps)?,
             None => k,
         };
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
         let out = match (&mut self.cache, rope) {
-            (LayerCache::Host(cache), Rope::Host(rope)) => {
-                // [seq][heads][head_dim] rows, the layout the output projection reads.
-                let rows = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-                let (mut q, mut k) = (rows(&q)?, rows(&k)?);
-                rope.apply(&mut q, table);
-                rope.apply(&mut k, table);
-                cache.append(&k, &rows(&v)?);
-                let shape = AttentionShape {
-                    n_head: c.n_head,
-                    n_kv: c.n_head_kv,
-                    head_dim: c.head_dim,
-                    scale: scale as f32,
-                    scale_q_first: c.arch == Arch::Gemma3,
-                    window,
-                };
-                let out = attend(cache, &q, pos, &shape);
-                Tensor::from_vec(out, (1, seq, q_dim), h.device())?
-            }
             (LayerCache::Device(cache), Rope::Device { cos, sin }) => {
                 let cos = cos.narrow(0, pos, seq)?;
                 let sin = sin.narrow(0, pos, seq)?;
@@ -784,6 +842,29 @@ impl Layer {
     }
 
     fn feed_forward(&self, h: &Tensor, c: &Config) -> candle_core::Result<Tensor> {
+        if h.device().is_cpu() {
+            // On the host, on plain values from the input to the output.
+            let (_, seq, _) = h.dims3()?;
+            let out = with_host(h, |h| -> candle_core::Result<Vec<f32>> {
+                let (gate, up) = match &self.gate {
+                    Some(gate) => (gate.forward_host(h, seq)?, self.up.forward_host(h, seq)?),
+                    None => {
+                        let fused = self.up.forward_host(h, seq)?;
+                        let rows = fused.chunks_exact(2 * c.n_ff);
+                        (
+                            rows.clone().flat_map(|row| &row[..c.n_ff]).copied().collect(),
+                            rows.flat_map(|row| &row[c.n_ff..]).copied().collect(),
+                        )
+                    }
+                };
+                let glu = if c.arch == Arch::Gemma3 { numerics::geglu } else { numerics::swiglu };
+                let activated = glu(&gate, &up, c.n_ff);
+                drop((gate, up));
+                self.down.forward_host(&activated, seq)
+            })??;
+            let width = out.len() / seq.max(1);
+            return Tensor::from_vec(out, (1, seq, width), h.device());
+        }
         let (gate, up) = match &self.gate {
             Some(gate) => (gate.forward(h)?, self.up.forward(h)?),
             None => {
@@ -791,16 +872,8 @@ impl Layer {
                 (fused.narrow(2, 0, c.n_ff)?, fused.narrow(2, c.n_ff, c.n_ff)?)
             }
         };
-        let activated = if gate.device().is_cpu() {
-            let (g, u) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?);
-            let y =
-                if c.arch == Arch::Gemma3 { numerics::geglu(&g, &u, c.n_ff) } else { numerics::swiglu(&g, &u, c.n_ff) };
-            Tensor::from_vec(y, gate.dims(), gate.device())?
-        } else if c.arch == Arch::Gemma3 {
-            (gate.gelu()? * up)?
-        } else {
-            (candle_nn::ops::silu(&gate)? * up)?
-        };
+        let activated =
+            if c.arch == Arch::Gemma3 { (gate.gelu()? * up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
         self.down.forward(&activated)
     }
 }
