@@ -4,7 +4,8 @@
 //! - tg128: 128 generated tokens (greedy, end-of-generation ignored) after a short prompt.
 //! - multi-turn: a 10-turn chat; time to first token of turn 1 and turn 10, the latter
 //!   reusing the KV cache of the earlier turns.
-//! - peak RSS of the process (VmHWM).
+//! - peak RSS of the process (VmHWM) through the prompt and generation runs (what
+//!   `llama-bench` runs), and again after the chat.
 //!
 //! Each speed is the median of `--repetitions` runs after one warm-up (candle repacks
 //! weights on first use).
@@ -46,7 +47,11 @@ struct Report {
     ttft_ratio: f64,
     turn10_prompt_tokens: usize,
     turn10_cached_tokens: usize,
+    /// Peak resident memory through the prompt and generation runs (what `llama-bench`
+    /// runs).
     peak_rss_mib: Option<f64>,
+    /// Peak resident memory once the 10-turn chat (about 1,000 tokens of context) has run.
+    peak_rss_chat_mib: Option<f64>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -80,6 +85,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         let run = run_once(&engine, next_prompt(16), 128).await?;
         tg128.push((run.generated - 1) as f64 / run.decode.as_secs_f64());
     }
+    let peak_rss = peak_rss_mib();
     let turns = multi_turn(&engine).await?;
     let (first, last) = match (turns.first(), turns.last()) {
         (Some(first), Some(last)) => (first, last),
@@ -102,7 +108,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         ttft_ratio: last.ttft.as_secs_f64() / first.ttft.as_secs_f64(),
         turn10_prompt_tokens: last.prompt_tokens,
         turn10_cached_tokens: last.cached_tokens,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: peak_rss,
+        peak_rss_chat_mib: peak_rss_mib(),
     };
     engine.shutdown().await;
     if args.json {
@@ -126,9 +133,9 @@ fn print_table(r: &Report) {
         "ttft t10   {:>8.1} ms  ({:.2}x turn 1; prompt {} tokens, {} from cache)",
         r.ttft_turn10_ms, r.ttft_ratio, r.turn10_prompt_tokens, r.turn10_cached_tokens
     );
-    match r.peak_rss_mib {
-        Some(rss) => println!("peak RSS   {rss:>8.1} MiB"),
-        None => println!("peak RSS        n/a"),
+    match (r.peak_rss_mib, r.peak_rss_chat_mib) {
+        (Some(rss), Some(chat)) => println!("peak RSS   {rss:>8.1} MiB  (after the chat: {chat:.1} MiB)"),
+        _ => println!("peak RSS        n/a"),
     }
 }
 
