@@ -23,10 +23,14 @@ mkdir -p "$work"
 if [ ! -x "$bench" ]; then
   src="$work/llama_cpp_python-$version/vendor/llama.cpp"
   if [ ! -d "$src" ]; then
-    url=$(curl -fsSL "https://pypi.org/pypi/llama-cpp-python/$version/json" |
-      python3 -c 'import json, sys; print(next(u["url"] for u in json.load(sys.stdin)["urls"] if u["packagetype"] == "sdist"))')
-    echo "downloading $url" >&2
-    curl -fsSL "$url" | tar xz -C "$work"
+    # PyPI's simple index (its JSON API is not reachable from every network), checked by hash.
+    link=$(curl -fsSL "https://pypi.org/simple/llama-cpp-python/" |
+      grep -o "href=\"[^\"]*/llama_cpp_python-$version.tar.gz#sha256=[0-9a-f]*" | head -n1)
+    url=${link#href=\"}
+    echo "downloading ${url%%#*}" >&2
+    curl -fsSL "${url%%#*}" -o "$work/sdist.tar.gz"
+    echo "${url##*sha256=}  $work/sdist.tar.gz" | sha256sum -c - >&2
+    tar xzf "$work/sdist.tar.gz" -C "$work" && rm "$work/sdist.tar.gz"
   fi
   cmake=cmake
   if ! command -v cmake >/dev/null; then

@@ -2,13 +2,13 @@
 //!
 //! - pp128 / pp512: prompt processing of 128 and 512 tokens, from an empty cache.
 //! - tg128: 128 generated tokens (greedy, end-of-generation ignored) after a short prompt.
-//! - multi-turn: a 10-turn chat; time to first token of turn 1 and turn 10, the latter
-//!   reusing the KV cache of the earlier turns.
+//! - multi-turn: 10-turn chats; time to first token of turn 1 and turn 10, the latter
+//!   reusing the KV cache of the earlier turns (medians over `--repetitions` chats, each
+//!   with its own system message, so that no chat starts from another's cache).
 //! - peak RSS of the process (VmHWM) through the prompt and generation runs (what
 //!   `llama-bench` runs), and again after the chat.
 //!
-//! Each speed is the median of `--repetitions` runs after one warm-up (candle repacks
-//! weights on first use).
+//! Each speed is the median of `--repetitions` runs after one warm-up.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,11 +86,19 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         tg128.push((run.generated - 1) as f64 / run.decode.as_secs_f64());
     }
     let peak_rss = peak_rss_mib();
-    let turns = multi_turn(&engine).await?;
-    let (first, last) = match (turns.first(), turns.last()) {
-        (Some(first), Some(last)) => (first, last),
-        _ => bail!("the multi-turn run produced no turns"),
-    };
+    let (mut turn1, mut turn10) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for chat in 1..=args.repetitions {
+        let turns = multi_turn(&engine, chat).await?;
+        let (Some(first), Some(tenth)) = (turns.first(), turns.last()) else {
+            bail!("the multi-turn run produced no turns");
+        };
+        turn1.push(first.ttft.as_secs_f64() * 1000.0);
+        turn10.push(tenth.ttft.as_secs_f64() * 1000.0);
+        last = Some((tenth.prompt_tokens, tenth.cached_tokens));
+    }
+    let (turn10_prompt_tokens, turn10_cached_tokens) = last.unwrap_or_default();
+    let (ttft_turn1_ms, ttft_turn10_ms) = (median(&mut turn1), median(&mut turn10));
     let report = Report {
         model: info.name.clone().unwrap_or_else(|| args.model.model.clone()),
         architecture: info.architecture.clone(),
@@ -103,11 +111,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<ExitCode> {
         pp128_tok_s: median(&mut pp128),
         pp512_tok_s: median(&mut pp512),
         tg128_tok_s: median(&mut tg128),
-        ttft_turn1_ms: first.ttft.as_secs_f64() * 1000.0,
-        ttft_turn10_ms: last.ttft.as_secs_f64() * 1000.0,
-        ttft_ratio: last.ttft.as_secs_f64() / first.ttft.as_secs_f64(),
-        turn10_prompt_tokens: last.prompt_tokens,
-        turn10_cached_tokens: last.cached_tokens,
+        ttft_turn1_ms,
+        ttft_turn10_ms,
+        ttft_ratio: ttft_turn10_ms / ttft_turn1_ms,
+        turn10_prompt_tokens,
+        turn10_cached_tokens,
         peak_rss_mib: peak_rss,
         peak_rss_chat_mib: peak_rss_mib(),
     };
@@ -173,9 +181,11 @@ async fn finish(engine: &EngineHandle, request: GenerateRequest) -> Result<Run> 
     bail!("the stream ended without a completion")
 }
 
-/// A 10-turn conversation with short greedy answers; returns one run per turn.
-async fn multi_turn(engine: &EngineHandle) -> Result<Vec<Run>> {
-    let mut history = Vec::new();
+/// The 10-turn conversation number `chat`, with short greedy answers; returns one run per
+/// turn.
+async fn multi_turn(engine: &EngineHandle, chat: usize) -> Result<Vec<Run>> {
+    // The number comes first: this chat shares almost nothing with the previous one's cache.
+    let mut history = vec![ChatMessage::system(format!("Conversation {chat}: you are a helpful assistant."))];
     let mut runs = Vec::new();
     for turn in 1..=10 {
         history.push(ChatMessage::user(format!(

@@ -10,6 +10,10 @@
 //!   when the copies fit), and a 512-row prompt micro-batch, as rows per second through
 //!   all the copies and multiply-adds per second.
 //!
+//! - attention: one layer's attention of 80 new queries over a 1,000-position cache (turn 10
+//!   of a chat), with each model's heads: the multiply-adds of Q·K and of the weighted V per
+//!   second.
+//!
 //! The kernels run inside a rayon pool, as the engine runs them.
 
 use std::collections::BTreeMap;
@@ -105,6 +109,23 @@ fn per_kind(all: &[(String, Weights)]) {
     }
 }
 
+fn attention(n_head: usize, n_kv: usize, head_dim: usize) {
+    let (len, seq) = (1000, 80);
+    let layer = kith_infer::kernels::Attention::new(n_head, n_kv, head_dim, len);
+    let queries = activations(seq * n_head * head_dim);
+    let secs = median_secs(9, || {
+        std::hint::black_box(layer.run(&queries));
+    });
+    // Each query sees the cached positions before it and itself: Q·K and P·V.
+    let visible: usize = (0..seq).map(|i| len - seq + i + 1).sum();
+    let macs = (2 * visible * n_head * head_dim) as f64;
+    println!(
+        "attention      {seq} queries over {len} positions, {n_head} heads ({n_kv} K/V) of {head_dim}: {:>6.3} ms {:>6.1} GMAC/s",
+        secs * 1e3,
+        macs / secs / 1e9
+    );
+}
+
 fn main() {
     if let Ok(threads) = std::env::var("KITH_THREADS") {
         #[allow(unsafe_code)]
@@ -129,6 +150,11 @@ fn main() {
             println!("{model}");
             let all = matrices(&path, layers);
             decode_pass(&all);
+            if model.starts_with("gemma") {
+                attention(4, 1, 256)
+            } else {
+                attention(9, 3, 64)
+            }
             if std::env::var("KITH_BENCH_DECODE_ONLY").is_err() {
                 per_kind(&all);
             }

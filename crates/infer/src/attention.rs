@@ -74,8 +74,6 @@ pub(crate) struct AttentionShape {
 const TILE_ROWS: usize = 64;
 /// Key/value cells per tile of that kernel.
 const TILE_CELLS: usize = 64;
-/// Dimensions of the value accumulator updated together (held in registers).
-const DIMS: usize = 64;
 
 multiversion! {
     /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
@@ -99,12 +97,17 @@ multiversion! {
         let len = cache.len();
         let (keys_t, values) = if tiled {
             let width = shape.n_kv * head_dim;
+            let mut wide = vec![0f32; cache.keys.len()];
+            wide.par_chunks_mut(width * 64).zip(cache.keys.par_chunks(width * 64)).for_each(|(out, keys)| {
+                keys.convert_to_f32_slice(out);
+            });
             let mut t = vec![0f32; cache.keys.len()];
             t.par_chunks_mut(len.max(1)).enumerate().for_each(|(row, positions)| {
                 for (p, k) in positions.iter_mut().enumerate() {
-                    *k = cache.keys[p * width + row].to_f32();
+                    *k = wide[p * width + row];
                 }
             });
+            drop(wide);
             let mut values = vec![0f32; cache.values.len()];
             values.par_chunks_mut(width).zip(cache.values.par_chunks(width)).for_each(|(out, row)| {
                 row.convert_to_f32_slice(out);
@@ -279,6 +282,9 @@ fn attend_one_chunk_scalar(
 /// sixteen-lane accumulators as pairs of eight: each lane's arithmetic is the same).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
+// The tile products index their register blocks by row and lane group on purpose: fixed
+// trip counts the compiler unrolls into named registers.
+#[allow(clippy::needless_range_loop)]
 mod simd {
     use std::arch::x86_64::*;
 
@@ -335,6 +341,158 @@ mod simd {
         (h4[0] + h4[2]) + (h4[1] + h4[3])
     }
 
+    /// The largest of a tile row's scores (none is NaN where it matters: a NaN score makes
+    /// the row's output NaN whatever the maximum).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn max(row: &[f32; super::TILE_CELLS]) -> f32 {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for chunk in row.chunks_exact(8) {
+            // SAFETY: eight readable values.
+            m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(chunk.as_ptr()) });
+        }
+        lanes(m).into_iter().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// `numerics::v_expf(x - max)` for sixteen lanes, each lane's arithmetic the same.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn exp_minus(values: &mut [f32; 16], max: f32) {
+        let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+        for half in values.chunks_exact_mut(8) {
+            // SAFETY: eight readable and writable values.
+            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(half.as_ptr()) }, _mm256_set1_ps(max));
+            let r = c(0x4b40_0000);
+            let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
+            let n = _mm256_sub_ps(z, r);
+            let minus_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
+            let b = _mm256_fmadd_ps(minus_n, c(0x35bf_be8e), _mm256_fmadd_ps(minus_n, c(0x3f31_7200), x));
+            let u = _mm256_mul_ps(b, b);
+            let j = _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                    u,
+                    _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+                ),
+                u,
+                _mm256_fmadd_ps(c(0x3f7f_fff6), b, _mm256_set1_ps(1.0)),
+            );
+            // j · 2^n with one rounding, in f64 (exact for |n| ≤ 192).
+            let ni = _mm256_cvtps_epi32(n);
+            let scaled = |j: __m128, ni: __m128i| -> __m128 {
+                let exponent =
+                    _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)));
+                _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(j), _mm256_castsi256_pd(exponent)))
+            };
+            let low = scaled(_mm256_castps256_ps128(j), _mm256_castsi256_si128(ni));
+            let high = scaled(_mm256_extractf128_ps::<1>(j), _mm256_extracti128_si256::<1>(ni));
+            let result = _mm256_set_m128(high, low);
+            // |n| > 192: 0 below, infinity above.
+            let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+            let out_of_range = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+            let limit = _mm256_blendv_ps(
+                _mm256_set1_ps(f32::INFINITY),
+                _mm256_setzero_ps(),
+                _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps()),
+            );
+            let out = _mm256_blendv_ps(result, limit, out_of_range);
+            // SAFETY: eight writable values.
+            unsafe { _mm256_storeu_ps(half.as_mut_ptr(), out) };
+        }
+    }
+
+    /// Registers of eight lanes per row for the next block of a tile product with `R` rows
+    /// and `left` (≥ 8) values to go: as many as keep `R·N` accumulators, the `N` operands
+    /// and a broadcast within the sixteen registers (more, and the compiler spills
+    /// accumulators to memory inside the loop).
+    #[inline(always)]
+    pub(super) fn lanes_per_row<const R: usize>(left: usize) -> usize {
+        let fit = match R {
+            1 | 2 => 4,
+            3 => 3,
+            _ => 2,
+        };
+        fit.min(left / 8).max(1)
+    }
+
+    /// [`super::tile_scores_by`] with `B = 8·N`: `R·N` accumulators in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn tile_scores<const R: usize, const N: usize>(
+        keys: &[f32],
+        len: usize,
+        q: [&[f32]; R],
+        head_dim: usize,
+        block: usize,
+        scores: &mut [[f32; super::TILE_CELLS]; R],
+    ) {
+        assert!(head_dim == 0 || (head_dim - 1) * len + block + 8 * N <= keys.len());
+        assert!(q.iter().all(|q| q.len() >= head_dim) && block + 8 * N <= super::TILE_CELLS);
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for d in 0..head_dim {
+            // SAFETY: (head_dim - 1)·len + block + 8N values are readable (checked above).
+            let k = unsafe { keys.as_ptr().add(d * len + block) };
+            for r in 0..R {
+                // SAFETY: q[r] holds head_dim values (checked above).
+                let qd = _mm256_set1_ps(unsafe { *q[r].get_unchecked(d) });
+                for j in 0..N {
+                    // SAFETY: as above.
+                    let kj = unsafe { _mm256_loadu_ps(k.add(8 * j)) };
+                    acc[r][j] = _mm256_fmadd_ps(kj, qd, acc[r][j]);
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..N {
+                // SAFETY: block + 8N ≤ TILE_CELLS (checked above).
+                unsafe { _mm256_storeu_ps(scores[r].as_mut_ptr().add(block + 8 * j), acc[r][j]) };
+            }
+        }
+    }
+
+    /// [`super::tile_values_by`] for the dimensions `dims..dims + 8·N`: `R·N` accumulators
+    /// in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn tile_values<const R: usize, const N: usize>(
+        values: &[f32],
+        stride: usize,
+        first: usize,
+        p: [&[f32]; R],
+        acc: &mut [&mut [f32]; R],
+        dims: usize,
+    ) {
+        let cells = p.iter().map(|p| p.len()).min().unwrap_or(0);
+        assert!(cells == 0 || first + (cells - 1) * stride + 8 * N <= values.len());
+        assert!(acc.iter().all(|acc| dims + 8 * N <= acc.len()));
+        let mut local = [[_mm256_setzero_ps(); N]; R];
+        for r in 0..R {
+            for j in 0..N {
+                // SAFETY: dims + 8N ≤ acc[r].len() (checked above).
+                local[r][j] = unsafe { _mm256_loadu_ps(acc[r].as_ptr().add(dims + 8 * j)) };
+            }
+        }
+        for c in 0..cells {
+            // SAFETY: first + (cells - 1)·stride + 8N values are readable (checked above).
+            let v = unsafe { values.as_ptr().add(first + c * stride) };
+            for r in 0..R {
+                // SAFETY: c < cells ≤ p[r].len().
+                let pr = _mm256_set1_ps(unsafe { *p[r].get_unchecked(c) });
+                for j in 0..N {
+                    // SAFETY: as above.
+                    let vj = unsafe { _mm256_loadu_ps(v.add(8 * j)) };
+                    local[r][j] = _mm256_fmadd_ps(vj, pr, local[r][j]);
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..N {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(acc[r].as_mut_ptr().add(dims + 8 * j), local[r][j]) };
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn attend_one_chunk(
         rows: &Rows,
@@ -375,9 +533,54 @@ mod simd {
     }
 }
 
-/// The scores of a whole tile for `R` query rows: fixed-size accumulators the compiler
-/// keeps in registers across the head dimension (each score the same fused chain as the
-/// general loop), the keys read once for the rows.
+/// Scales the scores of the cells `visible` of a tile row, hides the others (−∞), and
+/// returns the row's largest score.
+#[inline(always)]
+fn scale_and_max(row: &mut [f32; TILE_CELLS], visible: std::ops::Range<usize>, scale: f32) -> f32 {
+    let (lo, hi) = (visible.start.min(TILE_CELLS), visible.end.clamp(visible.start.min(TILE_CELLS), TILE_CELLS));
+    row[..lo].fill(f32::NEG_INFINITY);
+    row[lo..hi].iter_mut().for_each(|score| *score *= scale);
+    row[hi..].fill(f32::NEG_INFINITY);
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        return unsafe { simd::max(row) };
+    }
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `ggml_vec_soft_max_f32` on a tile row: each score replaced by `v_expf(score - max)`,
+/// and their sum, each 16 lanes reduced as `_mm512_reduce_add_ps` and summed in f64.
+#[inline(always)]
+fn exp_and_sum(row: &mut [f32; TILE_CELLS], max: f32) -> f64 {
+    let mut sum = 0f64;
+    for lanes in row.chunks_exact_mut(16) {
+        let Ok(lanes) = <&mut [f32; 16]>::try_from(lanes) else {
+            continue;
+        };
+        #[cfg(target_arch = "x86_64")]
+        if crate::numerics::has_avx2_fma_f16c() {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            unsafe {
+                simd::exp_minus(lanes, max)
+            };
+            sum += f64::from(reduce_add_16(*lanes));
+            continue;
+        }
+        for s in lanes.iter_mut() {
+            *s = v_expf(*s - max);
+        }
+        sum += f64::from(reduce_add_16(*lanes));
+    }
+    sum
+}
+
+/// The scores of a whole tile for `R` query rows, each score one fused multiply-add chain
+/// over the head dimension (ggml's tile GEMM): `B` cells of the `R` rows at a time, so
+/// that their accumulators stay in registers (`R·B/8` of the sixteen) while the keys are
+/// read once for the rows.
 #[inline(always)]
 fn tile_scores<const R: usize>(
     rows: &Rows,
@@ -385,21 +588,169 @@ fn tile_scores<const R: usize>(
     q: [&[f32]; R],
     tile_start: usize,
 ) -> [[f32; TILE_CELLS]; R] {
-    let mut scores = [[0f32; TILE_CELLS]; R];
-    let base = kv_head * rows.head_dim * rows.len + tile_start;
-    for d in 0..rows.head_dim {
-        let keys: &[f32; TILE_CELLS] = match rows.keys_t[base + d * rows.len..].first_chunk() {
-            Some(keys) => keys,
-            None => return scores,
-        };
-        for (row, q) in scores.iter_mut().zip(q) {
-            let qd = q[d];
-            for (s, &k) in row.iter_mut().zip(keys) {
-                *s = k.mul_add(qd, *s);
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() {
+        let mut scores = [[0f32; TILE_CELLS]; R];
+        let base = kv_head * rows.head_dim * rows.len + tile_start;
+        let keys = rows.keys_t.get(base..).unwrap_or_default();
+        let mut block = 0;
+        while block < TILE_CELLS {
+            let n = simd::lanes_per_row::<R>(TILE_CELLS - block);
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            unsafe {
+                match n {
+                    4 => simd::tile_scores::<R, 4>(keys, rows.len, q, rows.head_dim, block, &mut scores),
+                    3 => simd::tile_scores::<R, 3>(keys, rows.len, q, rows.head_dim, block, &mut scores),
+                    2 => simd::tile_scores::<R, 2>(keys, rows.len, q, rows.head_dim, block, &mut scores),
+                    _ => simd::tile_scores::<R, 1>(keys, rows.len, q, rows.head_dim, block, &mut scores),
+                }
             }
+            block += 8 * n;
+        }
+        return scores;
+    }
+    if R <= 3 {
+        tile_scores_by::<R, 32>(rows, kv_head, q, tile_start)
+    } else {
+        tile_scores_by::<R, 16>(rows, kv_head, q, tile_start)
+    }
+}
+
+#[inline(always)]
+fn tile_scores_by<const R: usize, const B: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    q: [&[f32]; R],
+    tile_start: usize,
+) -> [[f32; TILE_CELLS]; R] {
+    let mut scores = [[0f32; TILE_CELLS]; R];
+    let (head_dim, len) = (rows.head_dim, rows.len);
+    let base = kv_head * head_dim * len + tile_start;
+    let Some(keys) = rows.keys_t.get(base..base + (head_dim.max(1) - 1) * len + TILE_CELLS) else {
+        return scores;
+    };
+    if q.iter().any(|q| q.len() < head_dim) {
+        return scores;
+    }
+    for block in (0..TILE_CELLS).step_by(B) {
+        let mut acc = [[0f32; B]; R];
+        for d in 0..head_dim {
+            let Some(k) = keys[d * len + block..].first_chunk::<B>() else {
+                return scores;
+            };
+            for r in 0..R {
+                let qd = q[r][d];
+                for (s, &k) in acc[r].iter_mut().zip(k) {
+                    *s = k.mul_add(qd, *s);
+                }
+            }
+        }
+        for r in 0..R {
+            scores[r][block..block + B].copy_from_slice(&acc[r]);
         }
     }
     scores
+}
+
+/// `acc[r] += Σ p[r][cell]·value[cell]` over the visible `cells` of a tile, each output one
+/// fused multiply-add chain over the cells in order: `B` dimensions of the `R` rows at a
+/// time, their accumulators in registers, each value read once for the rows.
+#[inline(always)]
+fn tile_values<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    scores: &[[f32; TILE_CELLS]; R],
+    tile_start: usize,
+    cells: std::ops::Range<usize>,
+    acc: &mut [&mut [f32]; R],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() && !cells.is_empty() {
+        let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - tile_start..cells.end - tile_start]);
+        let first = rows.at(cells.start, kv_head).start;
+        let stride = rows.n_kv * rows.head_dim;
+        let mut dims = 0;
+        while rows.head_dim - dims >= 8 {
+            let n = simd::lanes_per_row::<R>(rows.head_dim - dims);
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            unsafe {
+                match n {
+                    4 => simd::tile_values::<R, 4>(rows.values, stride, first + dims, p, acc, dims),
+                    3 => simd::tile_values::<R, 3>(rows.values, stride, first + dims, p, acc, dims),
+                    2 => simd::tile_values::<R, 2>(rows.values, stride, first + dims, p, acc, dims),
+                    _ => simd::tile_values::<R, 1>(rows.values, stride, first + dims, p, acc, dims),
+                }
+            }
+            dims += 8 * n;
+        }
+        if dims < rows.head_dim {
+            tail_values(rows, kv_head, scores, tile_start, cells, acc, dims);
+        }
+        return;
+    }
+    if R <= 3 {
+        tile_values_by::<R, 32>(rows, kv_head, scores, tile_start, cells, acc)
+    } else {
+        tile_values_by::<R, 16>(rows, kv_head, scores, tile_start, cells, acc)
+    }
+}
+
+#[inline(always)]
+fn tile_values_by<const R: usize, const B: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    scores: &[[f32; TILE_CELLS]; R],
+    tile_start: usize,
+    cells: std::ops::Range<usize>,
+    acc: &mut [&mut [f32]; R],
+) {
+    let whole = rows.head_dim / B * B;
+    for dims in (0..whole).step_by(B) {
+        let mut local = [[0f32; B]; R];
+        for r in 0..R {
+            local[r].copy_from_slice(&acc[r][dims..dims + B]);
+        }
+        for key_pos in cells.clone() {
+            let at = rows.at(key_pos, kv_head).start + dims;
+            let Some(values) = rows.values[at..].first_chunk::<B>() else {
+                return;
+            };
+            for r in 0..R {
+                let p = scores[r][key_pos - tile_start];
+                for (a, v) in local[r].iter_mut().zip(values) {
+                    *a = v.mul_add(p, *a);
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r][dims..dims + B].copy_from_slice(&local[r]);
+        }
+    }
+    tail_values(rows, kv_head, scores, tile_start, cells, acc, whole);
+}
+
+/// [`tile_values`] for the dimensions from `whole` on, one row at a time.
+#[inline(always)]
+fn tail_values<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    scores: &[[f32; TILE_CELLS]; R],
+    tile_start: usize,
+    cells: std::ops::Range<usize>,
+    acc: &mut [&mut [f32]; R],
+    whole: usize,
+) {
+    for (acc, row) in acc.iter_mut().zip(scores) {
+        for key_pos in cells.clone() {
+            let p = row[key_pos - tile_start];
+            let at = rows.at(key_pos, kv_head);
+            for (a, v) in acc[whole..].iter_mut().zip(&rows.values[at.start + whole..at.end]) {
+                *a = v.mul_add(p, *a);
+            }
+        }
+    }
 }
 
 /// `ggml_compute_forward_flash_attn_ext_tiled` for `R` query rows that see the same keys
@@ -415,95 +766,76 @@ fn attend_tiled<const R: usize>(
     visible: std::ops::Range<usize>,
     mut acc: [&mut [f32]; R],
 ) {
-    let head_dim = rows.head_dim;
     acc.iter_mut().for_each(|acc| acc.fill(0.0));
     let (mut total, mut max) = ([0f32; R], [f32::NEG_INFINITY; R]);
-    let mut scores = [[0f32; TILE_CELLS]; R];
     let mut tile_start = visible.start / TILE_CELLS * TILE_CELLS;
     while tile_start < visible.end {
-        // simd_gemm: each score one fused multiply-add chain over the head dimension, the
-        // 64 scores of the tile side by side.
-        let cells = TILE_CELLS.min(rows.len - tile_start);
-        if cells == TILE_CELLS {
-            scores = tile_scores(rows, kv_head, q, tile_start);
-        } else {
-            for (row, q) in scores.iter_mut().zip(q) {
-                row.fill(0.0);
-                for (d, &qd) in q.iter().enumerate() {
-                    let at = (kv_head * head_dim + d) * rows.len + tile_start;
-                    for (s, &k) in row[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
-                        *s = k.mul_add(qd, *s);
-                    }
-                }
-            }
-        }
-        for r in 0..R {
-            let row = &mut scores[r];
-            for (t, score) in row.iter_mut().enumerate() {
-                *score = if visible.contains(&(tile_start + t)) { *score * scale } else { f32::NEG_INFINITY };
-            }
-            let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[r].max(tile_max);
-            if new_max > max[r] {
-                let ms = (max[r] - new_max).exp();
-                acc[r].iter_mut().for_each(|a| *a *= ms);
-                total[r] *= ms;
-            }
-            max[r] = new_max;
-            // ggml_vec_soft_max_f32: vectorised exp, each 16 lanes reduced and summed in f64.
-            let mut sum = 0f64;
-            for lanes in row.chunks_exact_mut(16) {
-                let mut block = [0f32; 16];
-                for (b, s) in block.iter_mut().zip(lanes.iter_mut()) {
-                    *s = v_expf(*s - new_max);
-                    *b = *s;
-                }
-                sum += f64::from(reduce_add_16(block));
-            }
-            total[r] = (f64::from(total[r]) + sum) as f32;
-        }
-        // The weighted values, 64 dimensions at a time so that the compiler keeps that
-        // part of each row's accumulator in registers across the tile's cells.
-        let cells = tile_start..(tile_start + TILE_CELLS).min(visible.end);
-        for chunk in 0..head_dim.div_ceil(DIMS) {
-            let dims = chunk * DIMS..(chunk * DIMS + DIMS).min(head_dim);
-            if dims.len() == DIMS {
-                let mut local = [[0f32; DIMS]; R];
-                for (local, acc) in local.iter_mut().zip(acc.iter()) {
-                    local.copy_from_slice(&acc[dims.clone()]);
-                }
-                for key_pos in cells.clone().filter(|p| visible.contains(p)) {
-                    let at = rows.at(key_pos, kv_head).start + dims.start;
-                    if let Some(values) = rows.values[at..].first_chunk::<DIMS>() {
-                        for (local, row) in local.iter_mut().zip(&scores) {
-                            let p = row[key_pos - tile_start];
-                            for (a, v) in local.iter_mut().zip(values) {
-                                *a = v.mul_add(p, *a);
-                            }
-                        }
-                    }
-                }
-                for (local, acc) in local.iter().zip(acc.iter_mut()) {
-                    acc[dims.clone()].copy_from_slice(local);
-                }
-            } else {
-                for (acc, row) in acc.iter_mut().zip(&scores) {
-                    for key_pos in cells.clone().filter(|p| visible.contains(p)) {
-                        let p = row[key_pos - tile_start];
-                        let at = rows.at(key_pos, kv_head).start + dims.start;
-                        for (a, v) in acc[dims.clone()].iter_mut().zip(&rows.values[at..at + dims.len()]) {
-                            *a = v.mul_add(p, *a);
-                        }
-                    }
-                }
-            }
-        }
+        tile_step(rows, kv_head, q, scale, &visible, tile_start, &mut acc, &mut max, &mut total);
         tile_start += TILE_CELLS;
     }
     for (acc, total) in acc.iter_mut().zip(total) {
-        let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
-        acc.iter_mut().for_each(|a| *a *= inverse);
+        finish_row(acc, total);
     }
+}
+
+/// Divides a row's weighted values by its softmax normaliser.
+fn finish_row(acc: &mut [f32], total: f32) {
+    let inverse = if total == 0.0 { 0.0 } else { 1.0 / total };
+    acc.iter_mut().for_each(|a| *a *= inverse);
+}
+
+/// One tile of [`attend_tiled`] for `R` rows: their scores over the tile's cells, the online
+/// softmax's running maximum and normaliser (`max`, `total`), the weighted values added to
+/// `acc` (rescaled first when the maximum rises).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_step<const R: usize>(
+    rows: &Rows,
+    kv_head: usize,
+    q: [&[f32]; R],
+    scale: f32,
+    visible: &std::ops::Range<usize>,
+    tile_start: usize,
+    acc: &mut [&mut [f32]; R],
+    max: &mut [f32; R],
+    total: &mut [f32; R],
+) {
+    let head_dim = rows.head_dim;
+    // simd_gemm: each score one fused multiply-add chain over the head dimension, the
+    // 64 scores of the tile side by side.
+    let cells = TILE_CELLS.min(rows.len - tile_start);
+    let mut scores = if cells == TILE_CELLS {
+        tile_scores(rows, kv_head, q, tile_start)
+    } else {
+        let mut scores = [[0f32; TILE_CELLS]; R];
+        for (row, q) in scores.iter_mut().zip(q) {
+            for (d, &qd) in q.iter().enumerate() {
+                let at = (kv_head * head_dim + d) * rows.len + tile_start;
+                for (s, &k) in row[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
+                    *s = k.mul_add(qd, *s);
+                }
+            }
+        }
+        scores
+    };
+    // The visible cells of the tile.
+    let lo = visible.start.saturating_sub(tile_start).min(TILE_CELLS);
+    let hi = visible.end.saturating_sub(tile_start).min(TILE_CELLS);
+    for r in 0..R {
+        let row = &mut scores[r];
+        let tile_max = scale_and_max(row, lo..hi, scale);
+        let new_max = max[r].max(tile_max);
+        if new_max > max[r] {
+            let ms = (max[r] - new_max).exp();
+            acc[r].iter_mut().for_each(|a| *a *= ms);
+            total[r] *= ms;
+        }
+        max[r] = new_max;
+        total[r] = (f64::from(total[r]) + exp_and_sum(row, new_max)) as f32;
+    }
+    // The weighted values of the visible cells.
+    let cells = tile_start.max(visible.start)..(tile_start + TILE_CELLS).min(visible.end);
+    tile_values(rows, kv_head, &scores, tile_start, cells, acc);
 }
 
 #[cfg(test)]
@@ -579,6 +911,95 @@ mod tests {
                 assert_eq!(four, [alone0.clone(), alone1.clone(), alone1.clone(), alone0.clone()]);
                 assert_eq!((alone0, alone1), (both0, both1), "head_dim {head_dim}, keys {visible:?}");
             }
+        }
+    }
+
+    /// The vectorised softmax pieces give the lane formula's bits: `v_expf` over a wide range
+    /// (both cut-offs, −∞ for hidden cells), and the maximum.
+    #[test]
+    fn tile_softmax_matches_the_lane_formula() {
+        let mut inputs: Vec<f32> = (-3000..3000).map(|i| i as f32 / 13.7).collect();
+        inputs.extend([f32::NEG_INFINITY, -0.0, 0.0, 88.7, -103.9, 1e-30, -1e-30, 133.0, -140.0]);
+        for max in [0.0f32, 2.5, -7.25] {
+            for chunk in inputs.chunks(TILE_CELLS) {
+                let mut row = [f32::NEG_INFINITY; TILE_CELLS];
+                row[..chunk.len()].copy_from_slice(chunk);
+                let want: Vec<f32> = row.iter().map(|&s| v_expf(s - max)).collect();
+                let want_sum: f64 =
+                    want.chunks(16).map(|l| f64::from(reduce_add_16(l.try_into().expect("16 lanes")))).sum();
+                let want_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(scale_and_max(&mut row, 0..TILE_CELLS, 1.0), want_max);
+                let sum = exp_and_sum(&mut row, max);
+                let got: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "max {max}, {chunk:?}");
+                assert_eq!(sum.to_bits(), want_sum.to_bits());
+            }
+        }
+    }
+
+    /// The register-blocked tile products compute each score and each output as one plain
+    /// chain of fused multiply-adds in order (head sizes 64, 256 and 72, whose last
+    /// dimensions are outside the blocks; one to four rows; a partial range of cells).
+    #[test]
+    fn tile_blocks_keep_each_chain() {
+        for head_dim in [64, 256, 72] {
+            let (n_kv, len) = (2, 150);
+            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
+            let keys_t: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+            let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+            let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
+            let q: Vec<Vec<f32>> = (0..4).map(|r| (0..head_dim).map(|i| value(i * 7 + r) * 0.37).collect()).collect();
+            let (kv_head, tile_start, cells) = (1, 64, 70..128);
+            let plain_scores = |q: &[f32]| -> Vec<f32> {
+                (0..TILE_CELLS)
+                    .map(|t| {
+                        (0..head_dim)
+                            .fold(0f32, |s, d| keys_t[(kv_head * head_dim + d) * len + tile_start + t].mul_add(q[d], s))
+                    })
+                    .collect()
+            };
+            let plain_values = |p: &[f32]| -> Vec<f32> {
+                (0..head_dim)
+                    .map(|d| {
+                        cells
+                            .clone()
+                            .fold(0.5f32, |a, c| values[rows.at(c, kv_head).start + d].mul_add(p[c - tile_start], a))
+                    })
+                    .collect()
+            };
+            fn check<const R: usize>(
+                rows: &Rows,
+                q: &[Vec<f32>],
+                plain_scores: &dyn Fn(&[f32]) -> Vec<f32>,
+                plain_values: &dyn Fn(&[f32]) -> Vec<f32>,
+                cells: std::ops::Range<usize>,
+            ) {
+                let q: [&[f32]; R] = std::array::from_fn(|r| q[r].as_slice());
+                let scores = tile_scores(rows, 1, q, 64);
+                let mut out = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
+                let mut acc: [&mut [f32]; R] = {
+                    let mut it = out.iter_mut();
+                    std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
+                };
+                tile_values(rows, 1, &scores, 64, cells.clone(), &mut acc);
+                // And the portable blocks (what a CPU without AVX2 runs).
+                let portable = tile_scores_by::<R, 16>(rows, 1, q, 64);
+                let mut out_portable = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
+                let mut acc: [&mut [f32]; R] = {
+                    let mut it = out_portable.iter_mut();
+                    std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
+                };
+                tile_values_by::<R, 32>(rows, 1, &scores, 64, cells, &mut acc);
+                for r in 0..R {
+                    assert_eq!(scores[r].to_vec(), plain_scores(q[r]), "{R} rows, head_dim {}", rows.head_dim);
+                    assert_eq!(portable[r], scores[r], "{R} rows, head_dim {}", rows.head_dim);
+                    assert_eq!(out[r], plain_values(&scores[r]), "{R} rows, head_dim {}", rows.head_dim);
+                    assert_eq!(out_portable[r], out[r], "{R} rows, head_dim {}", rows.head_dim);
+                }
+            }
+            check::<1>(&rows, &q, &plain_scores, &plain_values, cells.clone());
+            check::<3>(&rows, &q, &plain_scores, &plain_values, cells.clone());
+            check::<4>(&rows, &q, &plain_scores, &plain_values, cells.clone());
         }
     }
 

@@ -56,3 +56,38 @@ impl Weights {
         self.linear.host_matmul(x, m)
     }
 }
+
+/// One layer's attention on the CPU: a KV cache of `len` positions, and the queries of the
+/// last `seq` of them attending over it, as a prompt continuation over a cached chat runs.
+pub struct Attention {
+    cache: crate::attention::HostKvCache,
+    shape: crate::attention::AttentionShape,
+    len: usize,
+}
+
+impl Attention {
+    /// `n_head` query heads sharing `n_kv` K/V heads of `head_dim`, `len` cached positions of
+    /// deterministic keys and values.
+    pub fn new(n_head: usize, n_kv: usize, head_dim: usize, len: usize) -> Self {
+        let mut cache = crate::attention::HostKvCache::new(n_kv, head_dim);
+        let value = |i: usize| ((i.wrapping_mul(2_654_435_761)) % 1_000) as f32 / 500.0 - 1.0;
+        let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+        let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+        cache.append(&keys, &values);
+        let shape = crate::attention::AttentionShape {
+            n_head,
+            n_kv,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            scale_q_first: false,
+            window: None,
+        };
+        Self { cache, shape, len }
+    }
+
+    /// The attention of `queries` (`[seq][n_head][head_dim]`) at the cache's last positions.
+    pub fn run(&self, queries: &[f32]) -> Vec<f32> {
+        let seq = queries.len() / (self.shape.n_head * self.shape.head_dim);
+        crate::attention::attend(&self.cache, queries, self.len - seq.min(self.len), &self.shape)
+    }
+}

@@ -51,18 +51,22 @@ macro_rules! simd_return {
 /// `dotg(weights, group)`, which decodes each weight block once for the rows `G·group..`
 /// and keeps an accumulator per row (a single one is bound by the latency of its chain of
 /// fused multiply-adds); the last `m % G` rows go one at a time through
-/// `dot(weights, row)`. Every output is computed the same way whatever the split into
-/// work items, so results do not depend on the thread count.
+/// `dot(weights, row)`, or, with `pad` and at least `G` rows, as a last group that repeats
+/// the last row (see [`group_of`]) and keeps its own outputs: the weights are read once
+/// more rather than once per row left (for kernels whose groups give each row the one-row
+/// kernel's bits). Every output is computed the same way whatever the split into work
+/// items, so results do not depend on the thread count.
 fn par_matmul<const G: usize, W: Sync>(
     weights: &[W],
     (n, m, per_row): (usize, usize, usize),
+    pad: bool,
     dot: impl Fn(&[W], usize) -> f32 + Sync,
     dotg: impl Fn(&[W], usize) -> [f32; G] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(16);
     let weight_row = |col: usize| &weights[col * per_row..(col + 1) * per_row];
-    let grouped = m / G * G;
+    let grouped = if pad && m >= G { m } else { m / G * G };
     let (head, tail) = out.split_at_mut(grouped * n);
     head.par_chunks_mut(G * n).enumerate().for_each(|(group, rows)| {
         let columns: Vec<[f32; G]> =
@@ -89,10 +93,11 @@ fn row_of<A>(activations: &[A], per_row: usize, row: usize) -> &[A] {
     &activations[row * per_row..(row + 1) * per_row]
 }
 
-/// Rows `G·group..G·group + G`.
+/// Rows `G·group..G·group + G`; past the last row, the last row again.
 #[inline(always)]
 fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) -> [&[A]; G] {
-    std::array::from_fn(|r| row_of(activations, per_row, G * group + r))
+    let last = (activations.len() / per_row.max(1)).saturating_sub(1);
+    std::array::from_fn(|r| row_of(activations, per_row, (G * group + r).min(last)))
 }
 
 /// Activation rows per call of the Q4_1, Q8_0 and Q5_0 kernels in a prompt: each weight
@@ -182,6 +187,7 @@ impl Q4_1Matrix {
         par_matmul(
             w,
             shape,
+            true,
             |w, r| dot_q4_1(w, row_of(&a, per_row, r)),
             |w, g| dotn_q4_1::<ROWS>(w, group_of(&a, per_row, g)),
         )
@@ -474,6 +480,7 @@ impl<B: Q8Weights> Q8Matrix<B> {
         par_matmul(
             w,
             shape,
+            true,
             |w, r| dot_q8(w, row_of(&a, per_row, r)),
             |w, g| dotn_q8::<ROWS, B>(w, group_of(&a, per_row, g)),
         )
@@ -492,10 +499,12 @@ struct PairQ8_0 {
     d: [f32; 16],
 }
 
-/// The first `groups · 2P` rows of `a` (`per_row` blocks each) as [`PairQ8_0`]s, laid out
-/// `[group][block][pair]` so that the kernel reads a group's pairs in order.
+/// The first `groups · 2P` rows of `a` (`per_row` blocks each; past its last row, the last
+/// row again) as [`PairQ8_0`]s, laid out `[group][block][pair]` so that the kernel reads a
+/// group's pairs in order.
 #[cfg(target_arch = "x86_64")]
 fn pairs_q8_0<const P: usize>(a: &[BlockQ8_0], groups: usize, per_row: usize, offset: i32) -> Vec<PairQ8_0> {
+    let last = (a.len() / per_row.max(1)).saturating_sub(1);
     (0..groups * per_row * P)
         .into_par_iter()
         .with_min_len(64)
@@ -503,7 +512,7 @@ fn pairs_q8_0<const P: usize>(a: &[BlockQ8_0], groups: usize, per_row: usize, of
             let (pair, block, group) = (i % P, i / P % per_row, i / (P * per_row));
             let first = group * 2 * P + 2 * pair;
             let mut out = PairQ8_0 { qs: [0; 2 * QK], offset: [0; 16], d: [0.0; 16] };
-            for (half, row) in [first, first + 1].into_iter().enumerate() {
+            for (half, row) in [first.min(last), (first + 1).min(last)].into_iter().enumerate() {
                 let b = &a[row * per_row + block];
                 out.qs[half * QK..(half + 1) * QK].copy_from_slice(&b.qs);
                 for lane in 0..8 {
@@ -750,17 +759,17 @@ impl KMatrix {
             // Rows outside the groups of four: Q4_K's gemv kernel.
             KBlocks::Q4K(blocks) => {
                 simd_return!(matmul_q4_k(blocks, &a, shape));
-                par_matmul(blocks, shape, |w, r| dot_q4_k(w, row(r)), |w, g| dot4_q4_k(w, group(g)))
+                par_matmul(blocks, shape, false, |w, r| dot_q4_k(w, row(r)), |w, g| dot4_q4_k(w, group(g)))
             }
             KBlocks::Q6K(blocks) if has_simd() => {
                 simd_return!(matmul_q6_k(blocks, &a, shape));
                 unreachable!("the SIMD kernels returned")
             }
             KBlocks::Q6K(blocks) if m >= 8 => {
-                par_matmul(blocks, shape, |w, r| dot_q6_k_tiled(w, row(r)), |w, g| dot4_q6_k_tiled(w, group(g)))
+                par_matmul(blocks, shape, false, |w, r| dot_q6_k_tiled(w, row(r)), |w, g| dot4_q6_k_tiled(w, group(g)))
             }
             KBlocks::Q6K(blocks) => {
-                par_matmul(blocks, shape, |w, r| dot_q6_k(w, row(r)), |w, g| group(g).map(|a| dot_q6_k(w, a)))
+                par_matmul(blocks, shape, false, |w, r| dot_q6_k(w, row(r)), |w, g| group(g).map(|a| dot_q6_k(w, a)))
             }
         }
     }
@@ -916,6 +925,7 @@ macro_rules! avx2_kernels {
                 par_matmul(
                     w,
                     shape,
+                    true,
                     |w, r| dot_q4_1(w, row_of(a, per_row, r)),
                     |w, g| dotn_q4_1::<ROWS>(w, group_of(a, per_row, g)),
                 )
@@ -927,6 +937,7 @@ macro_rules! avx2_kernels {
                 par_matmul(
                     w,
                     shape,
+                    true,
                     |w, r| dot_q8(w, row_of(a, per_row, r)),
                     |w, g| dotn_q8::<ROWS, B>(w, group_of(a, per_row, g)),
                 )
@@ -938,6 +949,7 @@ macro_rules! avx2_kernels {
                 par_matmul(
                     w,
                     shape,
+                    false,
                     |w, r| dot_q4_k(w, row_of(a, per_row, r)),
                     |w, g| dot4_q4_k(w, group_of(a, per_row, g)),
                 )
@@ -950,6 +962,7 @@ macro_rules! avx2_kernels {
                     par_matmul(
                         w,
                         shape,
+                        false,
                         |w, r| dot_q6_k_tiled(w, row_of(a, per_row, r)),
                         |w, g| dot4_q6_k_tiled(w, group_of(a, per_row, g)),
                     )
@@ -957,6 +970,7 @@ macro_rules! avx2_kernels {
                     par_matmul(
                         w,
                         shape,
+                        false,
                         |w, r| dot_q6_k(w, row_of(a, per_row, r)),
                         |w, g| {
                             let rows: [&[BlockQ8K]; 4] = group_of(a, per_row, g);
@@ -1401,11 +1415,14 @@ mod avx512 {
     ) -> Vec<f32> {
         debug_assert_eq!(R, 2 * P);
         let (_, m, per_row) = shape;
-        let pairs = pairs_q8_0::<P>(a, m / R, per_row, B::OFFSET);
+        // A last partial group repeats the last row (as `group_of` does).
+        let groups = if m >= R { m.div_ceil(R) } else { 0 };
+        let pairs = pairs_q8_0::<P>(a, groups, per_row, B::OFFSET);
         let group = |group: usize| &pairs[group * per_row * P..(group + 1) * per_row * P];
         par_matmul::<R, B>(
             w,
             shape,
+            true,
             |w, row| dot_q8(w, row_of(a, per_row, row)),
             |w, g| {
                 let outs = dot_pairs::<P, B>(w, group(g));
