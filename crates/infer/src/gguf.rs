@@ -22,7 +22,34 @@ const MAX_DIM: u64 = 1 << 28;
 pub(crate) struct GgufFile {
     pub(crate) path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    reader: Positioned,
+}
+
+/// A buffered file that keeps its own position: candle's parser asks for it before every
+/// string of the header (through a `BufReader` alone, one `lseek` system call each: about
+/// 100,000 for a vocabulary with its merges, a third of SmolLM2's open time).
+struct Positioned {
+    inner: BufReader<File>,
+    pos: u64,
+}
+
+impl Read for Positioned {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Positioned {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.pos)
+    }
 }
 
 impl GgufFile {
@@ -37,7 +64,7 @@ impl GgufFile {
             return Err(LoadError::NotGguf { path: path.to_owned(), found: magic[..n_read].to_vec() });
         }
         let file = File::open(path).map_err(io_err)?;
-        let mut reader = BufReader::new(file);
+        let mut reader = Positioned { inner: BufReader::new(file), pos: 0 };
         let content = Content::read(&mut reader).map_err(|err| classify_header_error(path, file_size, err))?;
         let gguf = Self { path: path.to_owned(), content, reader };
         gguf.validate_tensors(file_size)?;
