@@ -415,80 +415,45 @@ mod simd {
         fit.min(left / 8).max(1)
     }
 
-    /// [`super::tile_scores_by`] with `B = 8·N`: `R·N` accumulators in registers.
+    /// [`super::accumulate`] for the columns `col..col + 8·N`: `R·N` accumulators in
+    /// registers, each operand row of `b` read once for the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn tile_scores<const R: usize, const N: usize>(
-        keys: &[f32],
-        len: usize,
-        q: [&[f32]; R],
-        head_dim: usize,
-        block: usize,
-        scores: &mut [[f32; super::TILE_CELLS]; R],
-    ) {
-        assert!(head_dim == 0 || (head_dim - 1) * len + block + 8 * N <= keys.len());
-        assert!(q.iter().all(|q| q.len() >= head_dim) && block + 8 * N <= super::TILE_CELLS);
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        for d in 0..head_dim {
-            // SAFETY: (head_dim - 1)·len + block + 8N values are readable (checked above).
-            let k = unsafe { keys.as_ptr().add(d * len + block) };
-            for r in 0..R {
-                // SAFETY: q[r] holds head_dim values (checked above).
-                let qd = _mm256_set1_ps(unsafe { *q[r].get_unchecked(d) });
-                for j in 0..N {
-                    // SAFETY: as above.
-                    let kj = unsafe { _mm256_loadu_ps(k.add(8 * j)) };
-                    acc[r][j] = _mm256_fmadd_ps(kj, qd, acc[r][j]);
-                }
-            }
-        }
-        for r in 0..R {
-            for j in 0..N {
-                // SAFETY: block + 8N ≤ TILE_CELLS (checked above).
-                unsafe { _mm256_storeu_ps(scores[r].as_mut_ptr().add(block + 8 * j), acc[r][j]) };
-            }
-        }
-    }
-
-    /// [`super::tile_values_by`] for the dimensions `dims..dims + 8·N`: `R·N` accumulators
-    /// in registers.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn tile_values<const R: usize, const N: usize>(
-        values: &[f32],
-        stride: usize,
+    pub(super) fn accumulate<const R: usize, const N: usize>(
+        b: &[f32],
         first: usize,
-        p: [&[f32]; R],
-        acc: &mut [&mut [f32]; R],
-        dims: usize,
+        stride: usize,
+        a: [&[f32]; R],
+        out: &mut [&mut [f32]; R],
+        col: usize,
     ) {
-        let cells = p.iter().map(|p| p.len()).min().unwrap_or(0);
-        assert!(cells == 0 || first + (cells - 1) * stride + 8 * N <= values.len());
-        assert!(acc.iter().all(|acc| dims + 8 * N <= acc.len()));
-        let mut local = [[_mm256_setzero_ps(); N]; R];
+        let steps = a.iter().map(|a| a.len()).min().unwrap_or(0);
+        assert!(steps == 0 || first + (steps - 1) * stride + col + 8 * N <= b.len());
+        assert!(out.iter().all(|out| col + 8 * N <= out.len()));
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
         for r in 0..R {
             for j in 0..N {
-                // SAFETY: dims + 8N ≤ acc[r].len() (checked above).
-                local[r][j] = unsafe { _mm256_loadu_ps(acc[r].as_ptr().add(dims + 8 * j)) };
+                // SAFETY: col + 8N ≤ out[r].len() (checked above).
+                acc[r][j] = unsafe { _mm256_loadu_ps(out[r].as_ptr().add(col + 8 * j)) };
             }
         }
-        for c in 0..cells {
-            // SAFETY: first + (cells - 1)·stride + 8N values are readable (checked above).
-            let v = unsafe { values.as_ptr().add(first + c * stride) };
+        for i in 0..steps {
+            // SAFETY: first + (steps - 1)·stride + col + 8N values are readable (checked above).
+            let row = unsafe { b.as_ptr().add(first + i * stride + col) };
             for r in 0..R {
-                // SAFETY: c < cells ≤ p[r].len().
-                let pr = _mm256_set1_ps(unsafe { *p[r].get_unchecked(c) });
+                // SAFETY: i < steps ≤ a[r].len().
+                let x = _mm256_set1_ps(unsafe { *a[r].get_unchecked(i) });
                 for j in 0..N {
                     // SAFETY: as above.
-                    let vj = unsafe { _mm256_loadu_ps(v.add(8 * j)) };
-                    local[r][j] = _mm256_fmadd_ps(vj, pr, local[r][j]);
+                    let v = unsafe { _mm256_loadu_ps(row.add(8 * j)) };
+                    acc[r][j] = _mm256_fmadd_ps(v, x, acc[r][j]);
                 }
             }
         }
         for r in 0..R {
             for j in 0..N {
                 // SAFETY: as for the loads.
-                unsafe { _mm256_storeu_ps(acc[r].as_mut_ptr().add(dims + 8 * j), local[r][j]) };
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(col + 8 * j), acc[r][j]) };
             }
         }
     }
@@ -533,14 +498,13 @@ mod simd {
     }
 }
 
-/// Scales the scores of the cells `visible` of a tile row, hides the others (−∞), and
-/// returns the row's largest score.
+/// Scales the scores of the cells `visible` (within the tile) of a tile row, hides the
+/// others (−∞), and returns the row's largest score.
 #[inline(always)]
 fn scale_and_max(row: &mut [f32; TILE_CELLS], visible: std::ops::Range<usize>, scale: f32) -> f32 {
-    let (lo, hi) = (visible.start.min(TILE_CELLS), visible.end.clamp(visible.start.min(TILE_CELLS), TILE_CELLS));
-    row[..lo].fill(f32::NEG_INFINITY);
-    row[lo..hi].iter_mut().for_each(|score| *score *= scale);
-    row[hi..].fill(f32::NEG_INFINITY);
+    row[..visible.start].fill(f32::NEG_INFINITY);
+    row[visible.clone()].iter_mut().for_each(|score| *score *= scale);
+    row[visible.end..].fill(f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     if crate::numerics::has_avx2_fma_f16c() {
         #[allow(unsafe_code)]
@@ -577,85 +541,87 @@ fn exp_and_sum(row: &mut [f32; TILE_CELLS], max: f32) -> f64 {
     sum
 }
 
-/// The scores of a whole tile for `R` query rows, each score one fused multiply-add chain
-/// over the head dimension (ggml's tile GEMM): `B` cells of the `R` rows at a time, so
-/// that their accumulators stay in registers (`R·B/8` of the sixteen) while the keys are
-/// read once for the rows.
+/// `out[r][c] += Σᵢ a[r][i] · b[first + i·stride + c]` for the columns `c < cols` of `R`
+/// rows, each output one fused multiply-add chain over `i` in order: ggml's tile products,
+/// Q·Kᵀ (`i` over the head dimension, the columns a tile's cells, keys transposed) and P·V
+/// (`i` over the cells, the columns the head dimension). Whole groups of eight columns go
+/// through the AVX2 kernel in register blocks sized to the row count, the rest plainly.
+#[inline(always)]
+fn accumulate<const R: usize>(
+    b: &[f32],
+    first: usize,
+    stride: usize,
+    a: [&[f32]; R],
+    out: &mut [&mut [f32]; R],
+    cols: usize,
+) {
+    #[allow(unused_mut)]
+    let mut col = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() {
+        while cols - col >= 8 {
+            let n = simd::lanes_per_row::<R>(cols - col);
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            unsafe {
+                match n {
+                    4 => simd::accumulate::<R, 4>(b, first, stride, a, out, col),
+                    3 => simd::accumulate::<R, 3>(b, first, stride, a, out, col),
+                    2 => simd::accumulate::<R, 2>(b, first, stride, a, out, col),
+                    _ => simd::accumulate::<R, 1>(b, first, stride, a, out, col),
+                }
+            }
+            col += 8 * n;
+        }
+    }
+    accumulate_plain(b, first, stride, a, out, col..cols);
+}
+
+/// [`accumulate`] for the columns `cols`, without SIMD.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `i` steps through all `R` rows of `a` at once
+fn accumulate_plain<const R: usize>(
+    b: &[f32],
+    first: usize,
+    stride: usize,
+    a: [&[f32]; R],
+    out: &mut [&mut [f32]; R],
+    cols: std::ops::Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    let steps = a.iter().map(|a| a.len()).min().unwrap_or(0);
+    for i in 0..steps {
+        let at = first + i * stride;
+        let row = &b[at + cols.start..at + cols.end];
+        for r in 0..R {
+            let x = a[r][i];
+            for (o, &v) in out[r][cols.clone()].iter_mut().zip(row) {
+                *o = v.mul_add(x, *o);
+            }
+        }
+    }
+}
+
+/// The scores of the first `cells` cells of a tile for `R` query rows (Q·Kᵀ).
 #[inline(always)]
 fn tile_scores<const R: usize>(
     rows: &Rows,
     kv_head: usize,
     q: [&[f32]; R],
     tile_start: usize,
-) -> [[f32; TILE_CELLS]; R] {
-    #[cfg(target_arch = "x86_64")]
-    if crate::numerics::has_avx2_fma_f16c() {
-        let mut scores = [[0f32; TILE_CELLS]; R];
-        let base = kv_head * rows.head_dim * rows.len + tile_start;
-        let keys = rows.keys_t.get(base..).unwrap_or_default();
-        let mut block = 0;
-        while block < TILE_CELLS {
-            let n = simd::lanes_per_row::<R>(TILE_CELLS - block);
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-            unsafe {
-                match n {
-                    4 => simd::tile_scores::<R, 4>(keys, rows.len, q, rows.head_dim, block, &mut scores),
-                    3 => simd::tile_scores::<R, 3>(keys, rows.len, q, rows.head_dim, block, &mut scores),
-                    2 => simd::tile_scores::<R, 2>(keys, rows.len, q, rows.head_dim, block, &mut scores),
-                    _ => simd::tile_scores::<R, 1>(keys, rows.len, q, rows.head_dim, block, &mut scores),
-                }
-            }
-            block += 8 * n;
-        }
-        return scores;
-    }
-    if R <= 3 {
-        tile_scores_by::<R, 32>(rows, kv_head, q, tile_start)
-    } else {
-        tile_scores_by::<R, 16>(rows, kv_head, q, tile_start)
-    }
-}
-
-#[inline(always)]
-fn tile_scores_by<const R: usize, const B: usize>(
-    rows: &Rows,
-    kv_head: usize,
-    q: [&[f32]; R],
-    tile_start: usize,
+    cells: usize,
 ) -> [[f32; TILE_CELLS]; R] {
     let mut scores = [[0f32; TILE_CELLS]; R];
-    let (head_dim, len) = (rows.head_dim, rows.len);
-    let base = kv_head * head_dim * len + tile_start;
-    let Some(keys) = rows.keys_t.get(base..base + (head_dim.max(1) - 1) * len + TILE_CELLS) else {
-        return scores;
-    };
-    if q.iter().any(|q| q.len() < head_dim) {
-        return scores;
-    }
-    for block in (0..TILE_CELLS).step_by(B) {
-        let mut acc = [[0f32; B]; R];
-        for d in 0..head_dim {
-            let Some(k) = keys[d * len + block..].first_chunk::<B>() else {
-                return scores;
-            };
-            for r in 0..R {
-                let qd = q[r][d];
-                for (s, &k) in acc[r].iter_mut().zip(k) {
-                    *s = k.mul_add(qd, *s);
-                }
-            }
-        }
-        for r in 0..R {
-            scores[r][block..block + B].copy_from_slice(&acc[r]);
-        }
-    }
+    let mut parts = scores.iter_mut();
+    let mut out: [&mut [f32]; R] = std::array::from_fn(|_| parts.next().map(|s| &mut s[..]).unwrap_or_default());
+    let first = kv_head * rows.head_dim * rows.len + tile_start;
+    accumulate(rows.keys_t, first, rows.len, q, &mut out, cells);
     scores
 }
 
-/// `acc[r] += Σ p[r][cell]·value[cell]` over the visible `cells` of a tile, each output one
-/// fused multiply-add chain over the cells in order: `B` dimensions of the `R` rows at a
-/// time, their accumulators in registers, each value read once for the rows.
+/// `acc[r] += Σ p[r][cell]·value[cell]` over the visible `cells` of a tile (P·V).
 #[inline(always)]
 fn tile_values<const R: usize>(
     rows: &Rows,
@@ -665,92 +631,12 @@ fn tile_values<const R: usize>(
     cells: std::ops::Range<usize>,
     acc: &mut [&mut [f32]; R],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::numerics::has_avx2_fma_f16c() && !cells.is_empty() {
-        let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - tile_start..cells.end - tile_start]);
-        let first = rows.at(cells.start, kv_head).start;
-        let stride = rows.n_kv * rows.head_dim;
-        let mut dims = 0;
-        while rows.head_dim - dims >= 8 {
-            let n = simd::lanes_per_row::<R>(rows.head_dim - dims);
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-            unsafe {
-                match n {
-                    4 => simd::tile_values::<R, 4>(rows.values, stride, first + dims, p, acc, dims),
-                    3 => simd::tile_values::<R, 3>(rows.values, stride, first + dims, p, acc, dims),
-                    2 => simd::tile_values::<R, 2>(rows.values, stride, first + dims, p, acc, dims),
-                    _ => simd::tile_values::<R, 1>(rows.values, stride, first + dims, p, acc, dims),
-                }
-            }
-            dims += 8 * n;
-        }
-        if dims < rows.head_dim {
-            tail_values(rows, kv_head, scores, tile_start, cells, acc, dims);
-        }
+    if cells.is_empty() {
         return;
     }
-    if R <= 3 {
-        tile_values_by::<R, 32>(rows, kv_head, scores, tile_start, cells, acc)
-    } else {
-        tile_values_by::<R, 16>(rows, kv_head, scores, tile_start, cells, acc)
-    }
-}
-
-#[inline(always)]
-fn tile_values_by<const R: usize, const B: usize>(
-    rows: &Rows,
-    kv_head: usize,
-    scores: &[[f32; TILE_CELLS]; R],
-    tile_start: usize,
-    cells: std::ops::Range<usize>,
-    acc: &mut [&mut [f32]; R],
-) {
-    let whole = rows.head_dim / B * B;
-    for dims in (0..whole).step_by(B) {
-        let mut local = [[0f32; B]; R];
-        for r in 0..R {
-            local[r].copy_from_slice(&acc[r][dims..dims + B]);
-        }
-        for key_pos in cells.clone() {
-            let at = rows.at(key_pos, kv_head).start + dims;
-            let Some(values) = rows.values[at..].first_chunk::<B>() else {
-                return;
-            };
-            for r in 0..R {
-                let p = scores[r][key_pos - tile_start];
-                for (a, v) in local[r].iter_mut().zip(values) {
-                    *a = v.mul_add(p, *a);
-                }
-            }
-        }
-        for r in 0..R {
-            acc[r][dims..dims + B].copy_from_slice(&local[r]);
-        }
-    }
-    tail_values(rows, kv_head, scores, tile_start, cells, acc, whole);
-}
-
-/// [`tile_values`] for the dimensions from `whole` on, one row at a time.
-#[inline(always)]
-fn tail_values<const R: usize>(
-    rows: &Rows,
-    kv_head: usize,
-    scores: &[[f32; TILE_CELLS]; R],
-    tile_start: usize,
-    cells: std::ops::Range<usize>,
-    acc: &mut [&mut [f32]; R],
-    whole: usize,
-) {
-    for (acc, row) in acc.iter_mut().zip(scores) {
-        for key_pos in cells.clone() {
-            let p = row[key_pos - tile_start];
-            let at = rows.at(key_pos, kv_head);
-            for (a, v) in acc[whole..].iter_mut().zip(&rows.values[at.start + whole..at.end]) {
-                *a = v.mul_add(p, *a);
-            }
-        }
-    }
+    let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - tile_start..cells.end - tile_start]);
+    let first = rows.at(cells.start, kv_head).start;
+    accumulate(rows.values, first, rows.n_kv * rows.head_dim, p, acc, rows.head_dim);
 }
 
 /// `ggml_compute_forward_flash_attn_ext_tiled` for `R` query rows that see the same keys
@@ -800,24 +686,9 @@ fn tile_step<const R: usize>(
     max: &mut [f32; R],
     total: &mut [f32; R],
 ) {
-    let head_dim = rows.head_dim;
     // simd_gemm: each score one fused multiply-add chain over the head dimension, the
-    // 64 scores of the tile side by side.
-    let cells = TILE_CELLS.min(rows.len - tile_start);
-    let mut scores = if cells == TILE_CELLS {
-        tile_scores(rows, kv_head, q, tile_start)
-    } else {
-        let mut scores = [[0f32; TILE_CELLS]; R];
-        for (row, q) in scores.iter_mut().zip(q) {
-            for (d, &qd) in q.iter().enumerate() {
-                let at = (kv_head * head_dim + d) * rows.len + tile_start;
-                for (s, &k) in row[..cells].iter_mut().zip(&rows.keys_t[at..at + cells]) {
-                    *s = k.mul_add(qd, *s);
-                }
-            }
-        }
-        scores
-    };
+    // scores of the tile side by side.
+    let mut scores = tile_scores(rows, kv_head, q, tile_start, TILE_CELLS.min(rows.len - tile_start));
     // The visible cells of the tile.
     let lo = visible.start.saturating_sub(tile_start).min(TILE_CELLS);
     let hi = visible.end.saturating_sub(tile_start).min(TILE_CELLS);
@@ -975,21 +846,34 @@ mod tests {
                 cells: std::ops::Range<usize>,
             ) {
                 let q: [&[f32]; R] = std::array::from_fn(|r| q[r].as_slice());
-                let scores = tile_scores(rows, 1, q, 64);
+                let scores = tile_scores(rows, 1, q, 64, TILE_CELLS);
+                // A partial tile (the cache's last): its cells as in a whole one.
+                let partial = tile_scores(rows, 1, q, 64, 45);
                 let mut out = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
                 let mut acc: [&mut [f32]; R] = {
                     let mut it = out.iter_mut();
                     std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
                 };
                 tile_values(rows, 1, &scores, 64, cells.clone(), &mut acc);
-                // And the portable blocks (what a CPU without AVX2 runs).
-                let portable = tile_scores_by::<R, 16>(rows, 1, q, 64);
+                // And the plain loops alone (what a CPU without AVX2 runs).
+                let mut portable = [[0f32; TILE_CELLS]; R];
+                let mut acc: [&mut [f32]; R] = {
+                    let mut it = portable.iter_mut();
+                    std::array::from_fn(|_| it.next().map(|s| &mut s[..]).unwrap_or_default())
+                };
+                let first = rows.head_dim * rows.len + 64;
+                accumulate_plain(rows.keys_t, first, rows.len, q, &mut acc, 0..TILE_CELLS);
                 let mut out_portable = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
                 let mut acc: [&mut [f32]; R] = {
                     let mut it = out_portable.iter_mut();
                     std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
                 };
-                tile_values_by::<R, 32>(rows, 1, &scores, 64, cells, &mut acc);
+                let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - 64..cells.end - 64]);
+                let stride = rows.n_kv * rows.head_dim;
+                accumulate_plain(rows.values, rows.at(cells.start, 1).start, stride, p, &mut acc, 0..rows.head_dim);
+                for r in 0..R {
+                    assert_eq!(partial[r][..45], scores[r][..45], "{R} rows, head_dim {}", rows.head_dim);
+                }
                 for r in 0..R {
                     assert_eq!(scores[r].to_vec(), plain_scores(q[r]), "{R} rows, head_dim {}", rows.head_dim);
                     assert_eq!(portable[r], scores[r], "{R} rows, head_dim {}", rows.head_dim);

@@ -96,6 +96,9 @@ fn row_of<A>(activations: &[A], per_row: usize, row: usize) -> &[A] {
 /// Rows `G·group..G·group + G`; past the last row, the last row again.
 #[inline(always)]
 fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) -> [&[A]; G] {
+    if (G * group + G) * per_row <= activations.len() {
+        return std::array::from_fn(|r| row_of(activations, per_row, G * group + r));
+    }
     let last = (activations.len() / per_row.max(1)).saturating_sub(1);
     std::array::from_fn(|r| row_of(activations, per_row, (G * group + r).min(last)))
 }
