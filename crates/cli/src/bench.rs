@@ -222,7 +222,9 @@ fn token_pool(engine: &EngineHandle, len: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     while ids.len() < len {
         text.push_str(PROSE);
-        ids = engine.tokenizer().encode(&text, false, false).map_err(anyhow::Error::msg)?;
+        // Control tokens parsed, as chats are (the prose has none): a literal encoding would
+        // build a second tokenizer that nothing else uses, and count it in the peak memory.
+        ids = engine.tokenizer().encode(&text, false, true).map_err(anyhow::Error::msg)?;
     }
     Ok(ids)
 }

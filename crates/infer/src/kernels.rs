@@ -69,7 +69,7 @@ impl Attention {
     /// `n_head` query heads sharing `n_kv` K/V heads of `head_dim`, `len` cached positions of
     /// deterministic keys and values.
     pub fn new(n_head: usize, n_kv: usize, head_dim: usize, len: usize) -> Self {
-        let mut cache = crate::attention::HostKvCache::new(n_kv, head_dim);
+        let mut cache = crate::attention::HostKvCache::new(n_kv, head_dim, len);
         let value = |i: usize| ((i.wrapping_mul(2_654_435_761)) % 1_000) as f32 / 500.0 - 1.0;
         let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
         let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();

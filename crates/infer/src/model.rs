@@ -513,7 +513,7 @@ impl Model {
                 post_ffn_norm: opt_vector(gguf, &name("post_ffw_norm.weight"), c.n_embd)?,
                 sliding: c.is_sliding(idx),
                 cache: if device.is_cpu() {
-                    LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim))
+                    LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim, context_length))
                 } else {
                     LayerCache::Device(DeviceKvCache::new())
                 },
@@ -562,7 +562,7 @@ impl Model {
                 .iter()
                 .map(|_| {
                     if self.device.is_cpu() {
-                        LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim))
+                        LayerCache::Host(HostKvCache::new(c.n_head_kv, c.head_dim, self.context_length))
                     } else {
                         LayerCache::Device(DeviceKvCache::new())
                     }
@@ -846,7 +846,7 @@ impl Layer {
             // On the host, on plain values from the input to the output.
             let (_, seq, _) = h.dims3()?;
             let out = with_host(h, |h| -> candle_core::Result<Vec<f32>> {
-                let (gate, up) = match &self.gate {
+                let (mut gate, up) = match &self.gate {
                     Some(gate) => (gate.forward_host(h, seq)?, self.up.forward_host(h, seq)?),
                     None => {
                         let fused = self.up.forward_host(h, seq)?;
@@ -858,9 +858,9 @@ impl Layer {
                     }
                 };
                 let glu = if c.arch == Arch::Gemma3 { numerics::geglu } else { numerics::swiglu };
-                let activated = glu(&gate, &up, c.n_ff);
-                drop((gate, up));
-                self.down.forward_host(&activated, seq)
+                glu(&mut gate, &up, c.n_ff);
+                drop(up);
+                self.down.forward_host(&gate, seq)
             })??;
             let width = out.len() / seq.max(1);
             return Tensor::from_vec(out, (1, seq, width), h.device());

@@ -150,11 +150,12 @@ pub(crate) fn v_expf(x: f32) -> f32 {
 multiversion! {
     /// `ggml_vec_swiglu_f32` on each row of `row_len` values: `silu(gate) · up`, vectorised
     /// SiLU (`x / (1 + v_expf(-x))`) on blocks of 16, the C library's `expf` on the rest.
-    /// Rows in parallel.
-    pub(crate) fn swiglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
-        rows_in_parallel(gate, up, row_len, |gate, up, out| {
+    /// Rows in parallel, written over `gate`.
+    pub(crate) fn swiglu(gate: &mut [f32], up: &[f32], row_len: usize) {
+        rows_in_parallel(gate, up, row_len, |gate, up| {
             let vectorised = gate.len() / 16 * 16;
-            for (i, ((&x, &g), y)) in gate.iter().zip(up).zip(out).enumerate() {
+            for (i, (y, &g)) in gate.iter_mut().zip(up).enumerate() {
+                let x = *y;
                 let e = if i < vectorised { v_expf(0.0 - x) } else { (-x).exp() };
                 *y = (x / (1.0 + e)) * g;
             }
@@ -164,11 +165,13 @@ multiversion! {
 
 multiversion! {
     /// GELU (tanh form) as ggml's GEGLU computes it with `GGML_GELU_FP16`: the input rounded
-    /// to f16, the result read from a table of f16 values, then multiplied by `up`.
-    pub(crate) fn geglu(gate: &[f32], up: &[f32], row_len: usize) -> Vec<f32> {
+    /// to f16, the result read from a table of f16 values, then multiplied by `up`. Written
+    /// over `gate`.
+    pub(crate) fn geglu(gate: &mut [f32], up: &[f32], row_len: usize) {
         let table = gelu_table();
-        rows_in_parallel(gate, up, row_len, |gate, up, out| {
-            for ((&x, &g), y) in gate.iter().zip(up).zip(out) {
+        rows_in_parallel(gate, up, row_len, |gate, up| {
+            for (y, &g) in gate.iter_mut().zip(up) {
+                let x = *y;
                 *y = if x <= -10.0 {
                     0.0
                 } else if x >= 10.0 {
@@ -181,21 +184,10 @@ multiversion! {
     }
 }
 
-/// `row(gate, up, out)` on each row of `row_len` values, rows in parallel.
-fn rows_in_parallel(
-    gate: &[f32],
-    up: &[f32],
-    row_len: usize,
-    row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
+/// `row(gate, up)` on each row of `row_len` values, rows in parallel.
+fn rows_in_parallel(gate: &mut [f32], up: &[f32], row_len: usize, row: impl Fn(&mut [f32], &[f32]) + Sync) {
     let row_len = row_len.max(1);
-    out.par_chunks_mut(row_len).zip(gate.par_chunks(row_len).zip(up.par_chunks(row_len))).for_each(
-        |(out, (gate, up))| {
-            row(gate, up, out);
-        },
-    );
-    out
+    gate.par_chunks_mut(row_len).zip(up.par_chunks(row_len)).for_each(|(gate, up)| row(gate, up));
 }
 
 /// ggml's `ggml_table_gelu_f16`: GELU of every f16 value, rounded to f16 (held as f32),
@@ -335,7 +327,9 @@ mod tests {
     fn geglu_reads_gelu_of_the_rounded_input() {
         let gate: Vec<f32> = (-1300..1300).map(|i| i as f32 / 117.0).collect();
         let up: Vec<f32> = gate.iter().map(|x| 1.0 + x.abs()).collect();
-        for ((y, &x), &g) in geglu(&gate, &up, 100).iter().zip(&gate).zip(&up) {
+        let mut out = gate.clone();
+        geglu(&mut out, &up, 100);
+        for ((y, &x), &g) in out.iter().zip(&gate).zip(&up) {
             let rounded = f64::from(f16::from_f32(x).to_f32());
             let gelu = 0.5
                 * rounded
