@@ -51,6 +51,35 @@ impl HostKvCache {
         self.values.truncate(keep);
     }
 
+    /// The cache widened to f32 (exact) in the blocks the tiled kernel walks, each contiguous:
+    /// per K/V head and tile, the keys transposed (per dimension, the tile's cells side by
+    /// side at [`KEY_STRIDE`], so that one score per lane is computed, as ggml's tile GEMM
+    /// does; the last tile padded with zeros); per K/V head, the values of each position.
+    fn widened(&self) -> (Vec<f32>, Vec<f32>) {
+        let (len, head_dim, width) = (self.len(), self.head_dim, self.row());
+        let tiles = len.div_ceil(TILE_CELLS);
+        let mut keys_t = vec![0f32; self.n_kv * tiles * head_dim * KEY_STRIDE];
+        keys_t.par_chunks_mut(head_dim * KEY_STRIDE).enumerate().for_each(|(block, out)| {
+            let (kv_head, tile) = (block / tiles, block % tiles);
+            let mut key = vec![0f32; head_dim];
+            for cell in 0..TILE_CELLS.min(len - tile * TILE_CELLS) {
+                let at = (tile * TILE_CELLS + cell) * width + kv_head * head_dim;
+                self.keys[at..at + head_dim].convert_to_f32_slice(&mut key);
+                for (dim, &k) in key.iter().enumerate() {
+                    out[dim * KEY_STRIDE + cell] = k;
+                }
+            }
+        });
+        let mut values = vec![0f32; self.values.len()];
+        values.par_chunks_mut(len.max(1) * head_dim).enumerate().for_each(|(kv_head, out)| {
+            for (position, out) in out.chunks_exact_mut(head_dim).enumerate() {
+                let at = position * width + kv_head * head_dim;
+                self.values[at..at + head_dim].convert_to_f32_slice(out);
+            }
+        });
+        (keys_t, values)
+    }
+
     /// Appends `seq` positions; `keys` and `values` are laid out `[seq][n_kv][head_dim]`.
     pub(crate) fn append(&mut self, keys: &[f32], values: &[f32]) {
         let start = self.keys.len();
@@ -79,6 +108,10 @@ pub(crate) struct AttentionShape {
 const TILE_ROWS: usize = 64;
 /// Key/value cells per tile of that kernel.
 const TILE_CELLS: usize = 64;
+/// Values between two dimensions of a tile's transposed keys: the tile's cells and a gap,
+/// so that the rows a product walks down do not all fall into the same few cache sets
+/// (a power-of-two stride made Gemma's 256-dimension tiles 20% slower).
+const KEY_STRIDE: usize = TILE_CELLS + 8;
 
 multiversion! {
     /// Causal attention of `seq` queries at positions `pos..pos + seq` over the whole cache
@@ -95,32 +128,10 @@ multiversion! {
         let head_dim = shape.head_dim;
         let n_rep = shape.n_head / shape.n_kv;
         let tiled = queries.len() / (shape.n_head * head_dim) >= TILE_ROWS;
-        // The tiled kernel's rows are many: it reads the cache widened once per call (f16 → f32
-        // is exact), keys transposed (per head, per dimension, positions contiguous) so that
-        // one score per lane is computed, as ggml's tile GEMM does. The one-chunk kernel reads
-        // the f16 cache as it is.
+        // The tiled kernel's rows are many: it reads the cache widened once per call. The
+        // one-chunk kernel reads the f16 cache as it is.
         let len = cache.len();
-        let (keys_t, values) = if tiled {
-            let width = shape.n_kv * head_dim;
-            let mut wide = vec![0f32; cache.keys.len()];
-            wide.par_chunks_mut(width * 64).zip(cache.keys.par_chunks(width * 64)).for_each(|(out, keys)| {
-                keys.convert_to_f32_slice(out);
-            });
-            let mut t = vec![0f32; cache.keys.len()];
-            t.par_chunks_mut(len.max(1)).enumerate().for_each(|(row, positions)| {
-                for (p, k) in positions.iter_mut().enumerate() {
-                    *k = wide[p * width + row];
-                }
-            });
-            drop(wide);
-            let mut values = vec![0f32; cache.values.len()];
-            values.par_chunks_mut(width).zip(cache.values.par_chunks(width)).for_each(|(out, row)| {
-                row.convert_to_f32_slice(out);
-            });
-            (t, values)
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let (keys_t, values) = if tiled { cache.widened() } else { (Vec::new(), Vec::new()) };
         let rows = Rows {
             keys16: &cache.keys,
             values16: &cache.values,
@@ -141,25 +152,40 @@ multiversion! {
         let visible =
             |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
         if tiled {
-            // Per position, the query heads that share a K/V head see the same keys: they go
-            // through the kernel up to four at a time, each with its own accumulators (so each
-            // row's arithmetic is unchanged), sharing the reads of K and V and giving the
-            // processor several independent chains of fused multiply-adds.
+            // Blocks of positions walk the tiles together: each tile of K and V is read from
+            // memory once for the block, and stays in the core's caches while every row of it
+            // takes its step (a position alone would stream the whole cache from the shared
+            // cache, per K/V head). Per position, the query heads that share a K/V head go
+            // through the kernel up to four at a time, each with its own accumulators, sharing
+            // the reads of K and V and giving the processor several independent chains of
+            // fused multiply-adds. Each row takes the same steps as alone, in the same order.
             let width = shape.n_head * head_dim;
-            out.par_chunks_mut(width).zip(queries.par_chunks(width)).enumerate().for_each(|(i, (out_pos, query_pos))| {
-                let group = n_rep * head_dim;
-                for (kv_head, (outs, qs)) in out_pos.chunks_mut(group).zip(query_pos.chunks(group)).enumerate() {
-                    let mut heads: Vec<_> = outs.chunks_mut(head_dim).zip(qs.chunks(head_dim).map(prepare)).collect();
-                    while !heads.is_empty() {
-                        let group: Vec<_> = heads.drain(..heads.len().min(4)).collect();
-                        let visible = visible(pos + i);
-                        match group.len() {
-                            4 => attend_group::<4>(&rows, kv_head, group, visible),
-                            3 => attend_group::<3>(&rows, kv_head, group, visible),
-                            2 => attend_group::<2>(&rows, kv_head, group, visible),
-                            _ => attend_group::<1>(&rows, kv_head, group, visible),
+            let block = POSITIONS_PER_WALK * width;
+            out.par_chunks_mut(block).zip(queries.par_chunks(block)).enumerate().for_each(|(b, (outs, qs))| {
+                let first = pos + b * POSITIONS_PER_WALK;
+                let prepared: Vec<(Vec<f32>, f32)> = qs.chunks(head_dim).map(prepare).collect();
+                let mut heads: Vec<(&mut [f32], &[f32], f32)> =
+                    outs.chunks_mut(head_dim).zip(&prepared).map(|(out, (q, scale))| (out, q.as_slice(), *scale)).collect();
+                for kv_head in 0..shape.n_kv {
+                    // This K/V head's rows of every position in the block, in groups.
+                    let mut groups = Vec::new();
+                    for (i, position) in heads.chunks_mut(shape.n_head).enumerate() {
+                        let visible = visible(first + i);
+                        let mut mine = position[kv_head * n_rep..(kv_head + 1) * n_rep].iter_mut();
+                        loop {
+                            let group: Vec<_> = mine.by_ref().take(4).collect();
+                            if group.is_empty() {
+                                break;
+                            }
+                            groups.push(Group::new(group, visible.clone()));
                         }
                     }
+                    let start = groups.iter().map(Group::first_tile).min().unwrap_or(0);
+                    let end = groups.iter().map(Group::end).max().unwrap_or(0);
+                    for tile_start in (start..end).step_by(TILE_CELLS) {
+                        groups.iter_mut().for_each(|group| group.step(&rows, kv_head, tile_start));
+                    }
+                    groups.into_iter().for_each(Group::finish);
                 }
             });
         } else {
@@ -175,28 +201,86 @@ multiversion! {
     }
 }
 
-/// One query head of a position: its output, and its query (scaled or not) with the scale.
-type Head<'a> = (&'a mut [f32], (Vec<f32>, f32));
+/// Query positions that walk the tiles of the cache together (see [`attend`]).
+const POSITIONS_PER_WALK: usize = 8;
 
-/// [`attend_tiled`] for `R` heads of one position.
-#[inline(always)]
-fn attend_group<const R: usize>(rows: &Rows, kv_head: usize, group: Vec<Head<'_>>, visible: std::ops::Range<usize>) {
-    let scale = group.first().map_or(1.0, |(_, (_, scale))| *scale);
-    let (outs, queries): (Vec<&mut [f32]>, Vec<Vec<f32>>) = group.into_iter().map(|(out, (q, _))| (out, q)).unzip();
-    let Ok(outs) = <[&mut [f32]; R]>::try_from(outs) else {
-        return;
-    };
-    let q: [&[f32]; R] = std::array::from_fn(|r| queries[r].as_slice());
-    attend_tiled(rows, kv_head, q, scale, visible, outs);
+/// One to four query rows of a position that share a K/V head, part way through their
+/// walk over the tiles.
+enum Group<'a> {
+    One(TiledRows<'a, 1>),
+    Two(TiledRows<'a, 2>),
+    Three(TiledRows<'a, 3>),
+    Four(TiledRows<'a, 4>),
+}
+
+impl<'a> Group<'a> {
+    /// The rows `heads` (output, query, scale; one scale for all), seeing the keys `visible`.
+    fn new<'q: 'a>(heads: Vec<&'a mut (&mut [f32], &'q [f32], f32)>, visible: std::ops::Range<usize>) -> Self {
+        let scale = heads.first().map_or(1.0, |head| head.2);
+        let (outs, qs): (Vec<&'a mut [f32]>, Vec<&'a [f32]>) =
+            heads.into_iter().map(|head| (&mut *head.0, head.1)).unzip();
+        fn rows<'a, const R: usize>(
+            outs: Vec<&'a mut [f32]>,
+            qs: Vec<&'a [f32]>,
+            scale: f32,
+            visible: std::ops::Range<usize>,
+        ) -> Option<TiledRows<'a, R>> {
+            Some(TiledRows::new(<[_; R]>::try_from(qs).ok()?, <[_; R]>::try_from(outs).ok()?, scale, visible))
+        }
+        match outs.len() {
+            4 => rows(outs, qs, scale, visible).map(Self::Four),
+            3 => rows(outs, qs, scale, visible).map(Self::Three),
+            2 => rows(outs, qs, scale, visible).map(Self::Two),
+            _ => rows(outs, qs, scale, visible).map(Self::One),
+        }
+        .unwrap_or_else(|| unreachable!("a group holds one to four rows"))
+    }
+
+    fn first_tile(&self) -> usize {
+        match self {
+            Self::One(rows) => rows.first_tile(),
+            Self::Two(rows) => rows.first_tile(),
+            Self::Three(rows) => rows.first_tile(),
+            Self::Four(rows) => rows.first_tile(),
+        }
+    }
+
+    fn end(&self) -> usize {
+        match self {
+            Self::One(rows) => rows.visible.end,
+            Self::Two(rows) => rows.visible.end,
+            Self::Three(rows) => rows.visible.end,
+            Self::Four(rows) => rows.visible.end,
+        }
+    }
+
+    #[inline(always)]
+    fn step(&mut self, cache: &Rows, kv_head: usize, tile_start: usize) {
+        match self {
+            Self::One(rows) => rows.step(cache, kv_head, tile_start),
+            Self::Two(rows) => rows.step(cache, kv_head, tile_start),
+            Self::Three(rows) => rows.step(cache, kv_head, tile_start),
+            Self::Four(rows) => rows.step(cache, kv_head, tile_start),
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Self::One(rows) => rows.finish(),
+            Self::Two(rows) => rows.finish(),
+            Self::Three(rows) => rows.finish(),
+            Self::Four(rows) => rows.finish(),
+        }
+    }
 }
 
 /// The cache of one layer, and for the tiled kernel its widened form.
 struct Rows<'a> {
     keys16: &'a [f16],
     values16: &'a [f16],
-    /// Keys laid out `[kv_head][dim][position]` (tiled kernel only).
+    /// Keys laid out `[kv_head][tile][dim][cell]` (tiled kernel only).
     keys_t: &'a [f32],
-    /// Values widened (tiled kernel only).
+    /// Values laid out `[kv_head][position][dim]` (tiled kernel only).
     values: &'a [f32],
     n_kv: usize,
     head_dim: usize,
@@ -621,8 +705,8 @@ fn tile_scores<const R: usize>(
     let mut scores = [[0f32; TILE_CELLS]; R];
     let mut parts = scores.iter_mut();
     let mut out: [&mut [f32]; R] = std::array::from_fn(|_| parts.next().map(|s| &mut s[..]).unwrap_or_default());
-    let first = kv_head * rows.head_dim * rows.len + tile_start;
-    accumulate(rows.keys_t, first, rows.len, q, &mut out, cells);
+    let first = (kv_head * rows.len.div_ceil(TILE_CELLS) + tile_start / TILE_CELLS) * rows.head_dim * KEY_STRIDE;
+    accumulate(rows.keys_t, first, KEY_STRIDE, q, &mut out, cells);
     scores
 }
 
@@ -640,32 +724,49 @@ fn tile_values<const R: usize>(
         return;
     }
     let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - tile_start..cells.end - tile_start]);
-    let first = rows.at(cells.start, kv_head).start;
-    accumulate(rows.values, first, rows.n_kv * rows.head_dim, p, acc, rows.head_dim);
+    let first = (kv_head * rows.len + cells.start) * rows.head_dim;
+    accumulate(rows.values, first, rows.head_dim, p, acc, rows.head_dim);
 }
 
 /// `ggml_compute_forward_flash_attn_ext_tiled` for `R` query rows that see the same keys
-/// (`visible`, of K/V head `kv_head`): the cache in tiles of [`TILE_CELLS`] cells from
-/// position 0; tiles without a visible key are skipped. Each row is computed exactly as
-/// alone; the rows share the reads of K and V.
-#[inline(always)]
-fn attend_tiled<const R: usize>(
-    rows: &Rows,
-    kv_head: usize,
-    q: [&[f32]; R],
+/// (`visible`): the cache in tiles of [`TILE_CELLS`] cells from position 0, one
+/// [`step`](Self::step) per tile; tiles without a visible key are skipped. Each row is
+/// computed exactly as alone; the rows share the reads of K and V.
+struct TiledRows<'a, const R: usize> {
+    q: [&'a [f32]; R],
+    /// The weighted values so far, in the rows' outputs.
+    acc: [&'a mut [f32]; R],
+    /// The online softmax's running maximum and normaliser of each row.
+    max: [f32; R],
+    total: [f32; R],
     scale: f32,
     visible: std::ops::Range<usize>,
-    mut acc: [&mut [f32]; R],
-) {
-    acc.iter_mut().for_each(|acc| acc.fill(0.0));
-    let (mut total, mut max) = ([0f32; R], [f32::NEG_INFINITY; R]);
-    let mut tile_start = visible.start / TILE_CELLS * TILE_CELLS;
-    while tile_start < visible.end {
-        tile_step(rows, kv_head, q, scale, &visible, tile_start, &mut acc, &mut max, &mut total);
-        tile_start += TILE_CELLS;
+}
+
+impl<'a, const R: usize> TiledRows<'a, R> {
+    fn new(q: [&'a [f32]; R], mut acc: [&'a mut [f32]; R], scale: f32, visible: std::ops::Range<usize>) -> Self {
+        acc.iter_mut().for_each(|acc| acc.fill(0.0));
+        Self { q, acc, max: [f32::NEG_INFINITY; R], total: [0.0; R], scale, visible }
     }
-    for (acc, total) in acc.iter_mut().zip(total) {
-        finish_row(acc, total);
+
+    fn first_tile(&self) -> usize {
+        self.visible.start / TILE_CELLS * TILE_CELLS
+    }
+
+    /// The tile from `tile_start`, unless none of its keys is visible.
+    #[inline(always)]
+    fn step(&mut self, rows: &Rows, kv_head: usize, tile_start: usize) {
+        if tile_start < self.first_tile() || tile_start >= self.visible.end {
+            return;
+        }
+        let Self { q, acc, max, total, scale, visible } = self;
+        tile_step(rows, kv_head, *q, *scale, visible, tile_start, acc, max, total);
+    }
+
+    fn finish(self) {
+        for (acc, total) in self.acc.into_iter().zip(self.total) {
+            finish_row(acc, total);
+        }
     }
 }
 
@@ -718,6 +819,22 @@ fn tile_step<const R: usize>(
 mod tests {
     use super::*;
 
+    /// One position's walk over the tiles (`R` rows of K/V head `kv_head`).
+    fn attend_tiled<const R: usize>(
+        rows: &Rows,
+        kv_head: usize,
+        q: [&[f32]; R],
+        scale: f32,
+        visible: std::ops::Range<usize>,
+        acc: [&mut [f32]; R],
+    ) {
+        let mut walk = TiledRows::new(q, acc, scale, visible.clone());
+        for tile_start in (walk.first_tile()..visible.end).step_by(TILE_CELLS) {
+            walk.step(rows, kv_head, tile_start);
+        }
+        walk.finish();
+    }
+
     /// Reference: softmax(q·k * scale) · v in f64.
     fn naive(keys: &[Vec<f32>], values: &[Vec<f32>], q: &[f32], scale: f32) -> Vec<f64> {
         let scores: Vec<f64> = keys
@@ -765,13 +882,9 @@ mod tests {
             let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
             let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
             let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
-            let mut keys_t = vec![0f32; keys.len()];
-            for (p, row) in keys.chunks_exact(n_kv * head_dim).enumerate() {
-                for (i, &k) in row.iter().enumerate() {
-                    keys_t[i * len + p] = f16::from_f32(k).to_f32();
-                }
-            }
-            let values: Vec<f32> = values.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let mut cache = HostKvCache::new(n_kv, head_dim, len);
+            cache.append(&keys, &values);
+            let (keys_t, values) = cache.widened();
             let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
             let q0: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 0.37).collect();
             let q1: Vec<f32> = (0..head_dim).map(|i| value(i * 5 + 1) * 0.41).collect();
@@ -786,6 +899,39 @@ mod tests {
                 attend_tiled(&rows, 1, [&q0, &q1, &q1, &q0], 0.125, visible.clone(), [f0, f1, f2, f3]);
                 assert_eq!(four, [alone0.clone(), alone1.clone(), alone1.clone(), alone0.clone()]);
                 assert_eq!((alone0, alone1), (both0, both1), "head_dim {head_dim}, keys {visible:?}");
+            }
+        }
+    }
+
+    /// Positions walking the tiles in blocks (the last one partial) give each position's bits
+    /// alone: groups of four query heads and one (six heads per K/V head), with and without
+    /// a window, keys scaled first or not.
+    #[test]
+    fn blocked_walks_agree_with_positions_alone() {
+        let (n_head, n_kv, head_dim, len, seq) = (12, 2, 64, 150, 70);
+        let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
+        let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+        let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+        let mut cache = HostKvCache::new(n_kv, head_dim, len);
+        cache.append(&keys, &values);
+        let (keys_t, widened) = cache.widened();
+        let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &widened, n_kv, head_dim, len };
+        let queries: Vec<f32> = (0..seq * n_head * head_dim).map(|i| value(i * 3 + 5) * 0.3).collect();
+        let pos = len - seq;
+        for (window, scale_q_first) in [(None, false), (Some(100), false), (None, true)] {
+            let shape = AttentionShape { n_head, n_kv, head_dim, scale: 0.125, scale_q_first, window };
+            let got = attend(&cache, &queries, pos, &shape);
+            for (i, (position, out)) in queries.chunks(n_head * head_dim).zip(got.chunks(n_head * head_dim)).enumerate()
+            {
+                let end = pos + i + 1;
+                let visible = window.map_or(0, |w: usize| end.saturating_sub(w))..end;
+                for (head, (q, out)) in position.chunks(head_dim).zip(out.chunks(head_dim)).enumerate() {
+                    let (q, scale): (Vec<f32>, f32) =
+                        if scale_q_first { (q.iter().map(|x| x * 0.125).collect(), 1.0) } else { (q.to_vec(), 0.125) };
+                    let mut alone = vec![0f32; head_dim];
+                    attend_tiled(&rows, head / (n_head / n_kv), [&q], scale, visible.clone(), [&mut alone]);
+                    assert_eq!(out, alone.as_slice(), "position {i}, head {head}, window {window:?}");
+                }
             }
         }
     }
@@ -819,28 +965,26 @@ mod tests {
     #[test]
     fn tile_blocks_keep_each_chain() {
         for head_dim in [64, 256, 72] {
-            let (n_kv, len) = (2, 150);
+            let (n_kv, len) = (2, 150usize);
             let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
-            let keys_t: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+            let tiles = len.div_ceil(TILE_CELLS);
+            let keys_t: Vec<f32> = (0..n_kv * tiles * head_dim * KEY_STRIDE).map(value).collect();
             let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
             let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
+            // Where the widened layouts keep key `d` of cell `t` of the tile from 64, and value `d`
+            // of position `c`, of K/V head 1.
+            let key_at = |d: usize, t: usize| ((tiles + 1) * head_dim + d) * KEY_STRIDE + t;
+            let value_at = |c: usize, d: usize| (len + c) * head_dim + d;
             let q: Vec<Vec<f32>> = (0..4).map(|r| (0..head_dim).map(|i| value(i * 7 + r) * 0.37).collect()).collect();
-            let (kv_head, tile_start, cells) = (1, 64, 70..128);
+            let (tile_start, cells) = (64, 70..128);
             let plain_scores = |q: &[f32]| -> Vec<f32> {
                 (0..TILE_CELLS)
-                    .map(|t| {
-                        (0..head_dim)
-                            .fold(0f32, |s, d| keys_t[(kv_head * head_dim + d) * len + tile_start + t].mul_add(q[d], s))
-                    })
+                    .map(|t| (0..head_dim).fold(0f32, |s, d| keys_t[key_at(d, t)].mul_add(q[d], s)))
                     .collect()
             };
             let plain_values = |p: &[f32]| -> Vec<f32> {
                 (0..head_dim)
-                    .map(|d| {
-                        cells
-                            .clone()
-                            .fold(0.5f32, |a, c| values[rows.at(c, kv_head).start + d].mul_add(p[c - tile_start], a))
-                    })
+                    .map(|d| cells.clone().fold(0.5f32, |a, c| values[value_at(c, d)].mul_add(p[c - tile_start], a)))
                     .collect()
             };
             fn check<const R: usize>(
@@ -866,16 +1010,16 @@ mod tests {
                     let mut it = portable.iter_mut();
                     std::array::from_fn(|_| it.next().map(|s| &mut s[..]).unwrap_or_default())
                 };
-                let first = rows.head_dim * rows.len + 64;
-                accumulate_plain(rows.keys_t, first, rows.len, q, &mut acc, 0..TILE_CELLS);
+                let first = (rows.len.div_ceil(TILE_CELLS) + 1) * rows.head_dim * KEY_STRIDE;
+                accumulate_plain(rows.keys_t, first, KEY_STRIDE, q, &mut acc, 0..TILE_CELLS);
                 let mut out_portable = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
                 let mut acc: [&mut [f32]; R] = {
                     let mut it = out_portable.iter_mut();
                     std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
                 };
                 let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - 64..cells.end - 64]);
-                let stride = rows.n_kv * rows.head_dim;
-                accumulate_plain(rows.values, rows.at(cells.start, 1).start, stride, p, &mut acc, 0..rows.head_dim);
+                let first = (rows.len + cells.start) * rows.head_dim;
+                accumulate_plain(rows.values, first, rows.head_dim, p, &mut acc, 0..rows.head_dim);
                 for r in 0..R {
                     assert_eq!(partial[r][..45], scores[r][..45], "{R} rows, head_dim {}", rows.head_dim);
                 }
