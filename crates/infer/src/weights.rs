@@ -97,6 +97,7 @@ impl Arena {
         // just reserved by this call alone: nothing else reads or writes it yet.
         #[allow(unsafe_code)]
         let region = unsafe { std::slice::from_raw_parts_mut(self.base.add(start), bytes) };
+        populate(region);
         reader.read_exact(region)?;
         Ok(Blocks { arena: self.clone(), start, len: count, block: PhantomData })
     }
@@ -131,6 +132,31 @@ impl Arena {
         settled.set();
         settled
     }
+}
+
+/// Faults in the pages of `region` by one call, before a read fills it, rather than one
+/// page fault at a time inside the read (SmolLM2: ~24,000 of them; reading its weights took
+/// 68-75 ms before, 59-65 after, interleaved). Older kernels refuse it (`EINVAL`): the read
+/// then faults the pages in as before.
+fn populate(region: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        /// `MADV_POPULATE_WRITE` (Linux 5.14), not in every libc's headers.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        const PAGE: usize = 4096;
+        let address = region.as_mut_ptr() as usize;
+        let start = address / PAGE * PAGE;
+        let end = (address + region.len()).next_multiple_of(PAGE);
+        // SAFETY: the pages from `start` to `end` hold `region` and, at its two ends, parts
+        // of the same allocation (the arena over-allocates by a huge page); populating a page
+        // never changes its contents.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE)
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = region;
 }
 
 /// Collapses the used part of the arena into huge pages, one at a time, while it lives.
