@@ -493,15 +493,16 @@ impl Engine {
     fn forward(
         &mut self,
         tokens: &[u32],
+        logits: bool,
         background: bool,
         events: &mpsc::Sender<Result<StreamEvent, GenerateError>>,
         commands: &mut mpsc::Receiver<Command>,
         waiting: &mut Waiting,
     ) -> Result<Option<Vec<f32>>, GenerateError> {
         if !background {
-            return Ok(Some(self.model.forward(tokens)?));
+            return Ok(Some(self.model.forward(tokens, logits)?));
         }
-        let mut pass = self.model.begin(tokens)?;
+        let mut pass = self.model.begin(tokens, logits)?;
         loop {
             let owner_waiting = &self.owner_waiting;
             match self.model.resume(pass, || owner_waiting.load(Ordering::SeqCst))? {
@@ -592,7 +593,9 @@ impl Engine {
             if events.is_closed() {
                 return Ok(());
             }
-            match self.forward(&rest[batch.clone()], request.background, events, commands, waiting)? {
+            // Only the prompt's last micro-batch needs logits.
+            let last = batch.end == rest.len();
+            match self.forward(&rest[batch.clone()], last, request.background, events, commands, waiting)? {
                 Some(batch_logits) => logits = batch_logits,
                 None => return Ok(()),
             }
@@ -643,7 +646,7 @@ impl Engine {
             if self.model.cache_len() + 1 >= context_length {
                 break StopReason::ContextFull;
             }
-            match self.forward(&[id], request.background, events, commands, waiting)? {
+            match self.forward(&[id], true, request.background, events, commands, waiting)? {
                 Some(next) => logits = next,
                 None => break StopReason::Cancelled,
             }

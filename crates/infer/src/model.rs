@@ -598,9 +598,9 @@ impl Model {
     }
 
     /// Runs `tokens` (one micro-batch) at positions `cache_len()..` and returns the logits
-    /// of the last one.
-    pub(crate) fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
-        let mut pass = self.begin(tokens)?;
+    /// of the last one, or nothing without `logits` (a prompt's micro-batch before its last).
+    pub(crate) fn forward(&mut self, tokens: &[u32], logits: bool) -> candle_core::Result<Vec<f32>> {
+        let mut pass = self.begin(tokens, logits)?;
         loop {
             match self.resume(pass, || false)? {
                 Step::Done(logits) => return Ok(logits),
@@ -610,8 +610,9 @@ impl Model {
     }
 
     /// Starts a forward pass of `tokens` at positions `cache_len()..`; [`resume`]
-    /// (Self::resume) runs its layers.
-    pub(crate) fn begin(&self, tokens: &[u32]) -> candle_core::Result<Pass> {
+    /// (Self::resume) runs its layers. Without `logits`, the pass only fills the KV caches:
+    /// as llama.cpp with no output rows, it stops after the last layer's attention.
+    pub(crate) fn begin(&self, tokens: &[u32], logits: bool) -> candle_core::Result<Pass> {
         let pos = self.cache_len();
         let seq = tokens.len();
         if seq == 0 || pos + seq > self.context_length {
@@ -639,7 +640,7 @@ impl Model {
         // Host RoPE angles, once per forward for each base.
         let table = self.rope.host_table(pos, seq);
         let local_table = self.rope_local.as_ref().map(|rope| rope.host_table(pos, seq));
-        Ok(Pass { x, pos, seq, next_layer: 0, table, local_table, full_mask, window_mask })
+        Ok(Pass { x, pos, seq, next_layer: 0, table, local_table, full_mask, window_mask, logits })
     }
 
     /// Runs the layers of `pass` still to run, and returns the logits of its last token;
@@ -648,12 +649,12 @@ impl Model {
     /// than the rest: the model's caches must be swapped aside (or truncated) before any
     /// other pass runs.
     pub(crate) fn resume(&mut self, pass: Pass, pause: impl Fn() -> bool) -> candle_core::Result<Step> {
-        let Pass { mut x, pos, seq, next_layer, table, local_table, full_mask, window_mask } = pass;
+        let Pass { mut x, pos, seq, next_layer, table, local_table, full_mask, window_mask, logits } = pass;
         let c = self.config.clone();
         let n_layer = self.layers.len();
         for il in next_layer..n_layer {
             if il > next_layer && pause() {
-                let pass = Pass { x, pos, seq, next_layer: il, table, local_table, full_mask, window_mask };
+                let pass = Pass { x, pos, seq, next_layer: il, table, local_table, full_mask, window_mask, logits };
                 return Ok(Step::Paused(pass));
             }
             let layer = &mut self.layers[il];
@@ -663,6 +664,9 @@ impl Model {
             };
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let attn = layer.attention(&h, &c, (rope, table), mask, pos, self.context_length)?;
+            if il + 1 == n_layer && !logits {
+                return Ok(Step::Done(Vec::new()));
+            }
             // llama.cpp carries only the rows it outputs (the last) past the last layer's
             // attention; kernels that treat row groups differently must see the same rows.
             let (attn, x_rows) = if il + 1 == n_layer {
@@ -702,11 +706,13 @@ pub(crate) struct Pass {
     local_table: Option<Vec<f32>>,
     full_mask: Option<Tensor>,
     window_mask: Option<Tensor>,
+    /// Whether the pass ends with the last token's logits.
+    logits: bool,
 }
 
 /// What [`Model::resume`] got to.
 pub(crate) enum Step {
-    /// The logits of the pass's last token.
+    /// The logits of the pass's last token (empty for a pass without them).
     Done(Vec<f32>),
     /// Paused between two layers.
     Paused(Pass),
