@@ -106,6 +106,10 @@ fn group_of<A, const G: usize>(activations: &[A], per_row: usize, group: usize) 
 /// Activation rows per call of the Q4_1, Q8_0 and Q5_0 kernels in a prompt: each weight
 /// block decoded once for eight rows.
 const ROWS: usize = 8;
+/// The same for batches of 4 to 7 rows (a sliding-window model's prompt ends with a batch
+/// of 4, as llama.cpp's server computes it), which would otherwise take one pass over the
+/// weights per row.
+const FEW_ROWS: usize = 4;
 
 /// An activation block type: `VALUES` values quantized as ggml quantizes them.
 trait Activations: Send + Sized {
@@ -915,8 +919,8 @@ macro_rules! avx2_kernels {
             use std::arch::x86_64::*;
 
             use super::{
-                BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, Q8Weights, QK, QK_K, ROWS, group_of,
-                hsum_8, par_matmul, row_of,
+                BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
+                group_of, hsum_8, par_matmul, row_of,
             };
 
             // Whole products: the closures below inherit this module's target features, so the
@@ -925,25 +929,21 @@ macro_rules! avx2_kernels {
             #[target_feature(enable = $features)]
             pub(super) fn matmul_q4_1(w: &[BlockQ4_1], a: &[BlockQ8_1], shape: (usize, usize, usize)) -> Vec<f32> {
                 let per_row = shape.2;
-                par_matmul(
-                    w,
-                    shape,
-                    true,
-                    |w, r| dot_q4_1(w, row_of(a, per_row, r)),
-                    |w, g| dotn_q4_1::<ROWS>(w, group_of(a, per_row, g)),
-                )
+                let dot = |w: &[BlockQ4_1], r| dot_q4_1(w, row_of(a, per_row, r));
+                if (FEW_ROWS..ROWS).contains(&shape.1) {
+                    return par_matmul(w, shape, true, dot, |w, g| dotn_q4_1::<FEW_ROWS>(w, group_of(a, per_row, g)));
+                }
+                par_matmul(w, shape, true, dot, |w, g| dotn_q4_1::<ROWS>(w, group_of(a, per_row, g)))
             }
 
             #[target_feature(enable = $features)]
             pub(super) fn matmul_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0], shape: (usize, usize, usize)) -> Vec<f32> {
                 let per_row = shape.2;
-                par_matmul(
-                    w,
-                    shape,
-                    true,
-                    |w, r| dot_q8(w, row_of(a, per_row, r)),
-                    |w, g| dotn_q8::<ROWS, B>(w, group_of(a, per_row, g)),
-                )
+                let dot = |w: &[B], r| dot_q8(w, row_of(a, per_row, r));
+                if (FEW_ROWS..ROWS).contains(&shape.1) {
+                    return par_matmul(w, shape, true, dot, |w, g| dotn_q8::<FEW_ROWS, B>(w, group_of(a, per_row, g)));
+                }
+                par_matmul(w, shape, true, dot, |w, g| dotn_q8::<ROWS, B>(w, group_of(a, per_row, g)))
             }
 
             #[target_feature(enable = $features)]
@@ -1683,7 +1683,7 @@ mod tests {
             ("Q8_0", &|x, m| q80.matmul(x, m)),
             ("Q5_0", &|x, m| q50.matmul(x, m)),
         ];
-        for m in [8, 11, 16, 19] {
+        for m in [4, 5, 7, 8, 11, 16, 19] {
             let x = values(m * k, 23 + m as u64);
             for (name, matmul) in kernels {
                 let together = matmul(&x, m);
