@@ -819,6 +819,20 @@ fn tile_step<const R: usize>(
 mod tests {
     use super::*;
 
+    /// Deterministic keys and values that rise and fall, as test inputs.
+    fn value(i: usize) -> f32 {
+        ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0
+    }
+
+    /// A cache of `len` positions of [`value`]s.
+    fn filled(n_kv: usize, head_dim: usize, len: usize) -> HostKvCache {
+        let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
+        let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
+        let mut cache = HostKvCache::new(n_kv, head_dim, len);
+        cache.append(&keys, &values);
+        cache
+    }
+
     /// One position's walk over the tiles (`R` rows of K/V head `kv_head`).
     fn attend_tiled<const R: usize>(
         rows: &Rows,
@@ -855,11 +869,7 @@ mod tests {
     fn one_chunk_kernels_agree_bit_for_bit() {
         for head_dim in [64, 256] {
             let (n_kv, len) = (2, 97);
-            let mut cache = HostKvCache::new(n_kv, head_dim, 0);
-            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
-            let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
-            let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
-            cache.append(&keys, &values);
+            let cache = filled(n_kv, head_dim, len);
             let rows =
                 Rows { keys16: &cache.keys, values16: &cache.values, keys_t: &[], values: &[], n_kv, head_dim, len };
             let q: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 1.37).collect();
@@ -879,12 +889,7 @@ mod tests {
     fn tiled_rows_together_agree_with_rows_alone() {
         for head_dim in [64, 256, 72] {
             let (n_kv, len) = (2, 150);
-            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
-            let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
-            let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
-            let mut cache = HostKvCache::new(n_kv, head_dim, len);
-            cache.append(&keys, &values);
-            let (keys_t, values) = cache.widened();
+            let (keys_t, values) = filled(n_kv, head_dim, len).widened();
             let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
             let q0: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 0.37).collect();
             let q1: Vec<f32> = (0..head_dim).map(|i| value(i * 5 + 1) * 0.41).collect();
@@ -909,11 +914,7 @@ mod tests {
     #[test]
     fn blocked_walks_agree_with_positions_alone() {
         let (n_head, n_kv, head_dim, len, seq) = (12, 2, 64, 150, 70);
-        let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
-        let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
-        let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
-        let mut cache = HostKvCache::new(n_kv, head_dim, len);
-        cache.append(&keys, &values);
+        let cache = filled(n_kv, head_dim, len);
         let (keys_t, widened) = cache.widened();
         let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &widened, n_kv, head_dim, len };
         let queries: Vec<f32> = (0..seq * n_head * head_dim).map(|i| value(i * 3 + 5) * 0.3).collect();
@@ -966,7 +967,6 @@ mod tests {
     fn tile_blocks_keep_each_chain() {
         for head_dim in [64, 256, 72] {
             let (n_kv, len) = (2, 150usize);
-            let value = |i: usize| ((i * 2_654_435_761) % 1_000) as f32 / 250.0 - 2.0;
             let tiles = len.div_ceil(TILE_CELLS);
             let keys_t: Vec<f32> = (0..n_kv * tiles * head_dim * KEY_STRIDE).map(value).collect();
             let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
