@@ -162,7 +162,7 @@ multiversion! {
             let width = shape.n_head * head_dim;
             let block = POSITIONS_PER_WALK * width;
             out.par_chunks_mut(block).zip(queries.par_chunks(block)).enumerate().for_each(|(b, (outs, qs))| {
-                let first = pos + b * POSITIONS_PER_WALK;
+                let (first, outs_len) = (pos + b * POSITIONS_PER_WALK, outs.len());
                 let prepared: Vec<(Vec<f32>, f32)> = qs.chunks(head_dim).map(prepare).collect();
                 let mut heads: Vec<(&mut [f32], &[f32], f32)> =
                     outs.chunks_mut(head_dim).zip(&prepared).map(|(out, (q, scale))| (out, q.as_slice(), *scale)).collect();
@@ -180,9 +180,10 @@ multiversion! {
                             groups.push(Group::new(group, visible.clone()));
                         }
                     }
-                    let start = groups.iter().map(Group::first_tile).min().unwrap_or(0);
-                    let end = groups.iter().map(Group::end).max().unwrap_or(0);
-                    for tile_start in (start..end).step_by(TILE_CELLS) {
+                    // From the first position's first tile to the last position's last key.
+                    let positions = outs_len / width;
+                    let start = visible(first).start / TILE_CELLS * TILE_CELLS;
+                    for tile_start in (start..visible(first + positions - 1).end).step_by(TILE_CELLS) {
                         groups.iter_mut().for_each(|group| group.step(&rows, kv_head, tile_start));
                     }
                     groups.into_iter().for_each(Group::finish);
@@ -234,24 +235,6 @@ impl<'a> Group<'a> {
             _ => rows(outs, qs, scale, visible).map(Self::One),
         }
         .unwrap_or_else(|| unreachable!("a group holds one to four rows"))
-    }
-
-    fn first_tile(&self) -> usize {
-        match self {
-            Self::One(rows) => rows.first_tile(),
-            Self::Two(rows) => rows.first_tile(),
-            Self::Three(rows) => rows.first_tile(),
-            Self::Four(rows) => rows.first_tile(),
-        }
-    }
-
-    fn end(&self) -> usize {
-        match self {
-            Self::One(rows) => rows.visible.end,
-            Self::Two(rows) => rows.visible.end,
-            Self::Three(rows) => rows.visible.end,
-            Self::Four(rows) => rows.visible.end,
-        }
     }
 
     #[inline(always)]
