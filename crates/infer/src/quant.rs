@@ -87,6 +87,50 @@ fn par_matmul<const G: usize, W: Sync>(
     out
 }
 
+/// `m × n` outputs of a matrix stored as groups of eight rows ([`BlockQ4Kx8`]: `per_row`
+/// blocks a group, the last group padded), in parallel. `tile(group, first, rows)` gives
+/// the group's eight outputs for activation rows `first..first + rows`: the rows of ggml's
+/// gemm part (all but the last `m % 4`) go 8 at a time (4 for a last tile of 4 to 7
+/// rows), the others one at a time (`rows == 1`), where ggml's gemv kernel takes them.
+fn par_matmul_x8<W: Sync>(
+    groups: &[W],
+    (n, m, per_row): (usize, usize, usize),
+    tile: impl Fn(&[W], usize, usize) -> [[f32; 8]; ROWS] + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let gemm = m - m % 4;
+    let mut tiles = Vec::new();
+    let mut rest = out.as_mut_slice();
+    let mut first = 0;
+    while first < m {
+        let rows = if first + ROWS <= gemm {
+            ROWS
+        } else if first < gemm {
+            4
+        } else {
+            1
+        };
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(rows * n);
+        tiles.push((first, rows, head));
+        (first, rest) = (first + rows, tail);
+    }
+    let group_count = n.div_ceil(8);
+    let chunk = group_count.div_ceil(rayon::current_num_threads() * 4).max(2);
+    tiles.into_par_iter().for_each(|(first, rows, out)| {
+        let columns: Vec<[[f32; 8]; ROWS]> = (0..group_count)
+            .into_par_iter()
+            .with_min_len(chunk)
+            .map(|g| tile(&groups[g * per_row..(g + 1) * per_row], first, rows))
+            .collect();
+        for (r, out_row) in out.chunks_exact_mut(n.max(1)).enumerate() {
+            for (values, column) in out_row.chunks_mut(8).zip(&columns) {
+                values.copy_from_slice(&column[r][..values.len()]);
+            }
+        }
+    });
+    out
+}
+
 /// Row `row` of `per_row` blocks each.
 #[inline(always)]
 fn row_of<A>(activations: &[A], per_row: usize, row: usize) -> &[A] {
@@ -569,8 +613,9 @@ struct BlockQ8K {
     d: f32,
     qs: [i8; QK_K],
     bsums: [i32; QK_K / 16],
-    /// The sums of each 32 values (Q4_K's sub-blocks).
-    sums32: [i32; QK_K / 32],
+    /// The sums of each 32 values (Q4_K's sub-blocks; at most 32 × 127 in magnitude), 16
+    /// bits each so that a pair is one 32-bit lane of the Q4_K kernel.
+    sums32: [i16; QK_K / 32],
 }
 
 /// ggml's `quantize_row_q8_K_ref` (what x86 builds use): the scale from the signed value
@@ -593,7 +638,8 @@ fn quantize_q8_k(x: &[f32]) -> BlockQ8K {
         *sum = chunk.iter().map(|&q| i32::from(q)).sum();
     }
     for (sum, pair) in block.sums32.iter_mut().zip(block.bsums.chunks_exact(2)) {
-        *sum = pair[0] + pair[1];
+        // |Σ| ≤ 32 × 127: fits.
+        *sum = (pair[0] + pair[1]) as i16;
     }
     block.d = 1.0 / iscale;
     block
@@ -689,17 +735,84 @@ impl BlockQ6K {
     }
 }
 
+/// The super-blocks of eight Q4_K rows at one position, repacked at load (as ggml repacks
+/// Q4_K into `block_q4_Kx8`, in a layout of its own) so that one 32-byte load holds four
+/// values of each of the eight rows: `qs[8p + step][row]` is the row's bytes
+/// `32p + 4·step..+4`, whose low nibbles are values `4·step..+4` of sub-block `2p` and high
+/// nibbles the same of sub-block `2p + 1`. The scale bytes are the rows' twelve, byte `i` of
+/// row `r` at `scales[i][r]`, so eight rows decode together. 1152 bytes, as the eight
+/// blocks take in the file.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ4Kx8 {
+    d: [f16; 8],
+    dmin: [f16; 8],
+    scales: [[u8; 8]; 12],
+    qs: [[[u8; 4]; 8]; 32],
+}
+
+impl BlockQ4Kx8 {
+    fn pack(rows: [&BlockQ4K; 8]) -> Self {
+        let mut block = Self { d: [f16::ZERO; 8], dmin: [f16::ZERO; 8], scales: [[0; 8]; 12], qs: [[[0; 4]; 8]; 32] };
+        for (r, row) in rows.iter().enumerate() {
+            (block.d[r], block.dmin[r]) = (row.d, row.dmin);
+            for (i, &byte) in row.scales.iter().enumerate() {
+                block.scales[i][r] = byte;
+            }
+            for (chunk, bytes) in row.qs.chunks_exact(4).enumerate() {
+                block.qs[chunk][r].copy_from_slice(bytes);
+            }
+        }
+        block
+    }
+
+    /// Row `r`'s super-block as the file holds it.
+    fn row(&self, r: usize) -> BlockQ4K {
+        let mut row = BlockQ4K { d: self.d[r], dmin: self.dmin[r], scales: [0; 12], qs: [0; QK_K / 2] };
+        for (i, byte) in row.scales.iter_mut().enumerate() {
+            *byte = self.scales[i][r];
+        }
+        for (chunk, bytes) in row.qs.chunks_exact_mut(4).enumerate() {
+            bytes.copy_from_slice(&self.qs[chunk][r]);
+        }
+        row
+    }
+
+    /// The eight rows' scales and minimums of each sub-block (byte `r` of `[s]` for row `r`):
+    /// [`BlockQ4K::scales_mins`] on the eight rows at once, a byte per row.
+    #[inline(always)]
+    fn scales_mins(&self) -> ([u64; 8], [u64; 8]) {
+        const LOW6: u64 = 0x3f3f_3f3f_3f3f_3f3f;
+        const LOW4: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+        const LOW2: u64 = 0x0303_0303_0303_0303;
+        let packed = self.scales.map(u64::from_le_bytes);
+        let (mut scales, mut mins) = ([0u64; 8], [0u64; 8]);
+        for j in 0..4 {
+            scales[j] = packed[j] & LOW6;
+            mins[j] = packed[j + 4] & LOW6;
+            scales[j + 4] = (packed[j + 8] & LOW4) | (((packed[j] >> 6) & LOW2) << 4);
+            mins[j + 4] = ((packed[j + 8] >> 4) & LOW4) | (((packed[j + 4] >> 6) & LOW2) << 4);
+        }
+        (scales, mins)
+    }
+}
+
 // SAFETY: repr(C), 144 bytes without padding (checked below), f16 and bytes only.
 #[allow(unsafe_code)]
 unsafe impl RawBlock for BlockQ4K {}
 const _: () = assert!(size_of::<BlockQ4K>() == 144);
+// SAFETY: repr(C), 1152 bytes without padding (checked below), f16 and bytes only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ4Kx8 {}
+const _: () = assert!(size_of::<BlockQ4Kx8>() == 8 * 144);
 // SAFETY: repr(C), 210 bytes without padding (checked below), bytes and f16 only.
 #[allow(unsafe_code)]
 unsafe impl RawBlock for BlockQ6K {}
 const _: () = assert!(size_of::<BlockQ6K>() == 210);
 
 enum KBlocks {
-    Q4K(Blocks<BlockQ4K>),
+    /// Rows in groups of eight, the last group padded with zero rows.
+    Q4K(Blocks<BlockQ4Kx8>),
     Q6K(Blocks<BlockQ6K>),
 }
 
@@ -712,15 +825,34 @@ pub(crate) struct KMatrix {
 }
 
 impl KMatrix {
-    /// Reads a Q4_K matrix's GGUF bytes into `arena`; `Ok(None)` when `k` is not a whole
-    /// number of blocks.
+    /// Reads a Q4_K matrix's GGUF bytes into `arena`, repacked eight rows at a time
+    /// ([`BlockQ4Kx8`]; `n` rounded up to a multiple of 8 rows); `Ok(None)` when `k` is not
+    /// a whole number of blocks.
     pub(crate) fn read_q4_k(
         arena: &Arc<Arena>,
-        reader: impl Read,
+        mut reader: impl Read,
         n: usize,
         k: usize,
     ) -> std::io::Result<Option<Self>> {
-        Ok(read_blocks(arena, reader, (n, k), QK_K)?.map(|blocks| Self { n, k, blocks: KBlocks::Q4K(blocks) }))
+        if !k.is_multiple_of(QK_K) {
+            return Ok(None);
+        }
+        let per_row = k / QK_K;
+        let count = n.div_ceil(8).checked_mul(per_row).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let zero = BlockQ4K { d: f16::ZERO, dmin: f16::ZERO, scales: [0; 12], qs: [0; QK_K / 2] };
+        let mut rows = vec![zero; 8 * per_row];
+        let blocks = arena.fill(count, |groups: &mut [BlockQ4Kx8]| {
+            for (g, group) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
+                let present = (n - 8 * g).min(8);
+                reader.read_exact(crate::weights::as_bytes_mut(&mut rows[..present * per_row]))?;
+                rows[present * per_row..].fill(zero);
+                for (b, block) in group.iter_mut().enumerate() {
+                    *block = BlockQ4Kx8::pack(std::array::from_fn(|r| &rows[r * per_row + b]));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Self { n, k, blocks: KBlocks::Q4K(blocks) }))
     }
 
     /// The same for Q6_K.
@@ -738,7 +870,8 @@ impl KMatrix {
         if bytes.len() != n * k / QK_K * 144 {
             return None;
         }
-        Self::read_q4_k(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
+        let padded = n.next_multiple_of(8) * k / QK_K * 144;
+        Self::read_q4_k(&Arena::new(padded + crate::weights::ALIGN), bytes, n, k).ok().flatten()
     }
 
     #[cfg(test)]
@@ -763,10 +896,16 @@ impl KMatrix {
         let row = |row| row_of(&a, per_row, row);
         let group = |group| group_of::<_, 4>(&a, per_row, group);
         match &self.blocks {
-            // Rows outside the groups of four: Q4_K's gemv kernel.
             KBlocks::Q4K(blocks) => {
                 simd_return!(matmul_q4_k(blocks, &a, shape));
-                par_matmul(blocks, shape, false, |w, r| dot_q4_k(w, row(r)), |w, g| dot4_q4_k(w, group(g)))
+                par_matmul_x8(blocks, shape, |w, first, rows| {
+                    let mut out = [[0f32; 8]; ROWS];
+                    for (r, out) in out.iter_mut().enumerate().take(rows) {
+                        // Rows outside the groups of four: the gemv kernel's arithmetic.
+                        *out = dot8_q4_k_scalar(w, row(first + r), rows > 1);
+                    }
+                    out
+                })
             }
             KBlocks::Q6K(blocks) if has_simd() => {
                 simd_return!(matmul_q6_k(blocks, &a, shape));
@@ -786,9 +925,9 @@ impl KMatrix {
 /// sub-block, fused into an f32 accumulator (and the minimums' integer sums into another),
 /// one subtraction at the end. The gemv kernel fuses once per super-block, the gemm kernel
 /// (`gemm`: rows taken four at a time) once per pair of sub-blocks.
-fn dot_q4_k_scalar(w: &[BlockQ4K], a: &[BlockQ8K], gemm: bool) -> f32 {
+fn dot_q4_k_scalar(w: impl IntoIterator<Item = BlockQ4K>, a: &[BlockQ8K], gemm: bool) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
-    for (wb, ab) in w.iter().zip(a) {
+    for (wb, ab) in w.into_iter().zip(a) {
         let wb = wb.unpack();
         let (scale, scale_min) = (wb.d * ab.d, wb.dmin * ab.d);
         let (mut sum, mut mins) = (0i32, 0i32);
@@ -797,7 +936,7 @@ fn dot_q4_k_scalar(w: &[BlockQ4K], a: &[BlockQ8K], gemm: bool) -> f32 {
             let dot: i32 =
                 wb.qs[range.clone()].iter().zip(&ab.qs[range]).map(|(&q, &y)| i32::from(q) * i32::from(y)).sum();
             sum += wb.scales[sub] * dot;
-            mins += wb.mins[sub] * ab.sums32[sub];
+            mins += wb.mins[sub] * i32::from(ab.sums32[sub]);
             if gemm && sub % 2 == 1 {
                 acc = (sum as f32).mul_add(scale, acc);
                 acc_min = (mins as f32).mul_add(scale_min, acc_min);
@@ -810,6 +949,11 @@ fn dot_q4_k_scalar(w: &[BlockQ4K], a: &[BlockQ8K], gemm: bool) -> f32 {
         }
     }
     acc - acc_min
+}
+
+/// The eight rows of a group of repacked Q4_K rows against one activation row.
+fn dot8_q4_k_scalar(w: &[BlockQ4Kx8], a: &[BlockQ8K], gemm: bool) -> [f32; 8] {
+    std::array::from_fn(|r| dot_q4_k_scalar(w.iter().map(|block| block.row(r)), a, gemm))
 }
 
 /// Q6_K × Q8_K as ggml's `ggml_vec_dot_q6_K_q8_K` (x86 AVX2 path): eight integer lanes,
@@ -885,14 +1029,6 @@ fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32;
     a.map(|a| dot_q8_scalar(w, a))
 }
 dispatch!(
-    /// Q4_K × Q8_K as the repacked gemv kernel.
-    fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 => dot_q4_k, dot_q4_k_scalar(w, a, false)
-);
-dispatch!(
-    /// Q4_K × Q8_K as the repacked gemm kernel, for four activation rows.
-    fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q4_k, a.map(|a| dot_q4_k_scalar(w, a, true))
-);
-dispatch!(
     /// Q6_K × Q8_K as `ggml_vec_dot_q6_K_q8_K`.
     fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 => dot_q6_k, dot_q6_k_scalar(w, a)
 );
@@ -919,8 +1055,8 @@ macro_rules! avx2_kernels {
             use std::arch::x86_64::*;
 
             use super::{
-                BlockQ4_1, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
-                group_of, hsum_8, par_matmul, row_of,
+                BlockQ4_1, BlockQ4Kx8, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
+                group_of, hsum_8, par_matmul, par_matmul_x8, row_of,
             };
 
             // Whole products: the closures below inherit this module's target features, so the
@@ -947,15 +1083,17 @@ macro_rules! avx2_kernels {
             }
 
             #[target_feature(enable = $features)]
-            pub(super) fn matmul_q4_k(w: &[BlockQ4K], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
+            pub(super) fn matmul_q4_k(w: &[BlockQ4Kx8], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
                 let per_row = shape.2;
-                par_matmul(
-                    w,
-                    shape,
-                    false,
-                    |w, r| dot_q4_k(w, row_of(a, per_row, r)),
-                    |w, g| dot4_q4_k(w, group_of(a, per_row, g)),
-                )
+                par_matmul_x8(w, shape, |w, first, rows| {
+                    let mut out = [[0f32; 8]; ROWS];
+                    match rows {
+                        ROWS => out = dot8_q4_k::<ROWS, true>(w, group_of(a, per_row, first / ROWS)),
+                        4 => out[..4].copy_from_slice(&dot8_q4_k::<4, true>(w, group_of(a, per_row, first / 4))),
+                        _ => out[0] = dot8_q4_k::<1, false>(w, [row_of(a, per_row, first)])[0],
+                    }
+                    out
+                })
             }
 
             #[target_feature(enable = $features)]
@@ -1160,114 +1298,98 @@ macro_rules! avx2_kernels {
                 out
             }
 
-            /// A Q4_K block's values (sub-block `s` in vector `s`), its scales and minimums as
-            /// eight ints each, and `d`, `dmin`: what its rows share.
-            struct Q4KParts {
-                values: [__m256i; 8],
-                scales: __m256i,
-                mins: __m256i,
-                d: f32,
-                dmin: f32,
-            }
-
-            #[inline]
+            /// The eight rows of a group of repacked Q4_K rows ([`BlockQ4Kx8`]) against `R`
+            /// activation rows, with the arithmetic of ggml's repacked gemm kernel (`GEMM`:
+            /// fused once per pair of sub-blocks) or gemv kernel (once per super-block).
+            /// Lane `j` of every vector is weight row `j`. Per sub-block and activation row,
+            /// eight `maddubs` take four values of every weight row against the activation's
+            /// four values broadcast; their 16-bit sums (each of 16 products of a nibble and
+            /// an activation of magnitude ≤ 127: at most 30,480) are widened by `madd` with
+            /// the rows' scales. Every integer sum is exact, so it is ggml's.
             #[target_feature(enable = $features)]
-            fn q4_k_parts(wb: &BlockQ4K) -> Q4KParts {
-                let mut values = [_mm256_setzero_si256(); 8];
-                let low = _mm256_set1_epi8(0x0F);
-                for chunk in 0..4 {
-                    // SAFETY: 32 readable bytes.
-                    let bytes = unsafe { _mm256_loadu_si256(wb.qs[chunk * 32..].as_ptr().cast()) };
-                    values[2 * chunk] = _mm256_and_si256(bytes, low);
-                    values[2 * chunk + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-                }
-                let (scales, mins) = wb.scales_mins();
-                let widen = |bytes: [u8; 8]| _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(bytes)));
-                let both = i32::from(wb.d.to_bits()) | (i32::from(wb.dmin.to_bits()) << 16);
-                let both = _mm_cvtph_ps(_mm_set1_epi32(both));
-                Q4KParts {
-                    values,
-                    scales: widen(scales),
-                    mins: widen(mins),
-                    d: _mm_cvtss_f32(both),
-                    dmin: _mm_cvtss_f32(_mm_movehdup_ps(both)),
-                }
-            }
-
-            /// One Q4_K super-block against one Q8_K block, the integer part: lanes 0-1 and 4-5
-            /// hold the scaled dot products of the sub-block pairs 0, 1, 2 and 3, lanes 2-3 and
-            /// 6-7 the minimums' terms of the same pairs.
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn q4_k_pairs(parts: &Q4KParts, ab: &BlockQ8K) -> __m256i {
-                let mut dots = [_mm256_setzero_si256(); 8];
-                for (sub, dot) in dots.iter_mut().enumerate() {
-                    *dot = lanes_u8(parts.values[sub], load(&ab.qs[sub * 32..]));
-                }
-                // Transposing sums: sub-block s's total lands in lane s.
-                let (h01, h23) = (_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
-                let (h45, h67) = (_mm256_hadd_epi32(dots[4], dots[5]), _mm256_hadd_epi32(dots[6], dots[7]));
-                let (q03, q47) = (_mm256_hadd_epi32(h01, h23), _mm256_hadd_epi32(h45, h67));
-                let per_sub = _mm256_add_epi32(
-                    _mm256_permute2x128_si256(q03, q47, 0x20),
-                    _mm256_permute2x128_si256(q03, q47, 0x31),
-                );
-                let scaled = _mm256_mullo_epi32(per_sub, parts.scales);
-                let mins = _mm256_mullo_epi32(parts.mins, load_i32(&ab.sums32));
-                _mm256_hadd_epi32(scaled, mins)
-            }
-
-            #[target_feature(enable = $features)]
-            pub(super) fn dot_q4_k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-                let (mut acc, mut acc_min) = (0f32, 0f32);
-                for (wb, ab) in w.iter().zip(a) {
-                    prefetch(wb);
-                    prefetch(&wb.qs[64]);
-                    let parts = q4_k_parts(wb);
-                    let pairs = q4_k_pairs(&parts, ab);
-                    // Lane 0: all the scaled dot products; lane 2: all the minimums' terms.
-                    let s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
-                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-                    let (sum, mins) = (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2));
-                    acc = (sum as f32).mul_add(parts.d * ab.d, acc);
-                    acc_min = (mins as f32).mul_add(parts.dmin * ab.d, acc_min);
-                }
-                acc - acc_min
-            }
-
-            #[target_feature(enable = $features)]
-            pub(super) fn dot4_q4_k(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
-                let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+            pub(super) fn dot8_q4_k<const R: usize, const GEMM: bool>(
+                w: &[BlockQ4Kx8],
+                a: [&[BlockQ8K]; R],
+            ) -> [[f32; 8]; R] {
                 let (w, a) = cut(w, a);
+                let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+                let low = _mm256_set1_epi8(0x0F);
+                // Byte r of a sub-block's scales to both 16-bit halves of lane r.
+                let spread = _mm256_setr_epi8(
+                    0, -1, 0, -1, 1, -1, 1, -1, 2, -1, 2, -1, 3, -1, 3, -1, //
+                    4, -1, 4, -1, 5, -1, 5, -1, 6, -1, 6, -1, 7, -1, 7, -1,
+                );
                 for (i, wb) in w.iter().enumerate() {
-                    let parts = q4_k_parts(wb);
-                    let rows = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
-                    let pairs = |r: usize| _mm256_cvtepi32_ps(q4_k_pairs(&parts, rows[r]));
-                    let (f0, f1, f2, f3) = (pairs(0), pairs(1), pairs(2), pairs(3));
-                    // Within each 128-bit half, a 4×4 transpose: lane r of `cj` is row r's lane j.
-                    let (t0, t1) = (_mm256_unpacklo_ps(f0, f1), _mm256_unpackhi_ps(f0, f1));
-                    let (t2, t3) = (_mm256_unpacklo_ps(f2, f3), _mm256_unpackhi_ps(f2, f3));
-                    let join = |lo: __m256, hi: __m256, high: bool| {
-                        let (lo, hi) = (_mm256_castps_pd(lo), _mm256_castps_pd(hi));
-                        _mm256_castpd_ps(if high { _mm256_unpackhi_pd(lo, hi) } else { _mm256_unpacklo_pd(lo, hi) })
+                    // SAFETY: 16 readable bytes each.
+                    let (d, dmin) = unsafe {
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(wb.d.as_ptr().cast())),
+                            _mm256_cvtph_ps(_mm_loadu_si128(wb.dmin.as_ptr().cast())),
+                        )
                     };
-                    let (c0, c1, c2, c3) =
-                        (join(t0, t2, false), join(t0, t2, true), join(t1, t3, false), join(t1, t3, true));
-                    let d = _mm_setr_ps(rows[0].d, rows[1].d, rows[2].d, rows[3].d);
-                    let (scale, scale_min) =
-                        (_mm_mul_ps(_mm_set1_ps(parts.d), d), _mm_mul_ps(_mm_set1_ps(parts.dmin), d));
-                    let half = |v: __m256, high: bool| {
-                        if high { _mm256_extractf128_ps(v, 1) } else { _mm256_castps256_ps128(v) }
-                    };
-                    // Sub-block pairs 0, 1, 2, 3 in order: the sums in c0/c1, the minimums in c2/c3.
-                    for (sums, mins, high) in [(c0, c2, false), (c1, c3, false), (c0, c2, true), (c1, c3, true)] {
-                        acc = _mm_fmadd_ps(half(sums, high), scale, acc);
-                        acc_min = _mm_fmadd_ps(half(mins, high), scale_min, acc_min);
+                    let (scales, mins) = wb.scales_mins();
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    let mut min_sums = [_mm256_setzero_si256(); R];
+                    for pair in 0..QK_K / 64 {
+                        for half in 0..2 {
+                            let sub = 2 * pair + half;
+                            let mut values = [_mm256_setzero_si256(); 8];
+                            for (step, value) in values.iter_mut().enumerate() {
+                                // SAFETY: 32 readable bytes.
+                                let raw = unsafe { _mm256_loadu_si256(wb.qs[8 * pair + step].as_ptr().cast()) };
+                                let raw = if half == 0 { raw } else { _mm256_srli_epi16(raw, 4) };
+                                *value = _mm256_and_si256(raw, low);
+                            }
+                            let scale = _mm256_shuffle_epi8(_mm256_set1_epi64x(scales[sub] as i64), spread);
+                            for r in 0..R {
+                                let qs = &a[r][i].qs[sub * 32..sub * 32 + 32];
+                                let mut dot = _mm256_setzero_si256();
+                                for (step, &value) in values.iter().enumerate() {
+                                    // SAFETY: 4 readable bytes of the 32.
+                                    let y = unsafe { qs.as_ptr().add(4 * step).cast::<i32>().read_unaligned() };
+                                    dot = _mm256_add_epi16(dot, _mm256_maddubs_epi16(value, _mm256_set1_epi32(y)));
+                                }
+                                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(dot, scale));
+                            }
+                        }
+                        // Lane r: the pair's minimums, 16 bits each, against the activation's
+                        // sums of the two sub-blocks.
+                        let pair_mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
+                            _mm_cvtsi64_si128(mins[2 * pair] as i64),
+                            _mm_cvtsi64_si128(mins[2 * pair + 1] as i64),
+                        ));
+                        for r in 0..R {
+                            let ab = &a[r][i];
+                            let (s0, s1) = (ab.sums32[2 * pair] as u16, ab.sums32[2 * pair + 1] as u16);
+                            let both = (u32::from(s0) | (u32::from(s1) << 16)) as i32;
+                            min_sums[r] =
+                                _mm256_add_epi32(min_sums[r], _mm256_madd_epi16(pair_mins, _mm256_set1_epi32(both)));
+                            if GEMM {
+                                let ad = _mm256_set1_ps(ab.d);
+                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(d, ad), acc[r]);
+                                acc_min[r] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(min_sums[r]),
+                                    _mm256_mul_ps(dmin, ad),
+                                    acc_min[r],
+                                );
+                                (sums[r], min_sums[r]) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            }
+                        }
+                    }
+                    if !GEMM {
+                        for r in 0..R {
+                            let ad = _mm256_set1_ps(a[r][i].d);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(d, ad), acc[r]);
+                            acc_min[r] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums[r]), _mm256_mul_ps(dmin, ad), acc_min[r]);
+                        }
                     }
                 }
-                let mut out = [0f32; 4];
-                // SAFETY: 16 writable bytes.
-                unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+                let mut out = [[0f32; 8]; R];
+                for r in 0..R {
+                    // SAFETY: 32 writable bytes.
+                    unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_sub_ps(acc[r], acc_min[r])) };
+                }
                 out
             }
 
@@ -1605,7 +1727,6 @@ mod tests {
         let q6k = QTensor::quantize(&w_tensor, GgmlDType::Q6K).expect("quantize");
         let q6k = KMatrix::from_q6_k_bytes(&q6k.data().expect("bytes"), n, k).expect("layout");
         let a8k: Vec<Vec<BlockQ8K>> = x.iter().map(|x| x.chunks_exact(QK_K).map(quantize_q8_k).collect()).collect();
-        let a8k_rows = &a8k;
         fn four<T>(a: &[Vec<T>]) -> [&[T]; 4] {
             std::array::from_fn(|r| a[r].as_slice())
         }
@@ -1614,13 +1735,12 @@ mod tests {
             let (w41, w80, w50) =
                 (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)], &q50.blocks[row(k / QK, col)]);
             let (KBlocks::Q4K(b4k), KBlocks::Q6K(b6k)) = (&q4k.blocks, &q6k.blocks) else { panic!("kinds") };
-            let (w4k, w6k) = (&b4k[row(k / QK_K, col)], &b6k[row(k / QK_K, col)]);
+            let w6k = &b6k[row(k / QK_K, col)];
             for r in 0..4 {
                 let (a41, a80, a8k) = (&a41[r], &a80[r], &a8k[r]);
                 assert_eq!(dot_q4_1(w41, a41).to_bits(), dot_q4_1_scalar(w41, a41).to_bits());
                 assert_eq!(dot_q8(w80, a80).to_bits(), dot_q8_scalar(w80, a80).to_bits());
                 assert_eq!(dot_q8(w50, a80).to_bits(), dot_q8_scalar(w50, a80).to_bits());
-                assert_eq!(dot_q4_k(w4k, a8k).to_bits(), dot_q4_k_scalar(w4k, a8k, false).to_bits());
                 assert_eq!(dot_q6_k(w6k, a8k).to_bits(), dot_q6_k_scalar(w6k, a8k).to_bits());
                 assert_eq!(dot_q6_k_tiled(w6k, a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, a8k).to_bits());
             }
@@ -1635,7 +1755,6 @@ mod tests {
             let want: [u32; 8] = std::array::from_fn(|r| dot_q4_1_scalar(w41, &a41[r % 4]).to_bits());
             assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
             assert_eq!(bits(dot4_q6_k_tiled(w6k, four(&a8k))), expected(&|r| dot_q6_k_tiled_scalar(w6k, &a8k[r])));
-            assert_eq!(bits(dot4_q4_k(w4k, four(&a8k))), expected(&|r| dot_q4_k_scalar(w4k, &a8k[r], true)));
             // The dispatchers above take one copy of the SIMD kernels; both are checked
             // here (the VNNI one where the CPU has VNNI).
             #[cfg(target_arch = "x86_64")]
@@ -1656,11 +1775,16 @@ mod tests {
                     both!(dot_q4_1(w41, a41) == dot_q4_1_scalar(w41, a41));
                     both!(dot_q8(w80, a80) == dot_q8_scalar(w80, a80));
                     both!(dot_q8(w50, a80) == dot_q8_scalar(w50, a80));
-                    both!(dot_q4_k(w4k, a8k) == dot_q4_k_scalar(w4k, a8k, false));
                     both!(dot_q6_k(w6k, a8k) == dot_q6_k_scalar(w6k, a8k));
                     both!(dot_q6_k_tiled(w6k, a8k) == dot_q6_k_tiled_scalar(w6k, a8k));
-                    let want = expected(&|r| dot_q4_k_scalar(w4k, &a8k_rows[r], true));
-                    assert_eq!(bits(avx2::dot4_q4_k(w4k, four(a8k_rows))), want);
+                    // Repacked Q4_K, the first group of eight rows (`q4_k_rows_follow_gemm_then_gemv`
+                    // covers the tiles of the dispatched copy).
+                    let w4k = &b4k[..k / QK_K];
+                    let want = dot8_q4_k_scalar(w4k, a8k, false).map(f32::to_bits);
+                    assert_eq!(avx2::dot8_q4_k::<1, false>(w4k, [a8k])[0].map(f32::to_bits), want);
+                    if vnni {
+                        assert_eq!(avx2_vnni::dot8_q4_k::<1, false>(w4k, [a8k])[0].map(f32::to_bits), want);
+                    }
                 }
             }
         }
@@ -1691,6 +1815,37 @@ mod tests {
                     let alone = matmul(row, 1);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&together[r * n..(r + 1) * n]), bits(&alone), "{name}: row {r} of {m}");
+                }
+            }
+        }
+    }
+
+    /// A Q4_K product's rows have the scalar kernel's bits on the file's rows: ggml's gemm
+    /// arithmetic for all but the last `m % 4` rows, its gemv arithmetic for those, whatever
+    /// the tiles; a row count that is not a multiple of 8 pads the last group.
+    #[test]
+    fn q4_k_rows_follow_gemm_then_gemv() {
+        let (n, k) = (20, 768);
+        let q = QTensor::quantize(
+            &Tensor::from_vec(values(n * k, 31), (n, k), &Device::Cpu).expect("tensor"),
+            GgmlDType::Q4K,
+        )
+        .expect("quantize");
+        let bytes = q.data().expect("bytes").to_vec();
+        let matrix = KMatrix::from_q4_k_bytes(&bytes, n, k).expect("layout");
+        // The file's blocks, as GGUF lays them out.
+        let arena = Arena::new(bytes.len() + crate::weights::ALIGN);
+        let blocks: Vec<BlockQ4K> = arena.read(bytes.as_slice(), n * k / QK_K).expect("read").to_vec();
+        let file_rows: Vec<&[BlockQ4K]> = blocks.chunks_exact(k / QK_K).collect();
+        for m in [1, 3, 4, 5, 8, 11, 12, 13, 16, 19] {
+            let x = values(m * k, 41 + m as u64);
+            let out = matrix.matmul(&x, m);
+            let a: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
+            for r in 0..m {
+                let gemm = r < m - m % 4;
+                for (col, w) in file_rows.iter().enumerate() {
+                    let want = dot_q4_k_scalar(w.iter().copied(), row_of(&a, k / QK_K, r), gemm);
+                    assert_eq!(out[r * n + col].to_bits(), want.to_bits(), "m {m}, row {r}, column {col}");
                 }
             }
         }

@@ -82,6 +82,16 @@ impl Arena {
         mut reader: impl Read,
         count: usize,
     ) -> std::io::Result<Blocks<B>> {
+        self.fill(count, |blocks: &mut [B]| reader.read_exact(as_bytes_mut(blocks)))
+    }
+
+    /// Reserves `count` blocks of type `B` (zeroed) and has `write` fill them; an error
+    /// leaves the arena usable, the region it reserved unused.
+    pub(crate) fn fill<B: RawBlock>(
+        self: &Arc<Self>,
+        count: usize,
+        write: impl FnOnce(&mut [B]) -> std::io::Result<()>,
+    ) -> std::io::Result<Blocks<B>> {
         let bytes = count
             .checked_mul(size_of::<B>())
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "weight matrix too large"))?;
@@ -98,7 +108,11 @@ impl Arena {
         #[allow(unsafe_code)]
         let region = unsafe { std::slice::from_raw_parts_mut(self.base.add(start), bytes) };
         populate(region);
-        reader.read_exact(region)?;
+        // SAFETY: the region is aligned to ALIGN ≥ align_of::<B>(), holds `count` blocks'
+        // bytes, and every bit pattern is a valid B (RawBlock's contract).
+        #[allow(unsafe_code)]
+        let blocks = unsafe { std::slice::from_raw_parts_mut(region.as_mut_ptr().cast::<B>(), count) };
+        write(blocks)?;
         Ok(Blocks { arena: self.clone(), start, len: count, block: PhantomData })
     }
 
@@ -131,6 +145,16 @@ impl Arena {
         #[cfg(not(target_os = "linux"))]
         settled.set();
         settled
+    }
+}
+
+/// The bytes of `blocks`, to be filled as they are.
+pub(crate) fn as_bytes_mut<B: RawBlock>(blocks: &mut [B]) -> &mut [u8] {
+    // SAFETY: RawBlock types have no padding and accept every bit pattern, so their memory
+    // is plain bytes both ways.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), size_of_val(blocks))
     }
 }
 
