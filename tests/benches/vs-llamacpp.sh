@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kith's engine beside llama.cpp on the same machine, same files, same thread counts.
 #
-#   tests/benches/vs-llamacpp.sh [ROUNDS]     (default 3)
+#   tests/benches/vs-llamacpp.sh [ROUNDS [MODEL...]]     (default 3 rounds, both models)
 #
 # Builds llama.cpp's llama-bench and llama-simple once (under target/llamacpp) from the
 # source vendored in the llama-cpp-python sdist on PyPI (0.3.36 carries llama.cpp 0c1e570,
@@ -17,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 rounds="${1:-3}"
+models=("${@:2}")
+[ ${#models[@]} -gt 0 ] || models=(smollm2-135m gemma3-270m)
 work="$PWD/target/llamacpp"
 version=0.3.36
 bench="$work/build/bin/llama-bench"
@@ -58,7 +60,7 @@ cargo build --release --quiet -p kith-cli
 kith=target/release/kith
 results="$work/results.jsonl"
 : >"$results"
-for model in smollm2-135m gemma3-270m; do
+for model in "${models[@]}"; do
   path=$("$kith" models path "$model")
   for threads in 1 2; do
     for round in $(seq "$rounds"); do
@@ -101,5 +103,5 @@ for key in sorted({(r["model"], r["threads"]) for r in rows}):
     print(f"| {key[0]} | {key[1]} | {cell('pp128')} | {cell('pp512')} | {cell('tg128')} | "
           f"{med('kith', 'rss_mib'):.0f} / {med('llama', 'rss_mib'):.0f} | "
           f"{med('kith', 'load_ms'):.0f} / {med('llama', 'load_ms'):.0f} | {med('kith', 'ttft_ratio'):.2f} |")
-print(f"\nmedians of {len(rows) // 4} rounds; each llama.cpp figure is llama-bench's mean of 3, each Kith figure kith bench's median of 3")
+print(f"\nmedians of {len(rows) // len({(r['model'], r['threads']) for r in rows})} rounds; each llama.cpp figure is llama-bench's mean of 3, each Kith figure kith bench's median of 3")
 EOF

@@ -166,28 +166,32 @@ multiversion! {
                 let prepared: Vec<(Vec<f32>, f32)> = qs.chunks(head_dim).map(prepare).collect();
                 let mut heads: Vec<(&mut [f32], &[f32], f32)> =
                     outs.chunks_mut(head_dim).zip(&prepared).map(|(out, (q, scale))| (out, q.as_slice(), *scale)).collect();
-                for kv_head in 0..shape.n_kv {
-                    // This K/V head's rows of every position in the block, in groups.
-                    let mut groups = Vec::new();
-                    for (i, position) in heads.chunks_mut(shape.n_head).enumerate() {
-                        let visible = visible(first + i);
-                        let mut mine = position[kv_head * n_rep..(kv_head + 1) * n_rep].iter_mut();
+                // Per K/V head (in parallel: a block's heads share no output), its rows of every
+                // position in the block, in groups.
+                let mut per_kv: Vec<Vec<Group>> = (0..shape.n_kv).map(|_| Vec::new()).collect();
+                for (i, position) in heads.chunks_mut(shape.n_head).enumerate() {
+                    let visible = visible(first + i);
+                    for (kv_head, mine) in position.chunks_mut(n_rep).enumerate() {
+                        let mut mine = mine.iter_mut();
                         loop {
                             let group: Vec<_> = mine.by_ref().take(4).collect();
                             if group.is_empty() {
                                 break;
                             }
-                            groups.push(Group::new(group, visible.clone()));
+                            per_kv[kv_head].push(Group::new(group, visible.clone()));
                         }
                     }
-                    // From the first position's first tile to the last position's last key.
-                    let positions = outs_len / width;
-                    let start = visible(first).start / TILE_CELLS * TILE_CELLS;
-                    for tile_start in (start..visible(first + positions - 1).end).step_by(TILE_CELLS) {
+                }
+                // From the first position's first tile to the last position's last key.
+                let positions = outs_len / width;
+                let start = visible(first).start / TILE_CELLS * TILE_CELLS;
+                let end = visible(first + positions - 1).end;
+                per_kv.into_par_iter().enumerate().for_each(|(kv_head, mut groups)| {
+                    for tile_start in (start..end).step_by(TILE_CELLS) {
                         groups.iter_mut().for_each(|group| group.step(&rows, kv_head, tile_start));
                     }
                     groups.into_iter().for_each(Group::finish);
-                }
+                });
             });
         } else {
             out.par_chunks_mut(head_dim).zip(queries.par_chunks(head_dim)).enumerate().for_each(
