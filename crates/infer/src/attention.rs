@@ -430,51 +430,75 @@ mod simd {
         lanes(m).into_iter().fold(f32::NEG_INFINITY, f32::max)
     }
 
-    /// `numerics::v_expf(x - max)` for sixteen lanes, each lane's arithmetic the same.
+    /// `numerics::v_expf(x - max)` for sixteen lanes, each lane's arithmetic the same; their
+    /// sum as `reduce_add_16`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn exp_minus(values: &mut [f32; 16], max: f32) {
+    pub(super) fn exp_minus(values: &mut [f32; 16], max: f32) -> f32 {
+        let max = _mm256_set1_ps(max);
+        // SAFETY: sixteen readable and writable values.
+        let (lo, hi) = unsafe {
+            let lo = exp(_mm256_sub_ps(_mm256_loadu_ps(values.as_ptr()), max));
+            let hi = exp(_mm256_sub_ps(_mm256_loadu_ps(values.as_ptr().add(8)), max));
+            _mm256_storeu_ps(values.as_mut_ptr(), lo);
+            _mm256_storeu_ps(values.as_mut_ptr().add(8), hi);
+            (lo, hi)
+        };
+        // h8[i] = v[i + 8] + v[i]; h4[i] = h8[i + 4] + h8[i]; (h4[0] + h4[2]) + (h4[1] + h4[3]).
+        let h8 = _mm256_add_ps(hi, lo);
+        let h4 = _mm_add_ps(_mm256_extractf128_ps::<1>(h8), _mm256_castps256_ps128(h8));
+        let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+        _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)))
+    }
+
+    /// `numerics::v_expf` for eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn exp(x: __m256) -> __m256 {
         let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
-        for half in values.chunks_exact_mut(8) {
-            // SAFETY: eight readable and writable values.
-            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(half.as_ptr()) }, _mm256_set1_ps(max));
-            let r = c(0x4b40_0000);
-            let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
-            let n = _mm256_sub_ps(z, r);
-            let minus_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
-            let b = _mm256_fmadd_ps(minus_n, c(0x35bf_be8e), _mm256_fmadd_ps(minus_n, c(0x3f31_7200), x));
-            let u = _mm256_mul_ps(b, b);
-            let j = _mm256_fmadd_ps(
-                _mm256_fmadd_ps(
-                    _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
-                    u,
-                    _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
-                ),
+        let r = c(0x4b40_0000);
+        let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
+        let n = _mm256_sub_ps(z, r);
+        let minus_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
+        let b = _mm256_fmadd_ps(minus_n, c(0x35bf_be8e), _mm256_fmadd_ps(minus_n, c(0x3f31_7200), x));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
                 u,
-                _mm256_fmadd_ps(c(0x3f7f_fff6), b, _mm256_set1_ps(1.0)),
-            );
-            // j · 2^n with one rounding, in f64 (exact for |n| ≤ 192).
-            let ni = _mm256_cvtps_epi32(n);
-            let scaled = |j: __m128, ni: __m128i| -> __m128 {
-                let exponent =
-                    _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)));
-                _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(j), _mm256_castsi256_pd(exponent)))
-            };
-            let low = scaled(_mm256_castps256_ps128(j), _mm256_castsi256_si128(ni));
-            let high = scaled(_mm256_extractf128_ps::<1>(j), _mm256_extracti128_si256::<1>(ni));
-            let result = _mm256_set_m128(high, low);
-            // |n| > 192: 0 below, infinity above.
-            let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
-            let out_of_range = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
-            let limit = _mm256_blendv_ps(
-                _mm256_set1_ps(f32::INFINITY),
-                _mm256_setzero_ps(),
-                _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps()),
-            );
-            let out = _mm256_blendv_ps(result, limit, out_of_range);
-            // SAFETY: eight writable values.
-            unsafe { _mm256_storeu_ps(half.as_mut_ptr(), out) };
+                _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+            ),
+            u,
+            _mm256_fmadd_ps(c(0x3f7f_fff6), b, _mm256_set1_ps(1.0)),
+        );
+        let ni = _mm256_cvtps_epi32(n);
+        // j lies in [0.7, 1.5): for -125 ≤ n ≤ 126 in every lane, j · 2^n is a normal float,
+        // exact, and adding n to j's exponent bits is the one rounding-free step.
+        let normal = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(n, _mm256_set1_ps(-125.0)),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_set1_ps(126.0)),
+        );
+        if _mm256_movemask_ps(normal) == 0xFF {
+            return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(j), _mm256_slli_epi32::<23>(ni)));
         }
+        // Otherwise j · 2^n with one rounding, in f64 (exact for |n| ≤ 192).
+        let scaled = |j: __m128, ni: __m128i| -> __m128 {
+            let exponent =
+                _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_cvtepi32_epi64(ni), _mm256_set1_epi64x(1023)));
+            _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(j), _mm256_castsi256_pd(exponent)))
+        };
+        let low = scaled(_mm256_castps256_ps128(j), _mm256_castsi256_si128(ni));
+        let high = scaled(_mm256_extractf128_ps::<1>(j), _mm256_extracti128_si256::<1>(ni));
+        let result = _mm256_set_m128(high, low);
+        // |n| > 192: 0 below, infinity above.
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let out_of_range = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+        let limit = _mm256_blendv_ps(
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_setzero_ps(),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps()),
+        );
+        _mm256_blendv_ps(result, limit, out_of_range)
     }
 
     /// Registers of eight lanes per row for the next block of a tile product with `R` rows
@@ -603,10 +627,8 @@ fn exp_and_sum(row: &mut [f32; TILE_CELLS], max: f32) -> f64 {
         if crate::numerics::has_avx2_fma_f16c() {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-            unsafe {
-                simd::exp_minus(lanes, max)
-            };
-            sum += f64::from(reduce_add_16(*lanes));
+            let lanes_sum = unsafe { simd::exp_minus(lanes, max) };
+            sum += f64::from(lanes_sum);
             continue;
         }
         for s in lanes.iter_mut() {
