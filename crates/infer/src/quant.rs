@@ -1435,16 +1435,19 @@ macro_rules! avx2_kernels {
                 }
             }
 
-            /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values.
+            /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values:
+            /// `maddubs` pairs (each at most 2 · 63 · 127, no saturation) widened by `madd` with
+            /// the scale in both 16-bit halves of each lane, exact.
             #[inline]
             #[target_feature(enable = $features)]
             fn q6_lanes(parts: &Q6KParts, ab: &BlockQ8K) -> __m256i {
+                let both = |s: i32| (s & 0xFFFF) | (s << 16);
                 let mut sums = _mm256_setzero_si256();
                 for group in 0..QK_K / 32 {
-                    let (lo, hi) = (parts.scales[2 * group], parts.scales[2 * group + 1]);
+                    let (lo, hi) = (both(parts.scales[2 * group]), both(parts.scales[2 * group + 1]));
                     let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-                    let dots = lanes_u8(parts.values[group], load(&ab.qs[group * 32..]));
-                    sums = _mm256_add_epi32(sums, _mm256_mullo_epi32(dots, scales));
+                    let pairs = _mm256_maddubs_epi16(parts.values[group], load(&ab.qs[group * 32..]));
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scales));
                 }
                 sums
             }
