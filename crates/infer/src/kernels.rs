@@ -32,8 +32,9 @@ impl Weights {
             let [n, k] = dims[..] else {
                 return Err(malformed(format!("tensor {name} has shape {dims:?}, not a matrix")));
             };
-            // Q4_K rows are repacked eight at a time, the last group padded.
-            let rows = if dtype == candle_core::quantized::GgmlDType::Q4K { n.next_multiple_of(8) } else { n };
+            // K-quant rows are repacked eight at a time, the last group padded.
+            use candle_core::quantized::GgmlDType::{Q4K, Q6K};
+            let rows = if matches!(dtype, Q4K | Q6K) { n.next_multiple_of(8) } else { n };
             shapes.push((dtype, n, k, rows * k / dtype.block_size() * dtype.type_size()));
         }
         let arena = Arena::new(shapes.iter().map(|(.., bytes)| bytes + ALIGN).sum());

@@ -18,14 +18,6 @@ use crate::numerics::{hsum_8, multiversion};
 
 const QK: usize = 32;
 
-/// Whether the AVX2 kernels can run.
-fn has_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return has_avx2_fma_f16c();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// Returns `$f(args)` from the AVX2 kernels (with VNNI where the CPU has it) when the CPU
 /// has AVX2, FMA and F16C; falls through otherwise.
 macro_rules! simd_return {
@@ -810,10 +802,62 @@ const _: () = assert!(size_of::<BlockQ4Kx8>() == 8 * 144);
 unsafe impl RawBlock for BlockQ6K {}
 const _: () = assert!(size_of::<BlockQ6K>() == 210);
 
+/// The super-blocks of eight Q6_K rows at one position, repacked at load as [`BlockQ4Kx8`]
+/// is: `ql[c][row]` is the row's low-nibble bytes `4c..4c+4`, `qh[c][row]` its high-bit
+/// bytes `4c..4c+4`, `scales[g][row]` its scale of values `16g..16g+16`. 1680 bytes, as the
+/// eight blocks take in the file.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ6Kx8 {
+    ql: [[[u8; 4]; 8]; 32],
+    qh: [[[u8; 4]; 8]; 16],
+    scales: [[i8; 8]; 16],
+    d: [f16; 8],
+}
+
+impl BlockQ6Kx8 {
+    fn pack(rows: [&BlockQ6K; 8]) -> Self {
+        let mut block = Self { ql: [[[0; 4]; 8]; 32], qh: [[[0; 4]; 8]; 16], scales: [[0; 8]; 16], d: [f16::ZERO; 8] };
+        for (r, row) in rows.iter().enumerate() {
+            block.d[r] = row.d;
+            for (chunk, bytes) in row.ql.chunks_exact(4).enumerate() {
+                block.ql[chunk][r].copy_from_slice(bytes);
+            }
+            for (chunk, bytes) in row.qh.chunks_exact(4).enumerate() {
+                block.qh[chunk][r].copy_from_slice(bytes);
+            }
+            for (g, &scale) in row.scales.iter().enumerate() {
+                block.scales[g][r] = scale;
+            }
+        }
+        block
+    }
+
+    /// Row `r`'s super-block as the file holds it.
+    fn row(&self, r: usize) -> BlockQ6K {
+        let mut row = BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: self.d[r] };
+        for (chunk, bytes) in row.ql.chunks_exact_mut(4).enumerate() {
+            bytes.copy_from_slice(&self.ql[chunk][r]);
+        }
+        for (chunk, bytes) in row.qh.chunks_exact_mut(4).enumerate() {
+            bytes.copy_from_slice(&self.qh[chunk][r]);
+        }
+        for (g, scale) in row.scales.iter_mut().enumerate() {
+            *scale = self.scales[g][r];
+        }
+        row
+    }
+}
+
+// SAFETY: repr(C), 1680 bytes without padding (checked below), bytes and f16 only.
+#[allow(unsafe_code)]
+unsafe impl RawBlock for BlockQ6Kx8 {}
+const _: () = assert!(size_of::<BlockQ6Kx8>() == 8 * 210);
+
 enum KBlocks {
-    /// Rows in groups of eight, the last group padded with zero rows.
+    /// Rows in groups of eight, the last group padded with zero rows (both types).
     Q4K(Blocks<BlockQ4Kx8>),
-    Q6K(Blocks<BlockQ6K>),
+    Q6K(Blocks<BlockQ6Kx8>),
 }
 
 /// A Q4_K or Q6_K weight matrix of `n` rows by `k` columns, multiplied by Q8_K activations
@@ -830,39 +874,25 @@ impl KMatrix {
     /// a whole number of blocks.
     pub(crate) fn read_q4_k(
         arena: &Arc<Arena>,
-        mut reader: impl Read,
+        reader: impl Read,
         n: usize,
         k: usize,
     ) -> std::io::Result<Option<Self>> {
-        if !k.is_multiple_of(QK_K) {
-            return Ok(None);
-        }
-        let per_row = k / QK_K;
-        let count = n.div_ceil(8).checked_mul(per_row).ok_or(std::io::ErrorKind::InvalidInput)?;
         let zero = BlockQ4K { d: f16::ZERO, dmin: f16::ZERO, scales: [0; 12], qs: [0; QK_K / 2] };
-        let mut rows = vec![zero; 8 * per_row];
-        let blocks = arena.fill(count, |groups: &mut [BlockQ4Kx8]| {
-            for (g, group) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
-                let present = (n - 8 * g).min(8);
-                reader.read_exact(crate::weights::as_bytes_mut(&mut rows[..present * per_row]))?;
-                rows[present * per_row..].fill(zero);
-                for (b, block) in group.iter_mut().enumerate() {
-                    *block = BlockQ4Kx8::pack(std::array::from_fn(|r| &rows[r * per_row + b]));
-                }
-            }
-            Ok(())
-        })?;
-        Ok(Some(Self { n, k, blocks: KBlocks::Q4K(blocks) }))
+        let blocks = read_repacked(arena, reader, (n, k), zero, BlockQ4Kx8::pack)?;
+        Ok(blocks.map(|blocks| Self { n, k, blocks: KBlocks::Q4K(blocks) }))
     }
 
-    /// The same for Q6_K.
+    /// The same for Q6_K ([`BlockQ6Kx8`]).
     pub(crate) fn read_q6_k(
         arena: &Arc<Arena>,
         reader: impl Read,
         n: usize,
         k: usize,
     ) -> std::io::Result<Option<Self>> {
-        Ok(read_blocks(arena, reader, (n, k), QK_K)?.map(|blocks| Self { n, k, blocks: KBlocks::Q6K(blocks) }))
+        let zero = BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: f16::ZERO };
+        let blocks = read_repacked(arena, reader, (n, k), zero, BlockQ6Kx8::pack)?;
+        Ok(blocks.map(|blocks| Self { n, k, blocks: KBlocks::Q6K(blocks) }))
     }
 
     #[cfg(test)]
@@ -879,7 +909,8 @@ impl KMatrix {
         if bytes.len() != n * k / QK_K * 210 {
             return None;
         }
-        Self::read_q6_k(&Arena::new(bytes.len() + crate::weights::ALIGN), bytes, n, k).ok().flatten()
+        let padded = n.next_multiple_of(8) * k / QK_K * 210;
+        Self::read_q6_k(&Arena::new(padded + crate::weights::ALIGN), bytes, n, k).ok().flatten()
     }
 
     /// `x` is `m × k` row-major; returns `m × n`. ggml picks its kernel by batch size,
@@ -894,7 +925,6 @@ impl KMatrix {
         let per_row = self.k / QK_K;
         let shape = (self.n, m, per_row);
         let row = |row| row_of(&a, per_row, row);
-        let group = |group| group_of::<_, 4>(&a, per_row, group);
         match &self.blocks {
             KBlocks::Q4K(blocks) => {
                 simd_return!(matmul_q4_k(blocks, &a, shape));
@@ -907,18 +937,48 @@ impl KMatrix {
                     out
                 })
             }
-            KBlocks::Q6K(blocks) if has_simd() => {
-                simd_return!(matmul_q6_k(blocks, &a, shape));
-                unreachable!("the SIMD kernels returned")
-            }
-            KBlocks::Q6K(blocks) if m >= 8 => {
-                par_matmul(blocks, shape, false, |w, r| dot_q6_k_tiled(w, row(r)), |w, g| dot4_q6_k_tiled(w, group(g)))
-            }
             KBlocks::Q6K(blocks) => {
-                par_matmul(blocks, shape, false, |w, r| dot_q6_k(w, row(r)), |w, g| group(g).map(|a| dot_q6_k(w, a)))
+                simd_return!(matmul_q6_k(blocks, &a, shape));
+                par_matmul_x8(blocks, shape, |w, first, rows| {
+                    let mut out = [[0f32; 8]; ROWS];
+                    for (r, out) in out.iter_mut().enumerate().take(rows) {
+                        *out = dot8_q6_k_scalar(w, row(first + r), m >= 8);
+                    }
+                    out
+                })
             }
         }
     }
+}
+
+/// A K-quant matrix of `n` rows by `k` columns read from `reader` (GGUF's row-major
+/// blocks) into `arena` in groups of eight rows, `pack`ed together; rows past `n` in the
+/// last group are `zero`. `Ok(None)` when `k` is not a whole number of blocks.
+fn read_repacked<B: RawBlock, P: RawBlock>(
+    arena: &Arc<Arena>,
+    mut reader: impl Read,
+    (n, k): (usize, usize),
+    zero: B,
+    pack: impl Fn([&B; 8]) -> P,
+) -> std::io::Result<Option<Blocks<P>>> {
+    if !k.is_multiple_of(QK_K) {
+        return Ok(None);
+    }
+    let per_row = k / QK_K;
+    let count = n.div_ceil(8).checked_mul(per_row).ok_or(std::io::ErrorKind::InvalidInput)?;
+    let mut rows = vec![zero; 8 * per_row];
+    let blocks = arena.fill(count, |groups: &mut [P]| {
+        for (g, group) in groups.chunks_exact_mut(per_row.max(1)).enumerate() {
+            let present = (n - 8 * g).min(8);
+            reader.read_exact(crate::weights::as_bytes_mut(&mut rows[..present * per_row]))?;
+            rows[present * per_row..].fill(zero);
+            for (b, block) in group.iter_mut().enumerate() {
+                *block = pack(std::array::from_fn(|r| &rows[r * per_row + b]));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Some(blocks))
 }
 
 /// Q4_K × Q8_K as ggml's repacked x86 kernels compute one output: integer dots scaled per
@@ -961,9 +1021,9 @@ fn dot8_q4_k_scalar(w: &[BlockQ4Kx8], a: &[BlockQ8K], gemm: bool) -> [f32; 8] {
 /// (each scaled per 16 values), minus the -32 offset taken from the activation sums of the
 /// `l`-th group of 32; fused into eight f32 accumulators per super-block, one horizontal
 /// sum at the end.
-fn dot_q6_k_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_scalar(w: impl IntoIterator<Item = BlockQ6K>, a: &[BlockQ8K]) -> f32 {
     let mut acc = [0f32; 8];
-    for (wb, ab) in w.iter().zip(a) {
+    for (wb, ab) in w.into_iter().zip(a) {
         let wb = wb.unpack();
         let d = ab.d * wb.d;
         let mut lanes = [0i32; 8];
@@ -984,9 +1044,9 @@ fn dot_q6_k_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 /// computes one output of a batch: per super-block one exact integer sum (the -32 offset
 /// from the activation sums), converted to f32 and scaled by the weight's `d`, then fused
 /// with the activation's `d` into one accumulator.
-fn dot_q6_k_tiled_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+fn dot_q6_k_tiled_scalar(w: impl IntoIterator<Item = BlockQ6K>, a: &[BlockQ8K]) -> f32 {
     let mut acc = 0f32;
-    for (wb, ab) in w.iter().zip(a) {
+    for (wb, ab) in w.into_iter().zip(a) {
         let wb = wb.unpack();
         let mut sum = 0i32;
         for (group, (q, y)) in wb.qs.chunks_exact(16).zip(ab.qs.chunks_exact(16)).enumerate() {
@@ -996,6 +1056,13 @@ fn dot_q6_k_tiled_scalar(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         acc = ((sum as f32) * wb.d).mul_add(ab.d, acc);
     }
     acc
+}
+
+/// The eight rows of a group of repacked Q6_K rows against one activation row: the tiled
+/// kernel's arithmetic (`tiled`) or `ggml_vec_dot_q6_K_q8_K`'s.
+fn dot8_q6_k_scalar(w: &[BlockQ6Kx8], a: &[BlockQ8K], tiled: bool) -> [f32; 8] {
+    let rows = |r| w.iter().map(move |block| block.row(r));
+    std::array::from_fn(|r| if tiled { dot_q6_k_tiled_scalar(rows(r), a) } else { dot_q6_k_scalar(rows(r), a) })
 }
 
 macro_rules! dispatch {
@@ -1028,19 +1095,6 @@ fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32;
     simd_return!(dotn_q8(w, a));
     a.map(|a| dot_q8_scalar(w, a))
 }
-dispatch!(
-    /// Q6_K × Q8_K as `ggml_vec_dot_q6_K_q8_K`.
-    fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 => dot_q6_k, dot_q6_k_scalar(w, a)
-);
-dispatch!(
-    /// Q6_K × Q8_K as the tiled K-quant kernel.
-    fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 => dot_q6_k_tiled, dot_q6_k_tiled_scalar(w, a)
-);
-dispatch!(
-    /// Q6_K × Q8_K as the tiled K-quant kernel, for four activation rows.
-    fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] => dot4_q6_k_tiled, a.map(|a| dot_q6_k_tiled_scalar(w, a))
-);
-
 /// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
 /// sums gives the same result) and the same floating-point steps as the scalar versions,
 /// compiled twice: `avx2`, and `avx2_vnni` where each block's integer products take one
@@ -1055,7 +1109,7 @@ macro_rules! avx2_kernels {
             use std::arch::x86_64::*;
 
             use super::{
-                BlockQ4_1, BlockQ4Kx8, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
+                BlockQ4_1, BlockQ4Kx8, BlockQ6Kx8, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
                 group_of, hsum_8, par_matmul, par_matmul_x8, row_of,
             };
 
@@ -1097,28 +1151,25 @@ macro_rules! avx2_kernels {
             }
 
             #[target_feature(enable = $features)]
-            pub(super) fn matmul_q6_k(w: &[BlockQ6K], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
+            pub(super) fn matmul_q6_k(w: &[BlockQ6Kx8], a: &[BlockQ8K], shape: (usize, usize, usize)) -> Vec<f32> {
                 let per_row = shape.2;
-                if shape.1 >= 8 {
-                    par_matmul(
-                        w,
-                        shape,
-                        false,
-                        |w, r| dot_q6_k_tiled(w, row_of(a, per_row, r)),
-                        |w, g| dot4_q6_k_tiled(w, group_of(a, per_row, g)),
-                    )
-                } else {
-                    par_matmul(
-                        w,
-                        shape,
-                        false,
-                        |w, r| dot_q6_k(w, row_of(a, per_row, r)),
-                        |w, g| {
-                            let rows: [&[BlockQ8K]; 4] = group_of(a, per_row, g);
-                            [dot_q6_k(w, rows[0]), dot_q6_k(w, rows[1]), dot_q6_k(w, rows[2]), dot_q6_k(w, rows[3])]
-                        },
-                    )
-                }
+                let tiled = shape.1 >= 8;
+                par_matmul_x8(w, shape, |w, first, rows| {
+                    let mut out = [[0f32; 8]; ROWS];
+                    match rows {
+                        ROWS if tiled => out = dot8_q6_k_tiled::<ROWS>(w, group_of(a, per_row, first / ROWS)),
+                        4 if tiled => {
+                            out[..4].copy_from_slice(&dot8_q6_k_tiled::<4>(w, group_of(a, per_row, first / 4)))
+                        }
+                        _ if tiled => out[0] = dot8_q6_k_tiled::<1>(w, [row_of(a, per_row, first)])[0],
+                        _ => {
+                            for (r, out) in out.iter_mut().enumerate().take(rows) {
+                                *out = dot8_q6_k(w, row_of(a, per_row, first + r));
+                            }
+                        }
+                    }
+                    out
+                })
             }
 
             /// A Q8_0 or Q5_0 block's scale in every lane. (All lanes are used, so the compiler
@@ -1166,21 +1217,6 @@ macro_rules! avx2_kernels {
                 debug_assert!(bytes.len() >= 32);
                 // SAFETY: 32 bytes are readable (unaligned load).
                 unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
-            }
-
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn load_i32(values: &[i32; 8]) -> __m256i {
-                // SAFETY: 32 readable bytes.
-                unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
-            }
-
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn hsum_i32(v: __m256i) -> i32 {
-                let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-                _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
             }
 
             #[inline]
@@ -1393,127 +1429,170 @@ macro_rules! avx2_kernels {
                 out
             }
 
-            /// A Q6_K block's unsigned 6-bit values, group of 32 `g` in vector `g`, and its scales.
-            struct Q6KParts {
-                values: [__m256i; 8],
-                scales: [i32; 16],
-                d: f32,
-            }
-
+            /// Group of 32 values `group` of eight repacked Q6_K rows: in vector `step`, values
+            /// `4·step..+4` of the group of every row (unsigned 6-bit).
             #[inline]
             #[target_feature(enable = $features)]
-            fn q6_k_parts(wb: &BlockQ6K) -> Q6KParts {
+            fn q6_values(wb: &BlockQ6Kx8, group: usize) -> [__m256i; 8] {
+                let (half, quarter) = (group / 4, group % 4);
                 let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+                let shift = _mm_cvtsi64_si128(2 * quarter as i64);
                 let mut values = [_mm256_setzero_si256(); 8];
-                for half in 0..2 {
+                for (step, value) in values.iter_mut().enumerate() {
                     // SAFETY: 32 readable bytes each.
-                    let (ql0, ql1, qh) = unsafe {
+                    let (ql, qh) = unsafe {
                         (
-                            _mm256_loadu_si256(wb.ql[half * 64..].as_ptr().cast()),
-                            _mm256_loadu_si256(wb.ql[half * 64 + 32..].as_ptr().cast()),
-                            _mm256_loadu_si256(wb.qh[half * 32..].as_ptr().cast()),
+                            _mm256_loadu_si256(wb.ql[half * 16 + (quarter & 1) * 8 + step].as_ptr().cast()),
+                            _mm256_loadu_si256(wb.qh[half * 8 + step].as_ptr().cast()),
                         )
                     };
-                    // The high bit pair `shift / 2` of each byte, moved to bits 4-5 (the 16-bit
-                    // shifts cannot carry into a neighbour: the pair is masked first).
-                    let high = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, pair), 4);
-                    values[4 * half] = _mm256_or_si256(_mm256_and_si256(ql0, low), high(qh));
-                    values[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), high(_mm256_srli_epi16(qh, 2)));
-                    values[4 * half + 2] = _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                        high(_mm256_srli_epi16(qh, 4)),
-                    );
-                    values[4 * half + 3] = _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                        high(_mm256_srli_epi16(qh, 6)),
-                    );
+                    // Quarters 2 and 3 take the high nibbles; quarter q the bit pair q of qh,
+                    // moved to bits 4-5 (masked first: the 16-bit shifts cannot carry across).
+                    let ql = if quarter < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, shift), pair), 4);
+                    *value = _mm256_or_si256(_mm256_and_si256(ql, low), high);
                 }
-                Q6KParts {
-                    values,
-                    scales: wb.scales.map(i32::from),
-                    d: _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(wb.d.to_bits() as i16))),
-                }
+                values
             }
 
-            /// Per group of 32 values the lanes hold values `4l..4l+4`, scaled per 16 values:
-            /// `maddubs` pairs (each at most 2 · 63 · 127, no saturation) widened by `madd` with
-            /// the scale in both 16-bit halves of each lane, exact.
+            /// Scale group `g` (values `16g..16g+16`) of the eight rows, in both 16-bit halves of
+            /// each row's lane, as `madd` takes it.
             #[inline]
             #[target_feature(enable = $features)]
-            fn q6_lanes(parts: &Q6KParts, ab: &BlockQ8K) -> __m256i {
-                let both = |s: i32| (s & 0xFFFF) | (s << 16);
-                let mut sums = _mm256_setzero_si256();
-                for group in 0..QK_K / 32 {
-                    let (lo, hi) = (both(parts.scales[2 * group]), both(parts.scales[2 * group + 1]));
-                    let scales = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-                    let pairs = _mm256_maddubs_epi16(parts.values[group], load(&ab.qs[group * 32..]));
-                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scales));
-                }
-                sums
+            fn q6_scale(wb: &BlockQ6Kx8, g: usize) -> __m256i {
+                // SAFETY: 8 readable bytes.
+                let s = _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(wb.scales[g].as_ptr().cast()) });
+                _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16))
             }
 
-            /// scale · bsum for the sixteen groups of 16 values: groups 0-7, then 8-15.
+            /// Scale groups `2t` and `2t + 1` of the eight rows as a pair of 16-bit halves.
             #[inline]
             #[target_feature(enable = $features)]
-            fn q6_offsets(parts: &Q6KParts, ab: &BlockQ8K) -> (__m256i, __m256i) {
-                let half = |values: &[i32]| {
-                    let mut lanes = [0i32; 8];
-                    lanes.copy_from_slice(values);
-                    load_i32(&lanes)
+            fn q6_scale_pair(wb: &BlockQ6Kx8, t: usize) -> __m256i {
+                // SAFETY: 8 readable bytes each.
+                let (first, second) = unsafe {
+                    (
+                        _mm_loadl_epi64(wb.scales[2 * t].as_ptr().cast()),
+                        _mm_loadl_epi64(wb.scales[2 * t + 1].as_ptr().cast()),
+                    )
                 };
-                (
-                    _mm256_mullo_epi32(half(&parts.scales[..8]), half(&ab.bsums[..8])),
-                    _mm256_mullo_epi32(half(&parts.scales[8..]), half(&ab.bsums[8..])),
-                )
+                _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(first, second))
             }
 
-            /// One row of the tiled kernel: the super-block's exact integer sum, then the floats.
+            /// The activation sums of 16 values `2t` and `2t + 1` (at most 16 · 127 in
+            /// magnitude) as a pair of 16-bit halves, in every lane.
             #[inline]
             #[target_feature(enable = $features)]
-            fn q6_tiled_step(parts: &Q6KParts, ab: &BlockQ8K, acc: f32) -> f32 {
-                let (low, high) = q6_offsets(parts, ab);
-                let offsets = _mm256_slli_epi32(_mm256_add_epi32(low, high), 5);
-                let sum = hsum_i32(_mm256_sub_epi32(q6_lanes(parts, ab), offsets));
-                ((sum as f32) * parts.d).mul_add(ab.d, acc)
+            fn bsum_pair(ab: &BlockQ8K, t: usize) -> __m256i {
+                let (first, second) = (ab.bsums[2 * t] as u16, ab.bsums[2 * t + 1] as u16);
+                _mm256_set1_epi32((u32::from(first) | (u32::from(second) << 16)) as i32)
             }
 
+            /// Four activation values, `4·step..+4` of `qs`, in every lane.
+            #[inline]
             #[target_feature(enable = $features)]
-            pub(super) fn dot_q6_k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-                w.iter().zip(a).fold(0f32, |acc, (wb, ab)| q6_tiled_step(&q6_k_parts(wb), ab, acc))
+            fn four(qs: &[i8], step: usize) -> __m256i {
+                debug_assert!(4 * step + 4 <= qs.len());
+                // SAFETY: 4 readable bytes (qs holds a group of 32).
+                _mm256_set1_epi32(unsafe { qs.as_ptr().add(4 * step).cast::<i32>().read_unaligned() })
             }
 
+            /// Eight repacked Q6_K rows against `R` activation rows with the tiled kernel's
+            /// arithmetic: per super-block one exact integer sum per output (the `maddubs`
+            /// pairs, each at most 2 · 63 · 127, summed two at a time in 16 bits and widened
+            /// by the scales; the -32 offset from the activation sums), then the floats.
             #[target_feature(enable = $features)]
-            pub(super) fn dot4_q6_k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
-                let mut acc = [0f32; 4];
+            pub(super) fn dot8_q6_k_tiled<const R: usize>(w: &[BlockQ6Kx8], a: [&[BlockQ8K]; R]) -> [[f32; 8]; R] {
                 let (w, a) = cut(w, a);
+                let mut acc = [_mm256_setzero_ps(); R];
                 for (i, wb) in w.iter().enumerate() {
-                    let parts = q6_k_parts(wb);
-                    for r in 0..4 {
-                        acc[r] = q6_tiled_step(&parts, &a[r][i], acc[r]);
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for group in 0..QK_K / 32 {
+                        let values = q6_values(wb, group);
+                        let (first, second) = (q6_scale(wb, 2 * group), q6_scale(wb, 2 * group + 1));
+                        for r in 0..R {
+                            let qs = &a[r][i].qs[group * 32..group * 32 + 32];
+                            let p = |step: usize| _mm256_maddubs_epi16(values[step], four(qs, step));
+                            let lo = _mm256_add_epi32(
+                                _mm256_madd_epi16(_mm256_add_epi16(p(0), p(1)), first),
+                                _mm256_madd_epi16(_mm256_add_epi16(p(2), p(3)), first),
+                            );
+                            let hi = _mm256_add_epi32(
+                                _mm256_madd_epi16(_mm256_add_epi16(p(4), p(5)), second),
+                                _mm256_madd_epi16(_mm256_add_epi16(p(6), p(7)), second),
+                            );
+                            sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(lo, hi));
+                        }
+                    }
+                    let mut pairs = [_mm256_setzero_si256(); 8];
+                    for (t, pair) in pairs.iter_mut().enumerate() {
+                        *pair = q6_scale_pair(wb, t);
+                    }
+                    // SAFETY: 16 readable bytes.
+                    let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.d.as_ptr().cast()) });
+                    for r in 0..R {
+                        let ab = &a[r][i];
+                        let mut offsets = _mm256_setzero_si256();
+                        for (t, &pair) in pairs.iter().enumerate() {
+                            offsets = _mm256_add_epi32(offsets, _mm256_madd_epi16(pair, bsum_pair(ab, t)));
+                        }
+                        let sum = _mm256_sub_epi32(sums[r], _mm256_slli_epi32(offsets, 5));
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), d), _mm256_set1_ps(ab.d), acc[r]);
                     }
                 }
-                acc
+                let mut out = [[0f32; 8]; R];
+                for r in 0..R {
+                    // SAFETY: 32 writable bytes.
+                    unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+                }
+                out
             }
 
+            /// Eight repacked Q6_K rows against one activation row as `ggml_vec_dot_q6_K_q8_K`
+            /// computes each: its eight lanes (lane `l`: values `4l..4l+4` of every group of
+            /// 32) are vectors here, one per lane, each holding the eight rows; fused per
+            /// super-block, then summed across as `hsum_8`.
             #[target_feature(enable = $features)]
-            pub(super) fn dot_q6_k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
+            pub(super) fn dot8_q6_k(w: &[BlockQ6Kx8], a: &[BlockQ8K]) -> [f32; 8] {
+                let mut acc = [_mm256_setzero_ps(); 8];
                 for (wb, ab) in w.iter().zip(a) {
                     prefetch(wb);
-                    prefetch(&wb.ql[64]);
+                    prefetch(&wb.ql[16]);
                     prefetch(&wb.qh[0]);
-                    prefetch(&wb.qh[63]);
-                    let parts = q6_k_parts(wb);
-                    let d = ab.d * parts.d;
-                    // Lane l's offset: 32 × the terms of groups 2l and 2l+1 (hadd pairs them, in
-                    // the order 0-1, 2-3, 8-9, 10-11 | 4-5, 6-7, 12-13, 14-15).
-                    let (low, high) = q6_offsets(&parts, ab);
-                    let pairs = _mm256_hadd_epi32(low, high);
-                    let offsets = _mm256_permutevar8x32_epi32(pairs, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-                    let sums = _mm256_sub_epi32(q6_lanes(&parts, ab), _mm256_slli_epi32(offsets, 5));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sums), acc);
+                    prefetch(&wb.qh[15]);
+                    let mut lanes = [_mm256_setzero_si256(); 8];
+                    for group in 0..QK_K / 32 {
+                        let values = q6_values(wb, group);
+                        let (first, second) = (q6_scale(wb, 2 * group), q6_scale(wb, 2 * group + 1));
+                        let qs = &ab.qs[group * 32..group * 32 + 32];
+                        for (l, lane) in lanes.iter_mut().enumerate() {
+                            let scale = if l < 4 { first } else { second };
+                            let pairs = _mm256_maddubs_epi16(values[l], four(qs, l));
+                            *lane = _mm256_add_epi32(*lane, _mm256_madd_epi16(pairs, scale));
+                        }
+                    }
+                    // SAFETY: 16 readable bytes.
+                    let d = _mm256_mul_ps(
+                        _mm256_set1_ps(ab.d),
+                        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.d.as_ptr().cast()) }),
+                    );
+                    for (l, (lane, acc)) in lanes.iter().zip(&mut acc).enumerate() {
+                        // Lane l's offset: 32 × the terms of groups of 16 `2l` and `2l + 1`.
+                        let offset = _mm256_madd_epi16(q6_scale_pair(wb, l), bsum_pair(ab, l));
+                        let lane = _mm256_sub_epi32(*lane, _mm256_slli_epi32(offset, 5));
+                        *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lane), *acc);
+                    }
                 }
-                hsum_f32(acc)
+                // hsum_8 across the lanes, for every row at once.
+                let (r0, r1) = (_mm256_add_ps(acc[4], acc[0]), _mm256_add_ps(acc[5], acc[1]));
+                let (r2, r3) = (_mm256_add_ps(acc[6], acc[2]), _mm256_add_ps(acc[7], acc[3]));
+                let mut out = [0f32; 8];
+                // SAFETY: 32 writable bytes.
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(_mm256_add_ps(r0, r2), _mm256_add_ps(r1, r3)))
+                };
+                out
             }
         }
     };
@@ -1738,14 +1817,11 @@ mod tests {
             let (w41, w80, w50) =
                 (&q41.blocks[row(k / QK, col)], &q80.blocks[row(k / QK, col)], &q50.blocks[row(k / QK, col)]);
             let (KBlocks::Q4K(b4k), KBlocks::Q6K(b6k)) = (&q4k.blocks, &q6k.blocks) else { panic!("kinds") };
-            let w6k = &b6k[row(k / QK_K, col)];
             for r in 0..4 {
-                let (a41, a80, a8k) = (&a41[r], &a80[r], &a8k[r]);
+                let (a41, a80) = (&a41[r], &a80[r]);
                 assert_eq!(dot_q4_1(w41, a41).to_bits(), dot_q4_1_scalar(w41, a41).to_bits());
                 assert_eq!(dot_q8(w80, a80).to_bits(), dot_q8_scalar(w80, a80).to_bits());
                 assert_eq!(dot_q8(w50, a80).to_bits(), dot_q8_scalar(w50, a80).to_bits());
-                assert_eq!(dot_q6_k(w6k, a8k).to_bits(), dot_q6_k_scalar(w6k, a8k).to_bits());
-                assert_eq!(dot_q6_k_tiled(w6k, a8k).to_bits(), dot_q6_k_tiled_scalar(w6k, a8k).to_bits());
             }
             let expected = |dot: &dyn Fn(usize) -> f32| bits(std::array::from_fn(dot));
             assert_eq!(bits(dotn_q4_1(w41, four(&a41))), expected(&|r| dot_q4_1_scalar(w41, &a41[r])));
@@ -1757,7 +1833,6 @@ mod tests {
             let eight: [&[BlockQ8_1]; 8] = std::array::from_fn(|r| a41[r % 4].as_slice());
             let want: [u32; 8] = std::array::from_fn(|r| dot_q4_1_scalar(w41, &a41[r % 4]).to_bits());
             assert_eq!(dotn_q4_1(w41, eight).map(f32::to_bits), want);
-            assert_eq!(bits(dot4_q6_k_tiled(w6k, four(&a8k))), expected(&|r| dot_q6_k_tiled_scalar(w6k, &a8k[r])));
             // The dispatchers above take one copy of the SIMD kernels; both are checked
             // here (the VNNI one where the CPU has VNNI).
             #[cfg(target_arch = "x86_64")]
@@ -1778,15 +1853,23 @@ mod tests {
                     both!(dot_q4_1(w41, a41) == dot_q4_1_scalar(w41, a41));
                     both!(dot_q8(w80, a80) == dot_q8_scalar(w80, a80));
                     both!(dot_q8(w50, a80) == dot_q8_scalar(w50, a80));
-                    both!(dot_q6_k(w6k, a8k) == dot_q6_k_scalar(w6k, a8k));
-                    both!(dot_q6_k_tiled(w6k, a8k) == dot_q6_k_tiled_scalar(w6k, a8k));
-                    // Repacked Q4_K, the first group of eight rows (`q4_k_rows_follow_gemm_then_gemv`
+                    // Repacked Q4_K, the first group of eight rows (`k_quant_rows_follow_the_batch_size`
                     // covers the tiles of the dispatched copy).
                     let w4k = &b4k[..k / QK_K];
                     let want = dot8_q4_k_scalar(w4k, a8k, false).map(f32::to_bits);
                     assert_eq!(avx2::dot8_q4_k::<1, false>(w4k, [a8k])[0].map(f32::to_bits), want);
                     if vnni {
                         assert_eq!(avx2_vnni::dot8_q4_k::<1, false>(w4k, [a8k])[0].map(f32::to_bits), want);
+                    }
+                    // Repacked Q6_K, the same way (`k_quant_rows_follow_the_batch_size`).
+                    let w6k = &b6k[..k / QK_K];
+                    let (want, tiled) = (dot8_q6_k_scalar(w6k, a8k, false), dot8_q6_k_scalar(w6k, a8k, true));
+                    assert_eq!(avx2::dot8_q6_k(w6k, a8k).map(f32::to_bits), want.map(f32::to_bits));
+                    assert_eq!(avx2::dot8_q6_k_tiled::<1>(w6k, [a8k])[0].map(f32::to_bits), tiled.map(f32::to_bits));
+                    if vnni {
+                        assert_eq!(avx2_vnni::dot8_q6_k(w6k, a8k).map(f32::to_bits), want.map(f32::to_bits));
+                        let got = avx2_vnni::dot8_q6_k_tiled::<1>(w6k, [a8k])[0];
+                        assert_eq!(got.map(f32::to_bits), tiled.map(f32::to_bits));
                     }
                 }
             }
@@ -1823,32 +1906,40 @@ mod tests {
         }
     }
 
-    /// A Q4_K product's rows have the scalar kernel's bits on the file's rows: ggml's gemm
-    /// arithmetic for all but the last `m % 4` rows, its gemv arithmetic for those, whatever
-    /// the tiles; a row count that is not a multiple of 8 pads the last group.
+    /// A K-quant product's rows have the scalar kernel's bits on the file's rows, whatever
+    /// the tiles: Q4_K with ggml's gemm arithmetic for all but the last `m % 4` rows and its
+    /// gemv arithmetic for those; Q6_K with the tiled kernel's for batches of 8 rows or more,
+    /// `vec_dot`'s for smaller ones. A row count that is not a multiple of 8 pads the last
+    /// group.
     #[test]
-    fn q4_k_rows_follow_gemm_then_gemv() {
+    fn k_quant_rows_follow_the_batch_size() {
         let (n, k) = (20, 768);
-        let q = QTensor::quantize(
-            &Tensor::from_vec(values(n * k, 31), (n, k), &Device::Cpu).expect("tensor"),
-            GgmlDType::Q4K,
-        )
-        .expect("quantize");
-        let bytes = q.data().expect("bytes").to_vec();
-        let matrix = KMatrix::from_q4_k_bytes(&bytes, n, k).expect("layout");
+        let w = Tensor::from_vec(values(n * k, 31), (n, k), &Device::Cpu).expect("tensor");
+        let bytes = |dtype| QTensor::quantize(&w, dtype).expect("quantize").data().expect("bytes").to_vec();
+        let (q4k, q6k) = (bytes(GgmlDType::Q4K), bytes(GgmlDType::Q6K));
+        let q4k_matrix = KMatrix::from_q4_k_bytes(&q4k, n, k).expect("layout");
+        let q6k_matrix = KMatrix::from_q6_k_bytes(&q6k, n, k).expect("layout");
         // The file's blocks, as GGUF lays them out.
-        let arena = Arena::new(bytes.len() + crate::weights::ALIGN);
-        let blocks: Vec<BlockQ4K> = arena.read(bytes.as_slice(), n * k / QK_K).expect("read").to_vec();
-        let file_rows: Vec<&[BlockQ4K]> = blocks.chunks_exact(k / QK_K).collect();
-        for m in [1, 3, 4, 5, 8, 11, 12, 13, 16, 19] {
+        let arena = Arena::new(q4k.len() + q6k.len() + 2 * crate::weights::ALIGN);
+        let q4k_blocks: Vec<BlockQ4K> = arena.read(q4k.as_slice(), n * k / QK_K).expect("read").to_vec();
+        let q6k_blocks: Vec<BlockQ6K> = arena.read(q6k.as_slice(), n * k / QK_K).expect("read").to_vec();
+        let per_row = k / QK_K;
+        for m in [1, 3, 4, 5, 7, 8, 11, 12, 13, 16, 19] {
             let x = values(m * k, 41 + m as u64);
-            let out = matrix.matmul(&x, m);
+            let (out4, out6) = (q4k_matrix.matmul(&x, m), q6k_matrix.matmul(&x, m));
             let a: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8_k).collect();
             for r in 0..m {
-                let gemm = r < m - m % 4;
-                for (col, w) in file_rows.iter().enumerate() {
-                    let want = dot_q4_k_scalar(w.iter().copied(), row_of(&a, k / QK_K, r), gemm);
-                    assert_eq!(out[r * n + col].to_bits(), want.to_bits(), "m {m}, row {r}, column {col}");
+                let a = row_of(&a, per_row, r);
+                for col in 0..n {
+                    let (w4, w6) = (row_of(&q4k_blocks, per_row, col), row_of(&q6k_blocks, per_row, col));
+                    let want4 = dot_q4_k_scalar(w4.iter().copied(), a, r < m - m % 4);
+                    let want6 = if m >= 8 {
+                        dot_q6_k_tiled_scalar(w6.iter().copied(), a)
+                    } else {
+                        dot_q6_k_scalar(w6.iter().copied(), a)
+                    };
+                    assert_eq!(out4[r * n + col].to_bits(), want4.to_bits(), "Q4_K: m {m}, row {r}, column {col}");
+                    assert_eq!(out6[r * n + col].to_bits(), want6.to_bits(), "Q6_K: m {m}, row {r}, column {col}");
                 }
             }
         }
