@@ -79,11 +79,12 @@ fn par_matmul<const G: usize, W: Sync>(
     out
 }
 
-/// `m × n` outputs of a matrix stored as groups of eight rows ([`BlockQ4Kx8`]: `per_row`
-/// blocks a group, the last group padded), in parallel. `tile(group, first, rows)` gives
-/// the group's eight outputs for activation rows `first..first + rows`: the rows of ggml's
-/// gemm part (all but the last `m % 4`) go 8 at a time (4 for a last tile of 4 to 7
-/// rows), the others one at a time (`rows == 1`), where ggml's gemv kernel takes them.
+/// `m × n` outputs of a matrix stored as groups of eight rows ([`BlockQ4Kx8`],
+/// [`BlockQ6Kx8`]: `per_row` blocks a group, the last group padded), in parallel.
+/// `tile(group, first, rows)` gives the group's eight outputs for activation rows
+/// `first..first + rows`: all but the last `m % 4` rows (ggml's gemm part for Q4_K) go 8
+/// at a time (4 for a last tile of 4 to 7 rows), the others one at a time; the tile picks
+/// its arithmetic from that and from `m`.
 fn par_matmul_x8<W: Sync>(
     groups: &[W],
     (n, m, per_row): (usize, usize, usize),
@@ -728,7 +729,7 @@ impl BlockQ6K {
 }
 
 /// The super-blocks of eight Q4_K rows at one position, repacked at load (as ggml repacks
-/// Q4_K into `block_q4_Kx8`, in a layout of its own) so that one 32-byte load holds four
+/// Q4_K into `block_q4_Kx8`, in a layout of Kith's own) so that one 32-byte load holds four
 /// values of each of the eight rows: `qs[8p + step][row]` is the row's bytes
 /// `32p + 4·step..+4`, whose low nibbles are values `4·step..+4` of sub-block `2p` and high
 /// nibbles the same of sub-block `2p + 1`. The scale bytes are the rows' twelve, byte `i` of
