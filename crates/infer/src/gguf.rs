@@ -131,14 +131,11 @@ impl GgufFile {
         use GgmlDType::{Q4_1, Q4K, Q5_0, Q6K, Q8_0};
         let own =
             self.content.tensor_infos.values().filter(|info| matches!(info.ggml_dtype, Q4_1 | Q8_0 | Q5_0 | Q4K | Q6K));
-        // Sizes were checked against the file size when it was opened: the sum fits. K-quant
-        // rows are repacked in groups of eight, the last group padded.
+        // Sizes were checked against the file size when it was opened: the sum fits.
         own.map(|info| {
-            let mut values = info.shape.elem_count();
-            if matches!(info.ggml_dtype, Q4K | Q6K) {
-                values = values.next_multiple_of(8 * info.shape.dims().last().copied().unwrap_or(1).max(1));
-            }
-            values / info.ggml_dtype.block_size() * info.ggml_dtype.type_size() + align
+            let row_len = info.shape.dims().last().copied().unwrap_or(1).max(1);
+            let rows = crate::quant::stored_rows(info.ggml_dtype, info.shape.elem_count() / row_len);
+            rows * row_len / info.ggml_dtype.block_size() * info.ggml_dtype.type_size() + align
         })
         .sum()
     }

@@ -32,9 +32,7 @@ impl Weights {
             let [n, k] = dims[..] else {
                 return Err(malformed(format!("tensor {name} has shape {dims:?}, not a matrix")));
             };
-            // K-quant rows are repacked eight at a time, the last group padded.
-            use candle_core::quantized::GgmlDType::{Q4K, Q6K};
-            let rows = if matches!(dtype, Q4K | Q6K) { n.next_multiple_of(8) } else { n };
+            let rows = crate::quant::stored_rows(dtype, n);
             shapes.push((dtype, n, k, rows * k / dtype.block_size() * dtype.type_size()));
         }
         let arena = Arena::new(shapes.iter().map(|(.., bytes)| bytes + ALIGN).sum());

@@ -18,6 +18,13 @@ use crate::numerics::{hsum_8, multiversion};
 
 const QK: usize = 32;
 
+/// Rows a matrix of `n` rows of type `dtype` takes in the weight arena: the K-quants are
+/// repacked eight rows at a time, the last group padded with zero rows.
+pub(crate) fn stored_rows(dtype: candle_core::quantized::GgmlDType, n: usize) -> usize {
+    use candle_core::quantized::GgmlDType::{Q4K, Q6K};
+    if matches!(dtype, Q4K | Q6K) { n.next_multiple_of(8) } else { n }
+}
+
 /// Returns `$f(args)` from the AVX2 kernels (with VNNI where the CPU has it) when the CPU
 /// has AVX2, FMA and F16C; falls through otherwise.
 macro_rules! simd_return {
