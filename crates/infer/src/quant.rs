@@ -342,6 +342,9 @@ pub(crate) struct BlockQ5_0 {
 pub(crate) trait Q8Weights: RawBlock {
     /// What [`unsigned_bytes`](Self::unsigned_bytes) adds to each value.
     const OFFSET: i32;
+    /// Whether every value lies in -16..16, so that a pair of them times two activations
+    /// plus 128 (at most 255 · 16 · 2) cannot saturate `maddubs`'s 16 bits.
+    const NARROW: bool;
     fn scale(&self) -> f16;
     fn values(&self) -> [i8; QK];
     /// The values as 32 signed bytes in a vector register.
@@ -366,6 +369,7 @@ const _: () = assert!(size_of::<WeightQ8_0>() == 34);
 #[allow(unsafe_code)]
 impl Q8Weights for WeightQ8_0 {
     const OFFSET: i32 = 128;
+    const NARROW: bool = false;
 
     #[inline(always)]
     fn scale(&self) -> f16 {
@@ -402,6 +406,7 @@ const _: () = assert!(size_of::<BlockQ5_0>() == 22);
 #[allow(unsafe_code)]
 impl Q8Weights for BlockQ5_0 {
     const OFFSET: i32 = 16;
+    const NARROW: bool = true;
 
     #[inline(always)]
     fn scale(&self) -> f16 {
@@ -533,7 +538,7 @@ impl<B: Q8Weights> Q8Matrix<B> {
             shape,
             true,
             |w, r| dot_q8(w, row_of(&a, per_row, r)),
-            |w, g| dotn_q8::<ROWS, B>(w, group_of(&a, per_row, g)),
+            |w, g| group_of::<_, ROWS>(&a, per_row, g).map(|a| dot_q8_scalar(w, a)),
         )
     }
 }
@@ -1099,10 +1104,42 @@ fn dot_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// Q8_0 or Q5_0 × Q8_0 for `R` activation rows.
+#[cfg(test)]
 fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
-    simd_return!(dotn_q8(w, a));
+    let len = a.iter().fold(w.len(), |len, a| len.min(a.len()));
+    let tiles: Vec<TileQ8_0<R>> = (0..len).map(|i| TileQ8_0::new::<B>(a.map(|a| &a[i]))).collect();
+    simd_return!(dotn_q8(w, &tiles));
     a.map(|a| dot_q8_scalar(w, a))
 }
+
+/// `R` activation rows' Q8_0 blocks at the same place, side by side: what the AVX2 prompt
+/// kernel reads for one weight block. For weights whose values are `NARROW`, the values are
+/// stored plus 128, as unsigned bytes.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct TileQ8_0<const R: usize> {
+    qs: [[i8; QK]; R],
+    d: [f32; R],
+}
+
+impl<const R: usize> TileQ8_0<R> {
+    fn new<B: Q8Weights>(blocks: [&BlockQ8_0; R]) -> Self {
+        let flip = if B::NARROW { 0x80u8 as i8 } else { 0 };
+        Self { qs: blocks.map(|b| b.qs.map(|q| q ^ flip)), d: blocks.map(|b| b.d) }
+    }
+}
+
+/// The tiles for weights `B` of every group of `R` rows that [`par_matmul`] forms (with
+/// padding) from `m` rows of `per_row` blocks: `[group][block]`.
+fn tiles_q8_0<const R: usize, B: Q8Weights>(a: &[BlockQ8_0], m: usize, per_row: usize) -> Vec<TileQ8_0<R>> {
+    let groups = if m >= R { m.div_ceil(R) } else { 0 };
+    (0..groups * per_row)
+        .into_par_iter()
+        .with_min_len(64)
+        .map(|t| TileQ8_0::new::<B>(group_of::<_, R>(a, per_row, t / per_row.max(1)).map(|row| &row[t % per_row])))
+        .collect()
+}
+
 /// The kernels above with AVX2 integer arithmetic (exact, so any partition of the integer
 /// sums gives the same result) and the same floating-point steps as the scalar versions,
 /// compiled twice: `avx2`, and `avx2_vnni` where each block's integer products take one
@@ -1118,7 +1155,7 @@ macro_rules! avx2_kernels {
 
             use super::{
                 BlockQ4_1, BlockQ4Kx8, BlockQ6Kx8, BlockQ8_0, BlockQ8_1, BlockQ8K, FEW_ROWS, Q8Weights, QK, QK_K, ROWS,
-                group_of, hsum_8, par_matmul, par_matmul_x8, row_of,
+                TileQ8_0, group_of, hsum_8, par_matmul, par_matmul_x8, row_of, tiles_q8_0,
             };
 
             // Whole products: the closures below inherit this module's target features, so the
@@ -1138,10 +1175,15 @@ macro_rules! avx2_kernels {
             pub(super) fn matmul_q8<B: Q8Weights>(w: &[B], a: &[BlockQ8_0], shape: (usize, usize, usize)) -> Vec<f32> {
                 let per_row = shape.2;
                 let dot = |w: &[B], r| dot_q8(w, row_of(a, per_row, r));
-                if (FEW_ROWS..ROWS).contains(&shape.1) {
-                    return par_matmul(w, shape, true, dot, |w, g| dotn_q8::<FEW_ROWS, B>(w, group_of(a, per_row, g)));
+                let m = shape.1;
+                if (FEW_ROWS..ROWS).contains(&m) {
+                    let tiles = tiles_q8_0::<FEW_ROWS, B>(a, m, per_row);
+                    let group = |g: usize| &tiles[g * per_row..(g + 1) * per_row];
+                    return par_matmul(w, shape, true, dot, |w, g| dotn_q8::<FEW_ROWS, B>(w, group(g)));
                 }
-                par_matmul(w, shape, true, dot, |w, g| dotn_q8::<ROWS, B>(w, group_of(a, per_row, g)))
+                let tiles = tiles_q8_0::<ROWS, B>(a, m, per_row);
+                let group = |g: usize| &tiles[g * per_row..(g + 1) * per_row];
+                par_matmul(w, shape, true, dot, |w, g| dotn_q8::<ROWS, B>(w, group(g)))
             }
 
             #[target_feature(enable = $features)]
@@ -1317,29 +1359,130 @@ macro_rules! avx2_kernels {
                 hsum_f32(acc)
             }
 
+            /// Blocks whose scale products [`dotn_q8`] computes ahead of their integer sums.
+            const SCALED: usize = 8;
+
+            /// [`dot_q8`] for `R` activation rows, given as one [`TileQ8_0`] per block. Each
+            /// weight block is decoded once for the rows, and the products of the weight's and
+            /// the rows' scales are computed `R` at a time, a run of blocks ahead, so that each
+            /// row's step reads its own from memory. Q5_0's values (`NARROW`) go in signed and
+            /// the tiles' activations unsigned (plus 128): the pair sums less 128 times the pair's
+            /// weights (once per block) are the signed pair sums, exactly, with no sign fix-up
+            /// per row.
             #[target_feature(enable = $features)]
-            pub(super) fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], a: [&[BlockQ8_0]; R]) -> [f32; R] {
+            pub(super) fn dotn_q8<const R: usize, B: Q8Weights>(w: &[B], tiles: &[TileQ8_0<R>]) -> [f32; R] {
                 let mut acc = [_mm256_setzero_ps(); R];
-                let (w, a) = cut(w, a);
-                for (i, wb) in w.iter().enumerate() {
-                    // `lanes_i8` with the weight's half done once.
-                    // SAFETY: AVX2 is enabled here.
-                    let values = unsafe { wb.bytes() };
-                    let magnitudes = _mm256_sign_epi8(values, values);
-                    let d = scale8(wb);
-                    for r in 0..R {
-                        let ab = &a[r][i];
-                        let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&ab.qs), values));
-                        // d_w · d_a in every lane: the scalar product's bits.
-                        acc[r] =
-                            _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sums), acc[r]);
+                let len = w.len().min(tiles.len());
+                let mut products = [[0f32; R]; SCALED];
+                for (w, tiles) in w[..len].chunks(SCALED).zip(tiles[..len].chunks(SCALED)) {
+                    for ((product, wb), tile) in products.iter_mut().zip(w).zip(tiles) {
+                        // d_w · d_a: the scalar product's bits.
+                        let (d, out) = (scale8(wb), product.as_mut_ptr());
+                        // SAFETY: `R` readable and writable floats.
+                        unsafe {
+                            match R {
+                                8 => _mm256_storeu_ps(out, _mm256_mul_ps(d, _mm256_loadu_ps(tile.d.as_ptr()))),
+                                4 => _mm_storeu_ps(
+                                    out,
+                                    _mm_mul_ps(_mm256_castps256_ps128(d), _mm_loadu_ps(tile.d.as_ptr())),
+                                ),
+                                _ => {
+                                    let d = _mm256_cvtss_f32(d);
+                                    for r in 0..R {
+                                        product[r] = d * tile.d[r];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for ((wb, tile), products) in w.iter().zip(tiles).zip(&products) {
+                        // SAFETY: AVX2 is enabled here.
+                        let values = unsafe { wb.bytes() };
+                        if B::NARROW {
+                            let offset = narrow_offset(values);
+                            for r in 0..R {
+                                let sums = narrow_lanes(load(&tile.qs[r]), values, offset);
+                                let scale = _mm256_broadcast_ss(&products[r]);
+                                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
+                            }
+                        } else {
+                            // `lanes_i8` with the weight's half done once.
+                            let magnitudes = _mm256_sign_epi8(values, values);
+                            for r in 0..R {
+                                let sums = lanes_u8(magnitudes, _mm256_sign_epi8(load(&tile.qs[r]), values));
+                                let scale = _mm256_broadcast_ss(&products[r]);
+                                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
+                            }
+                        }
                     }
                 }
                 let mut out = [0f32; R];
-                for r in 0..R {
-                    out[r] = hsum_f32(acc[r]);
+                if R == 8 {
+                    let sums = hsum_8x8(std::array::from_fn(|r| acc[r]));
+                    out.copy_from_slice(&sums[..R]);
+                } else {
+                    for r in 0..R {
+                        out[r] = hsum_f32(acc[r]);
+                    }
                 }
                 out
+            }
+
+            /// [`hsum_8`] of eight vectors at once, in registers: each sum the scalar one
+            /// (addition is commutative, and the grouping is kept).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn hsum_8x8(v: [__m256; 8]) -> [f32; 8] {
+                // [v4 + v0, v5 + v1, v6 + v2, v7 + v3] of vectors 2p (low half) and 2p + 1.
+                let r: [__m256; 4] = std::array::from_fn(|p| {
+                    let (a, b) = (v[2 * p], v[2 * p + 1]);
+                    _mm256_add_ps(_mm256_permute2f128_ps::<0x31>(a, b), _mm256_permute2f128_ps::<0x20>(a, b))
+                });
+                // [r0 + r2, r1 + r3] of vectors 4q, 4q + 2 (low half), 4q + 1, 4q + 3.
+                let t: [__m256; 2] = std::array::from_fn(|q| {
+                    let (a, b) = (r[2 * q], r[2 * q + 1]);
+                    _mm256_add_ps(_mm256_shuffle_ps::<0b01_00_01_00>(a, b), _mm256_shuffle_ps::<0b11_10_11_10>(a, b))
+                });
+                // (r0 + r2) + (r1 + r3): vectors 0, 2, 4, 6 (low half), 1, 3, 5, 7.
+                let sums = _mm256_add_ps(
+                    _mm256_shuffle_ps::<0b10_00_10_00>(t[0], t[1]),
+                    _mm256_shuffle_ps::<0b11_01_11_01>(t[0], t[1]),
+                );
+                let ordered = _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                let mut out = [0f32; 8];
+                // SAFETY: 32 writable bytes.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), ordered) };
+                out
+            }
+
+            /// What [`narrow_lanes`] takes back for signed weight `values` (|v| ≤ 16): 128 ×
+            /// each pair's sum in 16 bits (each group of four's, negated, with VNNI).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn narrow_offset(values: __m256i) -> __m256i {
+                let flip = _mm256_set1_epi8(0x80u8 as i8);
+                if $vnni {
+                    #[allow(unused_unsafe)]
+                    // SAFETY: this copy of the kernels is compiled with AVX-512 VNNI and VL.
+                    let sums = unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, values) };
+                    return _mm256_sub_epi32(_mm256_setzero_si256(), sums);
+                }
+                _mm256_maddubs_epi16(flip, values)
+            }
+
+            /// Lane `l`: Σ y[j]·v[j] over j in 4l..4l+4, from `unsigned` = y + 128 and signed
+            /// `values` with |v| ≤ 16 (no pair sum saturates), `offset` their
+            /// [`narrow_offset`].
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn narrow_lanes(unsigned: __m256i, values: __m256i, offset: __m256i) -> __m256i {
+                if $vnni {
+                    #[allow(unused_unsafe)]
+                    // SAFETY: this copy of the kernels is compiled with AVX-512 VNNI and VL.
+                    return unsafe { _mm256_dpbusd_epi32(offset, unsigned, values) };
+                }
+                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(unsigned, values), offset);
+                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
             }
 
             /// The eight rows of a group of repacked Q4_K rows ([`BlockQ4Kx8`]) against `R`
