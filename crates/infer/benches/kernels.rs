@@ -109,18 +109,19 @@ fn per_kind(all: &[(String, Weights)]) {
     }
 }
 
-fn attention(n_head: usize, n_kv: usize, head_dim: usize) {
+fn attention(n_head: usize, n_kv: usize, head_dim: usize, window: Option<usize>) {
     let (len, seq) = (1000, 80);
-    let layer = kith_infer::kernels::Attention::new(n_head, n_kv, head_dim, len);
+    let layer = kith_infer::kernels::Attention::new(n_head, n_kv, head_dim, len, window);
     let queries = activations(seq * n_head * head_dim);
     let secs = median_secs(9, || {
         std::hint::black_box(layer.run(&queries));
     });
     // Each query sees the cached positions before it and itself: Q·K and P·V.
-    let visible: usize = (0..seq).map(|i| len - seq + i + 1).sum();
+    let visible: usize = (0..seq).map(|i| (len - seq + i + 1).min(window.unwrap_or(len))).sum();
     let macs = (2 * visible * n_head * head_dim) as f64;
+    let seen = window.map_or(String::new(), |w| format!(" (window {w})"));
     println!(
-        "attention      {seq} queries over {len} positions, {n_head} heads ({n_kv} K/V) of {head_dim}: {:>6.3} ms {:>6.1} GMAC/s",
+        "attention      {seq} queries over {len} positions{seen}, {n_head} heads ({n_kv} K/V) of {head_dim}: {:>6.3} ms {:>6.1} GMAC/s",
         secs * 1e3,
         macs / secs / 1e9
     );
@@ -151,9 +152,11 @@ fn main() {
             let all = matrices(&path, layers);
             decode_pass(&all);
             if model.starts_with("gemma") {
-                attention(4, 1, 256)
+                // Its global layers, and the sliding-window ones (five in six).
+                attention(4, 1, 256, None);
+                attention(4, 1, 256, Some(512));
             } else {
-                attention(9, 3, 64)
+                attention(9, 3, 64, None)
             }
             if std::env::var("KITH_BENCH_DECODE_ONLY").is_err() {
                 per_kind(&all);

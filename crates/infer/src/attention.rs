@@ -51,29 +51,32 @@ impl HostKvCache {
         self.values.truncate(keep);
     }
 
-    /// The cache widened to f32 (exact) in the blocks the tiled kernel walks, each contiguous:
-    /// per K/V head and tile, the keys transposed (per dimension, the tile's cells side by
-    /// side at [`KEY_STRIDE`], so that one score per lane is computed, as ggml's tile GEMM
-    /// does; the last tile padded with zeros); per K/V head, the values of each position.
-    fn widened(&self) -> (Vec<f32>, Vec<f32>) {
-        let (len, head_dim, width) = (self.len(), self.head_dim, self.row());
+    /// The positions from `from` (a multiple of [`TILE_CELLS`]) on, widened to f32 (exact)
+    /// in the blocks the tiled kernel walks, each contiguous: per K/V head and tile, the keys
+    /// transposed (per dimension, the tile's cells side by side at [`KEY_STRIDE`], so that
+    /// one score per lane is computed, as ggml's tile GEMM does; the last tile padded with
+    /// zeros); per K/V head, the values of each position. Positions before `from` are
+    /// hidden from every query of the call (a sliding window's).
+    fn widened(&self, from: usize) -> (Vec<f32>, Vec<f32>) {
+        let (head_dim, width) = (self.head_dim, self.row());
+        let len = self.len().saturating_sub(from);
         let tiles = len.div_ceil(TILE_CELLS);
         let mut keys_t = vec![0f32; self.n_kv * tiles * head_dim * KEY_STRIDE];
         keys_t.par_chunks_mut(head_dim * KEY_STRIDE).enumerate().for_each(|(block, out)| {
             let (kv_head, tile) = (block / tiles, block % tiles);
             let mut key = vec![0f32; head_dim];
             for cell in 0..TILE_CELLS.min(len - tile * TILE_CELLS) {
-                let at = (tile * TILE_CELLS + cell) * width + kv_head * head_dim;
+                let at = (from + tile * TILE_CELLS + cell) * width + kv_head * head_dim;
                 self.keys[at..at + head_dim].convert_to_f32_slice(&mut key);
                 for (dim, &k) in key.iter().enumerate() {
                     out[dim * KEY_STRIDE + cell] = k;
                 }
             }
         });
-        let mut values = vec![0f32; self.values.len()];
+        let mut values = vec![0f32; self.n_kv * len * head_dim];
         values.par_chunks_mut(len.max(1) * head_dim).enumerate().for_each(|(kv_head, out)| {
             for (position, out) in out.chunks_exact_mut(head_dim).enumerate() {
-                let at = position * width + kv_head * head_dim;
+                let at = (from + position) * width + kv_head * head_dim;
                 self.values[at..at + head_dim].convert_to_f32_slice(out);
             }
         });
@@ -131,12 +134,17 @@ multiversion! {
         // The tiled kernel's rows are many: it reads the cache widened once per call. The
         // one-chunk kernel reads the f16 cache as it is.
         let len = cache.len();
-        let (keys_t, values) = if tiled { cache.widened() } else { (Vec::new(), Vec::new()) };
+        let visible =
+            |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
+        // The first query sees the earliest keys.
+        let from = visible(pos).start / TILE_CELLS * TILE_CELLS;
+        let (keys_t, values) = if tiled { cache.widened(from) } else { (Vec::new(), Vec::new()) };
         let rows = Rows {
             keys16: &cache.keys,
             values16: &cache.values,
             keys_t: &keys_t,
             values: &values,
+            from,
             n_kv: shape.n_kv,
             head_dim,
             len,
@@ -149,8 +157,6 @@ multiversion! {
                 (query.to_vec(), shape.scale)
             }
         };
-        let visible =
-            |query_pos: usize| shape.window.map_or(0, |window| (query_pos + 1).saturating_sub(window))..query_pos + 1;
         if tiled {
             // Blocks of positions walk the tiles together: each tile of K and V is read from
             // memory once for the block, and stays in the core's caches while every row of it
@@ -265,10 +271,12 @@ impl<'a> Group<'a> {
 struct Rows<'a> {
     keys16: &'a [f16],
     values16: &'a [f16],
-    /// Keys laid out `[kv_head][tile][dim][cell]` (tiled kernel only).
+    /// Keys laid out `[kv_head][tile][dim][cell]` (tiled kernel only), tiles from `from`.
     keys_t: &'a [f32],
-    /// Values laid out `[kv_head][position][dim]` (tiled kernel only).
+    /// Values laid out `[kv_head][position][dim]` (tiled kernel only), positions from `from`.
     values: &'a [f32],
+    /// The first position widened (a multiple of [`TILE_CELLS`]).
+    from: usize,
     n_kv: usize,
     head_dim: usize,
     len: usize,
@@ -278,6 +286,17 @@ impl Rows<'_> {
     fn at(&self, key_pos: usize, kv_head: usize) -> std::ops::Range<usize> {
         let at = (key_pos * self.n_kv + kv_head) * self.head_dim;
         at..at + self.head_dim
+    }
+
+    /// Where the transposed keys of the tile from `tile_start` begin in `keys_t`.
+    fn key_tile(&self, kv_head: usize, tile_start: usize) -> usize {
+        let tiles = (self.len - self.from).div_ceil(TILE_CELLS);
+        (kv_head * tiles + (tile_start - self.from) / TILE_CELLS) * self.head_dim * KEY_STRIDE
+    }
+
+    /// Where the widened value of `position` begins in `values`.
+    fn value_row(&self, kv_head: usize, position: usize) -> usize {
+        (kv_head * (self.len - self.from) + position - self.from) * self.head_dim
     }
 }
 
@@ -702,20 +721,22 @@ fn accumulate_plain<const R: usize>(
     }
 }
 
-/// The scores of the first `cells` cells of a tile for `R` query rows (Q·Kᵀ).
+/// The scores of the cells `cells` of a tile for `R` query rows (Q·Kᵀ); the others are
+/// left at zero. Cells past the cache's end (up to the tile's) are zero keys.
 #[inline(always)]
 fn tile_scores<const R: usize>(
     rows: &Rows,
     kv_head: usize,
     q: [&[f32]; R],
     tile_start: usize,
-    cells: usize,
+    cells: std::ops::Range<usize>,
 ) -> [[f32; TILE_CELLS]; R] {
     let mut scores = [[0f32; TILE_CELLS]; R];
     let mut parts = scores.iter_mut();
-    let mut out: [&mut [f32]; R] = std::array::from_fn(|_| parts.next().map(|s| &mut s[..]).unwrap_or_default());
-    let first = (kv_head * rows.len.div_ceil(TILE_CELLS) + tile_start / TILE_CELLS) * rows.head_dim * KEY_STRIDE;
-    accumulate(rows.keys_t, first, KEY_STRIDE, q, &mut out, cells);
+    let mut out: [&mut [f32]; R] =
+        std::array::from_fn(|_| parts.next().map(|s| &mut s[cells.start..]).unwrap_or_default());
+    let first = rows.key_tile(kv_head, tile_start) + cells.start;
+    accumulate(rows.keys_t, first, KEY_STRIDE, q, &mut out, cells.len());
     scores
 }
 
@@ -733,7 +754,7 @@ fn tile_values<const R: usize>(
         return;
     }
     let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - tile_start..cells.end - tile_start]);
-    let first = (kv_head * rows.len + cells.start) * rows.head_dim;
+    let first = rows.value_row(kv_head, cells.start);
     accumulate(rows.values, first, rows.head_dim, p, acc, rows.head_dim);
 }
 
@@ -801,12 +822,13 @@ fn tile_step<const R: usize>(
     max: &mut [f32; R],
     total: &mut [f32; R],
 ) {
-    // simd_gemm: each score one fused multiply-add chain over the head dimension, the
-    // scores of the tile side by side.
-    let mut scores = tile_scores(rows, kv_head, q, tile_start, TILE_CELLS.min(rows.len - tile_start));
     // The visible cells of the tile.
     let lo = visible.start.saturating_sub(tile_start).min(TILE_CELLS);
     let hi = visible.end.saturating_sub(tile_start).min(TILE_CELLS);
+    // simd_gemm: each score one fused multiply-add chain over the head dimension, the
+    // scores of the tile side by side; only those of the visible cells, in whole registers
+    // (the rest hidden below, whatever their value).
+    let mut scores = tile_scores(rows, kv_head, q, tile_start, lo / 8 * 8..hi.next_multiple_of(8).min(TILE_CELLS));
     for r in 0..R {
         let row = &mut scores[r];
         let tile_max = scale_and_max(row, lo..hi, scale);
@@ -879,8 +901,16 @@ mod tests {
         for head_dim in [64, 256] {
             let (n_kv, len) = (2, 97);
             let cache = filled(n_kv, head_dim, len);
-            let rows =
-                Rows { keys16: &cache.keys, values16: &cache.values, keys_t: &[], values: &[], n_kv, head_dim, len };
+            let rows = Rows {
+                keys16: &cache.keys,
+                values16: &cache.values,
+                keys_t: &[],
+                values: &[],
+                from: 0,
+                n_kv,
+                head_dim,
+                len,
+            };
             let q: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 1.37).collect();
             for visible in [0..len, 40..len, 0..1] {
                 let mut scalar = vec![0f32; head_dim];
@@ -898,8 +928,9 @@ mod tests {
     fn tiled_rows_together_agree_with_rows_alone() {
         for head_dim in [64, 256, 72] {
             let (n_kv, len) = (2, 150);
-            let (keys_t, values) = filled(n_kv, head_dim, len).widened();
-            let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
+            let (keys_t, values) = filled(n_kv, head_dim, len).widened(0);
+            let rows =
+                Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, from: 0, n_kv, head_dim, len };
             let q0: Vec<f32> = (0..head_dim).map(|i| value(i * 7 + 3) * 0.37).collect();
             let q1: Vec<f32> = (0..head_dim).map(|i| value(i * 5 + 1) * 0.41).collect();
             for visible in [0..len, 70..len, 0..100, 0..1] {
@@ -919,16 +950,17 @@ mod tests {
 
     /// Positions walking the tiles in blocks (the last one partial) give each position's bits
     /// alone: groups of four query heads and one (six heads per K/V head), with and without
-    /// a window, keys scaled first or not.
+    /// a window (one so short that the call widens the cache from the second tile on), keys
+    /// scaled first or not.
     #[test]
     fn blocked_walks_agree_with_positions_alone() {
         let (n_head, n_kv, head_dim, len, seq) = (12, 2, 64, 150, 70);
         let cache = filled(n_kv, head_dim, len);
-        let (keys_t, widened) = cache.widened();
-        let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &widened, n_kv, head_dim, len };
+        let (keys_t, widened) = cache.widened(0);
+        let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &widened, from: 0, n_kv, head_dim, len };
         let queries: Vec<f32> = (0..seq * n_head * head_dim).map(|i| value(i * 3 + 5) * 0.3).collect();
         let pos = len - seq;
-        for (window, scale_q_first) in [(None, false), (Some(100), false), (None, true)] {
+        for (window, scale_q_first) in [(None, false), (Some(100), false), (Some(10), false), (None, true)] {
             let shape = AttentionShape { n_head, n_kv, head_dim, scale: 0.125, scale_q_first, window };
             let got = attend(&cache, &queries, pos, &shape);
             for (i, (position, out)) in queries.chunks(n_head * head_dim).zip(got.chunks(n_head * head_dim)).enumerate()
@@ -979,7 +1011,8 @@ mod tests {
             let tiles = len.div_ceil(TILE_CELLS);
             let keys_t: Vec<f32> = (0..n_kv * tiles * head_dim * KEY_STRIDE).map(value).collect();
             let values: Vec<f32> = (0..len * n_kv * head_dim).map(|i| value(i + 17)).collect();
-            let rows = Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, n_kv, head_dim, len };
+            let rows =
+                Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, from: 0, n_kv, head_dim, len };
             // Where the widened layouts keep key `d` of cell `t` of the tile from 64, and value `d`
             // of position `c`, of K/V head 1.
             let key_at = |d: usize, t: usize| ((tiles + 1) * head_dim + d) * KEY_STRIDE + t;
@@ -1004,9 +1037,9 @@ mod tests {
                 cells: std::ops::Range<usize>,
             ) {
                 let q: [&[f32]; R] = std::array::from_fn(|r| q[r].as_slice());
-                let scores = tile_scores(rows, 1, q, 64, TILE_CELLS);
-                // A partial tile (the cache's last): its cells as in a whole one.
-                let partial = tile_scores(rows, 1, q, 64, 45);
+                let scores = tile_scores(rows, 1, q, 64, 0..TILE_CELLS);
+                // Some of the cells (a tile's visible ones): as in the whole tile, the rest zero.
+                let partial = tile_scores(rows, 1, q, 64, 8..45);
                 let mut out = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
                 let mut acc: [&mut [f32]; R] = {
                     let mut it = out.iter_mut();
@@ -1019,7 +1052,7 @@ mod tests {
                     let mut it = portable.iter_mut();
                     std::array::from_fn(|_| it.next().map(|s| &mut s[..]).unwrap_or_default())
                 };
-                let first = (rows.len.div_ceil(TILE_CELLS) + 1) * rows.head_dim * KEY_STRIDE;
+                let first = rows.key_tile(1, 64);
                 accumulate_plain(rows.keys_t, first, KEY_STRIDE, q, &mut acc, 0..TILE_CELLS);
                 let mut out_portable = [0; R].map(|_| vec![0.5f32; rows.head_dim]);
                 let mut acc: [&mut [f32]; R] = {
@@ -1027,10 +1060,11 @@ mod tests {
                     std::array::from_fn(|_| it.next().map(Vec::as_mut_slice).unwrap_or_default())
                 };
                 let p: [&[f32]; R] = std::array::from_fn(|r| &scores[r][cells.start - 64..cells.end - 64]);
-                let first = (rows.len + cells.start) * rows.head_dim;
+                let first = rows.value_row(1, cells.start);
                 accumulate_plain(rows.values, first, rows.head_dim, p, &mut acc, 0..rows.head_dim);
                 for r in 0..R {
-                    assert_eq!(partial[r][..45], scores[r][..45], "{R} rows, head_dim {}", rows.head_dim);
+                    assert_eq!(partial[r][8..45], scores[r][8..45], "{R} rows, head_dim {}", rows.head_dim);
+                    assert_eq!(partial[r][..8], [0.0; 8]);
                 }
                 for r in 0..R {
                     assert_eq!(scores[r].to_vec(), plain_scores(q[r]), "{R} rows, head_dim {}", rows.head_dim);

@@ -68,8 +68,9 @@ pub struct Attention {
 
 impl Attention {
     /// `n_head` query heads sharing `n_kv` K/V heads of `head_dim`, `len` cached positions of
-    /// deterministic keys and values.
-    pub fn new(n_head: usize, n_kv: usize, head_dim: usize, len: usize) -> Self {
+    /// deterministic keys and values, each query seeing the last `window` keys up to its own
+    /// (all of them without one).
+    pub fn new(n_head: usize, n_kv: usize, head_dim: usize, len: usize, window: Option<usize>) -> Self {
         let mut cache = crate::attention::HostKvCache::new(n_kv, head_dim, len);
         let value = |i: usize| ((i.wrapping_mul(2_654_435_761)) % 1_000) as f32 / 500.0 - 1.0;
         let keys: Vec<f32> = (0..len * n_kv * head_dim).map(value).collect();
@@ -81,7 +82,7 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
             scale_q_first: false,
-            window: None,
+            window,
         };
         Self { cache, shape, len }
     }
