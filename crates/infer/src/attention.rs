@@ -64,20 +64,14 @@ impl HostKvCache {
         let mut keys_t = vec![0f32; self.n_kv * tiles * head_dim * KEY_STRIDE];
         keys_t.par_chunks_mut(head_dim * KEY_STRIDE).enumerate().for_each(|(block, out)| {
             let (kv_head, tile) = (block / tiles, block % tiles);
-            let mut key = vec![0f32; head_dim];
-            for cell in 0..TILE_CELLS.min(len - tile * TILE_CELLS) {
-                let at = (from + tile * TILE_CELLS + cell) * width + kv_head * head_dim;
-                self.keys[at..at + head_dim].convert_to_f32_slice(&mut key);
-                for (dim, &k) in key.iter().enumerate() {
-                    out[dim * KEY_STRIDE + cell] = k;
-                }
-            }
+            let first = (from + tile * TILE_CELLS) * width + kv_head * head_dim;
+            transpose_keys(&self.keys[first..], width, TILE_CELLS.min(len - tile * TILE_CELLS), head_dim, out);
         });
         let mut values = vec![0f32; self.n_kv * len * head_dim];
         values.par_chunks_mut(len.max(1) * head_dim).enumerate().for_each(|(kv_head, out)| {
             for (position, out) in out.chunks_exact_mut(head_dim).enumerate() {
                 let at = (from + position) * width + kv_head * head_dim;
-                self.values[at..at + head_dim].convert_to_f32_slice(out);
+                widen(&self.values[at..at + head_dim], out);
             }
         });
         (keys_t, values)
@@ -91,6 +85,41 @@ impl HostKvCache {
         self.values.resize(start + values.len(), f16::ZERO);
         self.values[start..].convert_from_f32_slice(values);
     }
+}
+
+/// `out[dim · KEY_STRIDE + cell] = keys[cell · width + dim]` widened, for `cells` keys of
+/// `head_dim` values, each `width` values after the previous one.
+fn transpose_keys(keys: &[f16], width: usize, cells: usize, head_dim: usize, out: &mut [f32]) {
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() && head_dim.is_multiple_of(8) {
+        done = cells / 8 * 8;
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        unsafe {
+            simd::transpose_keys(keys, width, done, head_dim, out)
+        };
+    }
+    for cell in done..cells {
+        for (dim, k) in keys[cell * width..cell * width + head_dim].iter().enumerate() {
+            out[dim * KEY_STRIDE + cell] = k.to_f32();
+        }
+    }
+}
+
+/// `values` widened into `out`.
+fn widen(values: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::numerics::has_avx2_fma_f16c() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        unsafe {
+            simd::widen(values, out)
+        };
+        return;
+    }
+    values.convert_to_f32_slice(out);
 }
 
 /// Shape and scaling of one attention call.
@@ -386,6 +415,70 @@ mod simd {
     use half::f16;
 
     use super::Rows;
+
+    /// [`super::widen`] (exact), eight values at a time, the rest one by one.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn widen(values: &[f16], out: &mut [f32]) {
+        let n = values.len().min(out.len());
+        let mut chunks = out[..n].chunks_exact_mut(8);
+        for (out, values) in chunks.by_ref().zip(values.chunks_exact(8)) {
+            // SAFETY: eight values read from `values` (by `load`), eight written to `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), load(values)) };
+        }
+        let done = n / 8 * 8;
+        for (o, v) in out[done..n].iter_mut().zip(&values[done..n]) {
+            *o = v.to_f32();
+        }
+    }
+
+    /// [`super::transpose_keys`] for `cells` (a multiple of eight) keys and `head_dim` (a
+    /// multiple of eight): blocks of eight keys by eight dimensions widened and transposed
+    /// in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn transpose_keys(keys: &[f16], width: usize, cells: usize, head_dim: usize, out: &mut [f32]) {
+        assert!(cells.is_multiple_of(8) && head_dim.is_multiple_of(8));
+        assert!(cells == 0 || (cells - 1) * width + head_dim <= keys.len());
+        assert!(cells == 0 || (head_dim - 1) * super::KEY_STRIDE + cells <= out.len());
+        for c0 in (0..cells).step_by(8) {
+            for d0 in (0..head_dim).step_by(8) {
+                // SAFETY: keys (c0 + r)·width + d0 .. + 8 lie within `keys` (checked above).
+                let r: [__m256; 8] = std::array::from_fn(|i| {
+                    load(unsafe { std::slice::from_raw_parts(keys.as_ptr().add((c0 + i) * width + d0), 8) })
+                });
+                // The 8×8 transpose: pairs, then quadruples, then halves.
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let columns = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (d, column) in columns.into_iter().enumerate() {
+                    // SAFETY: (d0 + d)·KEY_STRIDE + c0 + 8 ≤ out.len() (checked above).
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((d0 + d) * super::KEY_STRIDE + c0), column) };
+                }
+            }
+        }
+    }
 
     /// Eight f16 values widened.
     #[inline]
@@ -918,6 +1011,44 @@ mod tests {
                 let mut dispatched = vec![0f32; head_dim];
                 attend_one_chunk(&rows, 1, &q, 0.125, visible.clone(), &mut dispatched);
                 assert_eq!(scalar, dispatched, "head_dim {head_dim}, keys {visible:?}");
+            }
+        }
+    }
+
+    /// The widened cache holds each key and value where the kernels read them: whole and
+    /// partial tiles, from the first tile or a later one, head sizes the vector transpose
+    /// takes (64, 72) and one it leaves to the plain loop (60).
+    #[test]
+    fn widened_cache_holds_every_key_and_value() {
+        for head_dim in [64, 72, 60] {
+            let (n_kv, len) = (2, 150);
+            let cache = filled(n_kv, head_dim, len);
+            for from in [0, 64] {
+                let (keys_t, values) = cache.widened(from);
+                let rows =
+                    Rows { keys16: &[], values16: &[], keys_t: &keys_t, values: &values, from, n_kv, head_dim, len };
+                let tiles = (len - from).div_ceil(TILE_CELLS);
+                assert_eq!(keys_t.len(), n_kv * tiles * head_dim * KEY_STRIDE);
+                for kv_head in 0..n_kv {
+                    for position in from..len {
+                        let at = (position * n_kv + kv_head) * head_dim;
+                        let tile_start = position / TILE_CELLS * TILE_CELLS;
+                        for dim in 0..head_dim {
+                            let key =
+                                keys_t[rows.key_tile(kv_head, tile_start) + dim * KEY_STRIDE + position - tile_start];
+                            assert_eq!(key, cache.keys[at + dim].to_f32(), "key {position}/{dim}, head_dim {head_dim}");
+                            let value = values[rows.value_row(kv_head, position) + dim];
+                            assert_eq!(value, cache.values[at + dim].to_f32(), "value {position}/{dim}");
+                        }
+                    }
+                    // The last tile's cells past the cache's end are zero keys.
+                    let last = rows.key_tile(kv_head, from + (tiles - 1) * TILE_CELLS);
+                    for dim in 0..head_dim {
+                        let pad = &keys_t
+                            [last + dim * KEY_STRIDE + (len - from) % TILE_CELLS..last + dim * KEY_STRIDE + TILE_CELLS];
+                        assert!(pad.iter().all(|&k| k == 0.0));
+                    }
+                }
             }
         }
     }
