@@ -440,7 +440,7 @@ impl Engine {
         // worker is this thread, always: passes on whichever worker took each request
         // left their buffers in that thread's malloc arena, so that every worker's arena
         // came to hold a copy (peak memory at 2 threads from run to run: SmolLM2 141 or
-        // 153 MiB, Gemma 292 or 313; now 144-145 and 292-293). Rayon keeps this thread's
+        // 153 MiB, Gemma 292 or 313; now 141-142 and 292-294). Rayon keeps this thread's
         // registration (a few KiB) after the pool is dropped.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(crate::thread_count())
